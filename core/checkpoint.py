@@ -1,0 +1,108 @@
+"""Atomic writes and safetensors + JSON checkpoints. Nothing here ever unpickles."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import CheckpointError
+
+SCHEMA_VERSION = 1
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """Read a JSON object, turning a missing or malformed file into a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing file: {path}")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return obj
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save a flat dict of tensors as safetensors, atomically."""
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write_bytes(path, st_save(flat, metadata=metadata))
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a safetensors file on the CPU; any damage becomes a CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing file: {path}")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: only .safetensors weights are loaded (pickle-based files are refused)")
+    try:
+        return st_load(path.read_bytes())
+    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from None
+
+
+def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError naming the first missing, unexpected or mis-shaped key."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing:
+        raise CheckpointError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing)")
+    if extra:
+        raise CheckpointError(f"{source}: unexpected key {extra[0]!r} ({len(extra)} unexpected)")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{source}: key {k!r} has shape {tuple(state[k].shape)}, model expects {tuple(v.shape)}")
+        if not torch.isfinite(state[k]).all() and state[k].is_floating_point():
+            raise CheckpointError(f"{source}: key {k!r} holds non-finite values")
+
+
+def load_into(module: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
+    """Validate every key of a safetensors file against ``module`` first, then load it (never half-loaded)."""
+    state = load_tensors(path)
+    check_state_dict(module, state, str(path))
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def check_schema(config: dict, source: str, kind: str) -> None:
+    """Refuse configs of another schema version or kind, naming the file."""
+    version = config.get("schema")
+    if version != SCHEMA_VERSION:
+        raise CheckpointError(f"{source}: schema version {version!r} is not supported (this version reads {SCHEMA_VERSION})")
+    if config.get("kind") != kind:
+        raise CheckpointError(f"{source}: holds a {config.get('kind')!r} checkpoint, expected {kind!r}")

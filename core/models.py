@@ -1,0 +1,350 @@
+"""Backbones behind one eps-model protocol, and the noise-conditioned minority classifier.
+
+Protocol (what samplers, the score and guidance rely on):
+    ``model(x_t, t, class_labels=None) -> eps`` with x_t (N, C, H, W) float, t (N,) int64 in
+    [0, T), class_labels (N,) int64 or None; ``model.schedule`` is its NoiseSchedule.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import SCHEMA_VERSION, atomic_write_json, check_schema, load_into, read_json, save_tensors
+from .errors import CheckpointError, OfflineError
+from .schedule import NoiseSchedule, make_schedule
+
+MODEL_FILES = ("model.json", "model.safetensors")
+CLASSIFIER_FILES = ("classifier.json", "classifier.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# Diffusion backbone (diffusers UNet2DModel) behind the eps-model protocol
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class UNetConfig:
+    """The built-in UNet2DModel: small enough to train on a CPU at 32x32."""
+
+    image_size: int = 32  # square side in pixels
+    channels: int = 1  # 1 = grey, 3 = RGB
+    block_out_channels: tuple = (32, 64, 64)  # width per resolution level
+    layers_per_block: int = 1  # ResNet blocks per level
+    attention: bool = True  # self-attention at the lowest resolution
+    num_classes: int = 0  # > 0: class-conditional (class embedding added to the timestep embedding)
+
+    def diffusers_kwargs(self) -> dict:
+        n = len(self.block_out_channels)
+        down = ["DownBlock2D"] * n
+        up = ["UpBlock2D"] * n
+        if self.attention:
+            down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+        return dict(
+            sample_size=self.image_size,
+            in_channels=self.channels,
+            out_channels=self.channels,
+            layers_per_block=self.layers_per_block,
+            block_out_channels=tuple(self.block_out_channels),
+            down_block_types=tuple(down),
+            up_block_types=tuple(up),
+            norm_num_groups=min(32, min(self.block_out_channels) // 2),
+            num_class_embeds=self.num_classes or None,
+        )
+
+
+def build_unet(cfg: UNetConfig) -> nn.Module:
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(**cfg.diffusers_kwargs())
+
+
+class DiffusionModel(nn.Module):
+    """A diffusers UNet2DModel plus its schedule, called as ``eps = model(x_t, t, class_labels)``."""
+
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, image_size: int, channels: int,
+                 num_classes: int = 0, class_names: Optional[list[str]] = None, source: str = ""):
+        super().__init__()
+        self.net = net
+        self.schedule = schedule
+        self.image_size = image_size
+        self.channels = channels
+        self.num_classes = num_classes
+        self.class_names = class_names or []
+        self.source = source
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x_t (N, C, H, W) in roughly [-3, 3]; t (N,) int64 in [0, T); class_labels (N,) int64 or None -> eps (N, C, H, W)."""
+        if self.num_classes and class_labels is None:
+            raise ValueError("this model is class-conditional: pass class labels (--class-label)")
+        with autocast_for(x_t):
+            out = self.net(x_t, t, class_labels=class_labels if self.num_classes else None).sample
+        out = out.float()
+        if out.shape[1] == 2 * x_t.shape[1]:  # learned-variance models: the first half is eps
+            out = out[:, : x_t.shape[1]]
+        return out
+
+
+def autocast_for(x: torch.Tensor):
+    """bf16 autocast on CUDA (fp16 where bf16 is missing); a no-op context elsewhere."""
+    if x.device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
+def schedule_config(schedule: NoiseSchedule, beta_start: float = 1e-4, beta_end: float = 0.02) -> dict:
+    return {"name": schedule.name, "T": schedule.T, "beta_start": beta_start, "beta_end": beta_end}
+
+
+def save_diffusion(run: str | os.PathLike, net: nn.Module, cfg: UNetConfig, sched_cfg: dict,
+                   class_names: list[str], extra: dict[str, Any]) -> None:
+    """Write RUN/model.safetensors (weights given, EMA by convention) and RUN/model.json."""
+    run = Path(run)
+    save_tensors(run / "model.safetensors", net.state_dict())
+    atomic_write_json(run / "model.json", {
+        "schema": SCHEMA_VERSION, "kind": "diffusion", "unet": asdict(cfg), "schedule": sched_cfg,
+        "class_names": class_names, **extra,
+    })
+
+
+def load_diffusion(spec: str | os.PathLike, device: str | torch.device = "cpu") -> DiffusionModel:
+    """Load a run folder of ours, a diffusers UNet2DModel folder, or a hub id (needs internet)."""
+    path = Path(spec)
+    if (path / "model.json").is_file():
+        return _load_own(path, device)
+    if path.is_dir():
+        return _load_diffusers(str(path), device, local=True)
+    if path.exists():
+        raise CheckpointError(f"--model {spec}: expected a run folder (model.json) or a diffusers UNet2DModel folder")
+    if str(spec).count("/") == 1 and not str(spec).startswith((".", "/")):
+        return _load_diffusers(str(spec), device, local=False)
+    raise CheckpointError(f"--model {spec}: no such folder")
+
+
+def _load_own(path: Path, device) -> DiffusionModel:
+    cfg_json = read_json(path / "model.json")
+    check_schema(cfg_json, str(path / "model.json"), "diffusion")
+    try:
+        u = dict(cfg_json["unet"])
+        u["block_out_channels"] = tuple(u["block_out_channels"])
+        cfg = UNetConfig(**u)
+        s = cfg_json["schedule"]
+        schedule = make_schedule(s["name"], int(s["T"]), float(s["beta_start"]), float(s["beta_end"]))
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / 'model.json'}: malformed config ({e})") from None
+    net = load_into(build_unet(cfg), path / "model.safetensors")
+    model = DiffusionModel(net, schedule, cfg.image_size, cfg.channels, cfg.num_classes,
+                           list(cfg_json.get("class_names") or []), source=str(path))
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _load_diffusers(spec: str, device, local: bool) -> DiffusionModel:
+    """A diffusers UNet2DModel (root or ``unet/`` subfolder) with its DDPM scheduler config; safetensors only."""
+    from diffusers import UNet2DModel
+
+    if not local and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise OfflineError(f"--model {spec}: a hub id needs a download, but HF_HUB_OFFLINE is set; "
+                           "pass a local folder (a run of train-diffusion or a downloaded diffusers UNet2DModel)")
+    sub = None
+    if local and not (Path(spec) / "config.json").is_file() and (Path(spec) / "unet" / "config.json").is_file():
+        sub = "unet"
+    try:
+        net = UNet2DModel.from_pretrained(spec, subfolder=sub, use_safetensors=True)
+        sched = _diffusers_scheduler_config(spec, local)
+    except OfflineError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = "" if local else " (a hub id needs internet access)"
+        raise CheckpointError(f"--model {spec}: cannot load a diffusers UNet2DModel with safetensors weights{hint}: {first}") from None
+    name = {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(sched.get("beta_schedule", "linear"))
+    if name is None:
+        raise CheckpointError(f"--model {spec}: beta_schedule {sched.get('beta_schedule')!r} is not supported; allowed: linear, squaredcos_cap_v2")
+    if sched.get("prediction_type", "epsilon") != "epsilon":
+        raise CheckpointError(f"--model {spec}: prediction_type {sched.get('prediction_type')!r} is not supported; allowed: epsilon")
+    schedule = make_schedule(name, int(sched.get("num_train_timesteps", 1000)),
+                             float(sched.get("beta_start", 1e-4)), float(sched.get("beta_end", 0.02)))
+    c = net.config
+    size = c.sample_size if isinstance(c.sample_size, int) else int(c.sample_size[0])
+    model = DiffusionModel(net, schedule, size, c.in_channels, int(c.num_class_embeds or 0), source=spec)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _diffusers_scheduler_config(spec: str, local: bool) -> dict:
+    if local:
+        for cand in ("scheduler_config.json", "scheduler/scheduler_config.json"):
+            p = Path(spec) / cand
+            if p.is_file():
+                return read_json(p)
+        return {}  # diffusers DDPM defaults: linear 1e-4..0.02 over 1000 steps
+    from huggingface_hub import hf_hub_download
+
+    for sub in (None, "scheduler"):
+        try:
+            return read_json(hf_hub_download(spec, "scheduler_config.json", subfolder=sub))
+        except Exception:  # noqa: BLE001 - try the next layout
+            continue
+    return {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise-conditioned classifier p_psi(l | x_t, t[, c]): a small U-Net encoder with attention pooling
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ClassifierConfig:
+    """An ADM-style EncoderUNet, sized for CPU guidance: see benchmarks/bench_guidance.py."""
+
+    image_size: int = 32  # input side in pixels
+    channels: int = 1  # input channels
+    num_outputs: int = 50  # L, the number of ordinal minority classes
+    base_channels: int = 32  # width of the first level
+    channel_mult: tuple = (1, 2, 2)  # width multiplier per level; each level after the first halves H, W
+    num_res_blocks: int = 1  # residual blocks per level
+    num_heads: int = 4  # attention-pooling heads
+    num_classes: int = 0  # > 0: also conditioned on a data class c (Appendix B.3, Eq. 17)
+    T: int = 1000  # training timesteps of the diffusion schedule
+    dropout: float = 0.0
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of t (N,) -> (N, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _groups(ch: int) -> int:
+    return math.gcd(ch, 16)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.in_layers = nn.Sequential(nn.GroupNorm(_groups(cin), cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, cout))
+        self.out_layers = nn.Sequential(nn.GroupNorm(_groups(cout), cout), nn.SiLU(), nn.Dropout(dropout),
+                                        nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x) + self.emb(emb)[:, :, None, None]
+        return self.skip(x) + self.out_layers(h)
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP/ADM attention pooling: the mean token attends over all positions, then a projection."""
+
+    def __init__(self, side: int, ch: int, heads: int, out_dim: int):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(ch, side * side + 1) / ch ** 0.5)
+        self.qkv = nn.Conv1d(ch, 3 * ch, 1)
+        self.proj = nn.Conv1d(ch, out_dim, 1)
+        self.heads = heads
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        x = x.reshape(n, c, -1)
+        x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1) + self.pos[None].to(x.dtype)
+        q, k, v = self.qkv(x).reshape(n, 3, self.heads, c // self.heads, -1).transpose(-1, -2).unbind(1)
+        a = F.scaled_dot_product_attention(q[:, :, :1], k, v)  # (n, heads, 1, c/heads)
+        return a.transpose(-1, -2).reshape(n, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pooled(x))[:, :, 0]
+
+
+class NoiseConditionedClassifier(nn.Module):
+    """p_psi(l | x_t, t[, c]): logits (N, L) for x_t (N, C, H, W), t (N,) int64 in [0, T), c (N,) int64 or None."""
+
+    def __init__(self, cfg: ClassifierConfig):
+        super().__init__()
+        self.cfg = cfg
+        base = cfg.base_channels
+        emb_dim = 4 * base
+        self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_embed = nn.Embedding(cfg.num_classes, emb_dim) if cfg.num_classes else None
+        self.inp = nn.Conv2d(cfg.channels, base, 3, padding=1)
+        blocks, downs = nn.ModuleList(), nn.ModuleList()
+        ch, side = base, cfg.image_size
+        for level, mult in enumerate(cfg.channel_mult):
+            level_blocks = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks):
+                level_blocks.append(ResBlock(ch, base * mult, emb_dim, cfg.dropout))
+                ch = base * mult
+            blocks.append(level_blocks)
+            last = level == len(cfg.channel_mult) - 1
+            downs.append(nn.Identity() if last else nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+            if not last:
+                side = (side + 1) // 2
+        self.blocks, self.downs = blocks, downs
+        self.middle = ResBlock(ch, ch, emb_dim, cfg.dropout)
+        self.out_norm = nn.Sequential(nn.GroupNorm(_groups(ch), ch), nn.SiLU())
+        heads = cfg.num_heads if ch % cfg.num_heads == 0 else 1
+        self.pool = AttentionPool2d(side, ch, heads, cfg.num_outputs)
+        self.feature_dim = ch
+
+    def _trunk(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.class_embed is not None and class_labels is None:
+            raise ValueError("this classifier is class-conditional: pass class labels")
+        emb = self.time_embed(timestep_embedding(t, self.cfg.base_channels))
+        if self.class_embed is not None:
+            emb = emb + self.class_embed(class_labels)
+        h = self.inp(x_t)
+        for level_blocks, down in zip(self.blocks, self.downs):
+            for blk in level_blocks:
+                h = blk(h, emb)
+            h = down(h)
+        return self.out_norm(self.middle(h, emb))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        with autocast_for(x_t):
+            logits = self.pool(self._trunk(x_t, t, class_labels))
+        return logits.float()
+
+    def features(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention-pooled features (N, feature_dim), e.g. for density metrics in the classifier's space."""
+        return self.pool.pooled(self._trunk(x_t, t, class_labels))[:, :, 0].float()
+
+
+@dataclass
+class LoadedClassifier:
+    """A trained classifier with what it was trained on: L thresholds (global or per class)."""
+
+    net: NoiseConditionedClassifier
+    thresholds: Any  # list[float] (global) or dict[str, list[float]] (per data class)
+    info: dict = field(default_factory=dict)
+
+
+def save_classifier(out: str | os.PathLike, net: NoiseConditionedClassifier, thresholds: Any, extra: dict) -> None:
+    out = Path(out)
+    save_tensors(out / "classifier.safetensors", net.state_dict())
+    atomic_write_json(out / "classifier.json", {
+        "schema": SCHEMA_VERSION, "kind": "classifier", "config": asdict(net.cfg), "thresholds": thresholds, **extra,
+    })
+
+
+def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedClassifier:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"--classifier {path}: no such folder")
+    cfg_json = read_json(path / "classifier.json")
+    check_schema(cfg_json, str(path / "classifier.json"), "classifier")
+    try:
+        c = dict(cfg_json["config"])
+        c["channel_mult"] = tuple(c["channel_mult"])
+        cfg = ClassifierConfig(**c)
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / 'classifier.json'}: malformed config ({e})") from None
+    net = load_into(NoiseConditionedClassifier(cfg), path / "classifier.safetensors")
+    info = {k: v for k, v in cfg_json.items() if k not in ("config", "thresholds")}
+    return LoadedClassifier(net.to(device).eval().requires_grad_(False), cfg_json.get("thresholds"), info)

@@ -1,0 +1,126 @@
+"""Ancestral DDPM and DDIM samplers over an eps-model, with guidance as a separate term.
+
+Both samplers share one signature:
+    ``sampler(model, x_T, timesteps, *, guidance, class_labels, generator, callback, clip_denoised)``
+``timesteps`` is an ascending (S,) int64 tensor of respaced timesteps from ``schedule.timesteps(S)``.
+Randomness comes only from ``generator`` (a CPU torch.Generator); noise is drawn on the CPU and
+moved to the model's device, so a seed gives the same noise on every device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .guidance import Guidance
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+@dataclass(frozen=True)
+class SamplerStep:
+    """What a sampler reports after each step: ``x0_hat`` (N, C, H, W) in [-1, 1] is the current denoised estimate."""
+
+    index: int  # 0-based step count
+    total: int  # number of steps
+    t: int  # timestep just denoised
+    x_t: torch.Tensor
+    x0_hat: torch.Tensor
+
+
+StepCallback = Callable[[SamplerStep], None]
+
+
+def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+
+
+def _abar_pair(model, ts: torch.Tensor, k: int) -> tuple[float, float]:
+    """abar at ts[k] and at the previous respaced timestep (1.0 before the first)."""
+    abar = model.schedule.abar
+    return float(abar[ts[k]]), (float(abar[ts[k - 1]]) if k > 0 else 1.0)
+
+
+@torch.no_grad()
+def sample_ddpm(model, x_T: torch.Tensor, timesteps: torch.Tensor, *, guidance: Optional[Guidance] = None,
+                class_labels: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                callback: Optional[StepCallback] = None, clip_denoised: bool = True) -> torch.Tensor:
+    """Ancestral sampling (Eq. 3 with the posterior std as noise scale, as DESIGN notes); returns x_0 (N, C, H, W)."""
+    x = x_T
+    n = x.shape[0]
+    for i, k in enumerate(range(len(timesteps) - 1, -1, -1)):
+        t = torch.full((n,), int(timesteps[k]), dtype=torch.long, device=x.device)
+        abar_t, abar_prev = _abar_pair(model, timesteps, k)
+        beta_t = 1.0 - abar_t / abar_prev  # respaced beta between the two kept timesteps
+        # Tweedie's denoised estimate (Eq. 6), clipped to the data range
+        eps = model(x, t, class_labels)
+        x0_hat = model.schedule.tweedie_x0(x, t, eps, clip=clip_denoised)
+        # posterior q(x_{t-1} | x_t, x0_hat): mean and variance
+        mean = (abar_prev ** 0.5 * beta_t / (1 - abar_t)) * x0_hat \
+            + ((1 - beta_t) ** 0.5 * (1 - abar_prev) / (1 - abar_t)) * x
+        var = beta_t * (1 - abar_prev) / (1 - abar_t)
+        # Eq. 8 as a mean shift: mean + Sigma_t * w grad log p(l | x_t)
+        if guidance is not None and var > 0:
+            mean = mean + var * guidance(x, t)
+        x = mean + var ** 0.5 * _randn_like(x, generator) if k > 0 else mean
+        if callback is not None:
+            callback(SamplerStep(i, len(timesteps), int(timesteps[k]), x, x0_hat))
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(model, x_T: torch.Tensor, timesteps: torch.Tensor, *, guidance: Optional[Guidance] = None,
+                class_labels: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                callback: Optional[StepCallback] = None, clip_denoised: bool = True, eta: float = 0.0) -> torch.Tensor:
+    """DDIM (Song et al. 2021) with noise level ``eta`` in [0, 1]; returns x_0 (N, C, H, W)."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    x = x_T
+    n = x.shape[0]
+    for i, k in enumerate(range(len(timesteps) - 1, -1, -1)):
+        t = torch.full((n,), int(timesteps[k]), dtype=torch.long, device=x.device)
+        abar_t, abar_prev = _abar_pair(model, timesteps, k)
+        eps = model(x, t, class_labels)
+        # Eq. 8 in eps form: s_hat = s + w grad  <=>  eps_hat = eps - sqrt(1 - abar_t) w grad
+        if guidance is not None:
+            eps = eps - (1 - abar_t) ** 0.5 * guidance(x, t)
+        # Tweedie (Eq. 6), clipped; eps re-derived so that it agrees with the clipped x0_hat
+        x0_hat = model.schedule.tweedie_x0(x, t, eps, clip=clip_denoised)
+        eps = model.schedule.eps_from_x0(x, t, x0_hat)
+        sigma = eta * ((1 - abar_prev) / (1 - abar_t)) ** 0.5 * (1 - abar_t / abar_prev) ** 0.5
+        x = abar_prev ** 0.5 * x0_hat + max(1 - abar_prev - sigma ** 2, 0.0) ** 0.5 * eps
+        if sigma > 0 and k > 0:
+            x = x + sigma * _randn_like(x, generator)
+        if callback is not None:
+            callback(SamplerStep(i, len(timesteps), int(timesteps[k]), x, x0_hat))
+    return x
+
+
+def sample(model, n: int, *, steps: int = 50, sampler: str = "ddim", eta: float = 0.0,
+           guidance: Optional[Guidance] = None, class_labels: Optional[torch.Tensor] = None,
+           generator: Optional[torch.Generator] = None, callback: Optional[StepCallback] = None,
+           clip_denoised: bool = True) -> torch.Tensor:
+    """Draw ``n`` images (n, C, H, W) in [-1, 1] from x_T ~ N(0, I) with the named sampler."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    timesteps = model.schedule.timesteps(steps)
+    device = model.device
+    shape = (n, model.channels, model.image_size, model.image_size)
+    x_T = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    if class_labels is not None:
+        class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).expand(n)
+    kwargs = dict(guidance=guidance, class_labels=class_labels, generator=generator, callback=callback,
+                  clip_denoised=clip_denoised)
+    if sampler == "ddim":
+        return sample_ddim(model, x_T, timesteps, eta=eta, **kwargs)
+    return sample_ddpm(model, x_T, timesteps, **kwargs)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> numpy uint8 (N, H, W, C)."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
