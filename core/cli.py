@@ -1,0 +1,543 @@
+"""``python -m core <command>``: the pipeline from the command line, with progress bars.
+
+Commands (names and flags are a contract): train-diffusion, score, categorize, train-classifier,
+sample. Every run also works under ``accelerate launch`` / ``torchrun``: work is split with
+accelerate's ``split_between_processes`` and gathered with ``gather_object``; only the main
+process writes. Errors in the user's input end the command with one line on stderr and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .errors import DataError, MinorityError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise SystemExit(_fail(f"{self.prog}: {message}"))
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def _bar(total: int, desc: str, enabled: bool = True):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
+
+
+def _accelerator():
+    from .train import make_accelerator
+
+    return make_accelerator()
+
+
+def _positive(name: str, value, minimum=1):
+    if value < minimum:
+        raise ValueError(f"--{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _ints(name: str, text: str) -> tuple:
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--{name} must be comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise ValueError(f"--{name} must be positive integers, got {text!r}")
+    return vals
+
+
+def _widths(text: str) -> tuple:
+    vals = _ints("widths", text)
+    if min(vals) < 4 or any(v % 4 for v in vals):
+        raise ValueError(f"--widths must be positive multiples of 4, got {text!r}")
+    return vals
+
+
+# ----------------------------------------------------------------------------------------------
+# train-diffusion
+# ----------------------------------------------------------------------------------------------
+def cmd_train_diffusion(a) -> int:
+    from .data import load_image_folder
+    from .models import UNetConfig
+    from .train import DiffusionTrainConfig, lr_is_sane, param_count, train_diffusion
+
+    _positive("steps", a.steps)
+    _positive("batch-size", a.batch_size)
+    lr_is_sane(a.lr)
+    if a.channels not in (1, 3):
+        raise ValueError(f"--channels must be 1 or 3, got {a.channels}")
+    unet = UNetConfig(image_size=a.size, channels=a.channels, block_out_channels=_widths(a.widths),
+                      layers_per_block=a.layers_per_block, attention=not a.no_attention)
+    if a.size % (2 ** (len(unet.block_out_channels) - 1)):
+        raise ValueError(f"--size {a.size} must be divisible by {2 ** (len(unet.block_out_channels) - 1)} for --widths {a.widths}")
+    data = _load_data(a.data, a.size, a.channels)
+    cfg = DiffusionTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema_decay,
+                               schedule=a.schedule, T=a.T, seed=a.seed, save_every=a.save_every,
+                               class_cond=a.class_cond, unet=unet)
+    bar = _bar(a.steps, "train-diffusion")
+
+    def progress(step, total, m):
+        bar.n = step
+        bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
+        bar.refresh()
+
+    result = train_diffusion(data, a.out, cfg, resume=a.resume, progress=progress)
+    bar.close()
+    from .models import build_unet
+
+    print(f"trained {param_count(build_unet(unet))/1e6:.2f}M-parameter UNet for {result['steps']} steps "
+          f"on {len(data)} images -> {a.out}/model.safetensors (EMA)", file=sys.stderr)
+    return 0
+
+
+def _load_data(root: str, size: int, channels: int, quiet: bool = False):
+    from .data import list_images, load_image_folder
+
+    n = len(list_images(root)[0])
+    bar = _bar(n, "load images", enabled=not quiet)
+
+    def progress(i, total):
+        bar.n = i
+        if i == total or i % 64 == 0:
+            bar.refresh()
+
+    data = load_image_folder(root, size, channels, progress=progress)
+    bar.close()
+    if data.skipped and not quiet:
+        print(f"skipped {len(data.skipped)} unreadable image(s) of {n}:", file=sys.stderr)
+        for rel, why in data.skipped[:10]:
+            print(f"  {rel}: {why}", file=sys.stderr)
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# score
+# ----------------------------------------------------------------------------------------------
+def _resolve_t(t_arg: Optional[float], schedule) -> int:
+    if t_arg is None:
+        return schedule.default_score_t()
+    if 0 < t_arg < 1:
+        return min(schedule.T - 1, int(round(t_arg * schedule.T)))
+    if float(t_arg).is_integer() and 0 <= t_arg < schedule.T:
+        return int(t_arg)
+    raise ValueError(f"--t must be a fraction in (0, 1) or an integer timestep in [0, {schedule.T}), got {t_arg}")
+
+
+def _sidecar(csv_path: str | Path) -> Path:
+    return Path(csv_path).with_suffix(".json")
+
+
+def write_scores(path: str | Path, paths: list, scores: np.ndarray, labels: Optional[np.ndarray],
+                 class_names: Optional[list], class_ids, meta: dict) -> None:
+    """scores.csv (path,score,label[,class]) and its JSON sidecar, both atomic."""
+    from .checkpoint import atomic_write_json, atomic_write_text
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    header = ["path", "score", "label"] + (["class"] if class_ids is not None else [])
+    w.writerow(header)
+    for i, p in enumerate(paths):
+        row = [p, f"{float(scores[i]):.8g}", "" if labels is None else int(labels[i])]
+        if class_ids is not None:
+            row.append(class_names[int(class_ids[i])])
+        w.writerow(row)
+    atomic_write_text(path, buf.getvalue())
+    atomic_write_json(_sidecar(path), meta)
+
+
+@dataclass(frozen=True)
+class ScoreTable:
+    """A scores.csv read back: rows in file order; class_ids index class_names (None without a class column)."""
+
+    paths: list
+    scores: np.ndarray
+    class_names: list
+    class_ids: Optional[np.ndarray]
+    meta: dict
+
+
+def read_scores(path: str | Path) -> ScoreTable:
+    from .checkpoint import read_json
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--scores {path}: no such file")
+    meta = read_json(_sidecar(path)) if _sidecar(path).is_file() else {}
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        paths = [r["path"] for r in rows]
+        scores = np.array([float(r["score"]) for r in rows], dtype=np.float64)
+        class_names, class_ids = [], None
+        if rows and "class" in rows[0]:
+            class_names = list(meta.get("class_names") or sorted({r["class"] for r in rows}))
+            class_ids = np.array([class_names.index(r["class"]) for r in rows])
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"--scores {path}: not a score table with columns path,score,label ({e})") from None
+    if not rows:
+        raise DataError(f"--scores {path}: no rows")
+    return ScoreTable(paths, scores, class_names, class_ids, meta)
+
+
+def cmd_score(a) -> int:
+    from accelerate.utils import gather_object
+
+    from .categorize import categorize, categorize_per_class, fit_labels
+    from .models import load_diffusion
+    from .score import ScoreSettings, make_distance, minority_scores
+
+    _positive("draws", a.draws)
+    _positive("batch-size", a.batch_size)
+    acc = _accelerator()
+    model = load_diffusion(a.model, acc.device)
+    settings = ScoreSettings(distance=a.distance, t=_resolve_t(a.t, model.schedule), draws=a.draws, seed=a.seed,
+                             clip=not a.no_clip)
+    distance = make_distance(a.distance, acc.device, seed=a.seed)  # fails now, not mid-run
+    data = _load_data(a.data, model.image_size, model.channels, quiet=not acc.is_main_process)
+    if model.num_classes and data.class_ids is None:
+        raise DataError(f"the model is class-conditional ({model.num_classes} classes): --data needs one sub-folder per class")
+    if model.num_classes and model.class_names and data.class_names != model.class_names:
+        raise DataError(f"--data classes {data.class_names} differ from the model's {model.class_names}")
+    idx = list(range(len(data)))
+    bar = _bar(len(data), "score", enabled=acc.is_main_process)
+    with acc.split_between_processes(idx) as mine:
+        mine_t = torch.tensor(mine, dtype=torch.long)
+        done = 0
+
+        def progress(k, total):
+            nonlocal done
+            bar.update((k - done) * acc.num_processes)
+            done = k
+
+        scores = minority_scores(model, data.images[mine_t], mine_t, settings, distance,
+                                 data.class_ids[mine_t] if data.class_ids is not None else None,
+                                 batch_size=a.batch_size, progress=progress)
+    pairs = gather_object(list(zip(mine, scores.tolist())))
+    bar.close()
+    if not acc.is_main_process:
+        return 0
+    full = np.empty(len(data), dtype=np.float64)
+    for i, s in pairs:
+        full[i] = s
+    meta = {"model": str(a.model), "data": str(a.data), "settings": settings.to_dict(),
+            "schedule": model.schedule.name, "T": model.schedule.T, "num_images": len(data),
+            "skipped": [list(s) for s in data.skipped], "processes": acc.num_processes,
+            "class_names": data.class_names, "thresholds": None, "num_classes": None, "per_class": False}
+    labels = None
+    cls_np = data.class_ids.numpy() if data.class_ids is not None else None
+    if a.thresholds:
+        meta_src = read_scores_meta(a.thresholds)
+        th = meta_src.get("thresholds")
+        if th is None:
+            raise DataError(f"--thresholds {a.thresholds}: holds no thresholds (categorise first)")
+        if isinstance(th, dict):
+            labels = categorize_per_class(full, cls_np, {int(k): np.array(v) for k, v in th.items()})
+        else:
+            labels = categorize(full, np.array(th))
+        meta.update(thresholds=th, num_classes=meta_src.get("num_classes"), per_class=isinstance(th, dict))
+    elif a.classes:
+        th, labels = fit_labels(full, a.classes, cls_np if a.per_class else None)
+        meta.update(thresholds=_th_json(th), num_classes=a.classes, per_class=a.per_class)
+    write_scores(a.out, data.paths, full, labels, data.class_names, data.class_ids, meta)
+    print(f"scored {len(data)} images ({settings.distance}, t={settings.t}, {settings.draws} draws) -> {a.out}"
+          + (f"; skipped {len(data.skipped)}" if data.skipped else ""), file=sys.stderr)
+    return 0
+
+
+def read_scores_meta(path: str) -> dict:
+    from .checkpoint import read_json
+
+    p = Path(path)
+    return read_json(p if p.suffix == ".json" else _sidecar(p))
+
+
+def _th_json(th):
+    return {str(k): v.tolist() for k, v in th.items()} if isinstance(th, dict) else th.tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# categorize / train-classifier
+# ----------------------------------------------------------------------------------------------
+def _categorize_file(scores_path: str, num_classes: int, per_class: bool):
+    """Fit thresholds on a score table and write its labels back (atomic). Returns (table, labels, thresholds)."""
+    from .categorize import fit_labels
+
+    table = read_scores(scores_path)
+    if per_class and table.class_ids is None:
+        raise DataError(f"--per-class needs a 'class' column in {scores_path} (score a folder with one sub-folder per class)")
+    th, labels = fit_labels(table.scores, num_classes, table.class_ids if per_class else None)
+    meta = {**table.meta, "thresholds": _th_json(th), "num_classes": num_classes, "per_class": per_class}
+    write_scores(scores_path, table.paths, table.scores, labels, table.class_names, table.class_ids, meta)
+    return table, labels, _th_json(th)
+
+
+def cmd_categorize(a) -> int:
+    table, labels, _ = _categorize_file(a.scores, a.classes, a.per_class)
+    counts = np.bincount(labels, minlength=a.classes)
+    print(f"{len(table.paths)} scores -> {a.classes} classes (sizes {counts.min()}..{counts.max()}) written to {a.scores}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_train_classifier(a) -> int:
+    from .models import ClassifierConfig, load_diffusion
+    from .train import ClassifierTrainConfig, lr_is_sane, param_count, train_classifier
+
+    _positive("steps", a.steps)
+    _positive("classes", a.classes, 2)
+    _positive("batch-size", a.batch_size)
+    lr_is_sane(a.lr)
+    model = load_diffusion(a.model, "cpu")
+    table, labels, th = _categorize_file(a.scores, a.classes, a.per_class)
+    paths, meta = table.paths, table.meta
+    data = _load_data(a.data, model.image_size, model.channels)
+    row = {p: i for i, p in enumerate(paths)}
+    keep = [i for i, p in enumerate(data.paths) if p in row]
+    if not keep:
+        raise DataError(f"no image of --data {a.data} appears in --scores {a.scores} (paths are relative to the data folder)")
+    if len(keep) < len(data):
+        print(f"{len(data) - len(keep)} image(s) of --data are not in --scores and are left out", file=sys.stderr)
+    from dataclasses import replace
+
+    sel = torch.tensor(keep, dtype=torch.long)
+    data = replace(data, paths=[data.paths[i] for i in keep], images=data.images[sel],
+                   class_ids=data.class_ids[sel] if data.class_ids is not None else None)
+    y = np.array([labels[row[p]] for p in data.paths])
+    net_cfg = ClassifierConfig(image_size=model.image_size, channels=model.channels, num_outputs=a.classes,
+                               base_channels=a.base_channels, channel_mult=_ints("channel-mult", a.channel_mult),
+                               num_res_blocks=a.res_blocks)
+    cfg = ClassifierTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
+                                holdout=a.holdout, eval_every=a.eval_every, seed=a.seed, net=net_cfg)
+    class_cond = a.per_class or bool(model.num_classes)
+    if class_cond and data.class_ids is None:
+        raise DataError("a class-conditional classifier needs --data with one sub-folder per class")
+    bar = _bar(a.steps, "train-classifier")
+
+    def progress(step, total, m):
+        bar.n = step
+        post = {"loss": f"{m['loss']:.3f}"}
+        if "val_acc" in m:
+            post.update(val_acc=f"{m['val_acc']:.3f}", val_mae=f"{m['val_mae']:.2f}")
+        bar.set_postfix(post, refresh=False)
+        bar.refresh()
+
+    extra = {"model": str(a.model), "scores": str(a.scores), "score_settings": meta.get("settings"),
+             "num_classes_L": a.classes, "per_class": a.per_class}
+    result = train_classifier(data, y, model.schedule, a.out, cfg, th, extra, class_cond=class_cond, progress=progress)
+    bar.close()
+    m = result["metrics"]
+    from .models import NoiseConditionedClassifier
+
+    print(f"classifier ({param_count(NoiseConditionedClassifier(net_cfg))/1e6:.2f}M params) -> {a.out}; held-out "
+          f"acc {m.get('val_acc', float('nan')):.3f} (chance {1/a.classes:.3f}), mean |class error| "
+          f"{m.get('val_mae', float('nan')):.2f}", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# sample
+# ----------------------------------------------------------------------------------------------
+METHODS = ("standard", "minority", "mixture")
+
+
+def build_guidance(a, model, device):
+    """The guidance term for --method (None for standard), validated against the classifier."""
+    from .guidance import ClassifierGuidance, MixtureGuidance, combine
+    from .models import load_classifier
+
+    terms = []
+    if a.method in ("minority", "mixture"):
+        if not a.classifier:
+            raise ValueError(f"--method {a.method} needs --classifier")
+        clf = load_classifier(a.classifier, device)
+        L = clf.net.cfg.num_outputs
+        if clf.net.cfg.num_classes and a.class_label is None:
+            raise ValueError("the classifier is class-conditional: pass --class-label")
+        if a.method == "minority":
+            if not 0 <= a.minority_class < L:
+                raise ValueError(f"--minority-class must be in [0, {L}) for this classifier (L={L}), got {a.minority_class}")
+            terms.append(ClassifierGuidance(clf.net, a.minority_class, a.scale, a.class_label if clf.net.cfg.num_classes else None))
+        else:
+            th = clf.thresholds
+            if isinstance(th, dict):
+                th = th[str(a.class_label)]
+            terms.append(MixtureGuidance(clf.net, th, a.scale, a.class_label if clf.net.cfg.num_classes else None))
+    if a.extra_classifier:
+        extra = load_classifier(a.extra_classifier, device)
+        k = extra.net.cfg.num_outputs
+        if not 0 <= a.extra_class < k:
+            raise ValueError(f"--extra-class must be in [0, {k}), got {a.extra_class}")
+        terms.append(ClassifierGuidance(extra.net, a.extra_class, a.extra_scale))
+    return combine(*terms)
+
+
+def cmd_sample(a) -> int:
+    from accelerate.utils import gather_object
+
+    from .checkpoint import atomic_write_bytes
+    from .models import load_diffusion
+    from .sampling import SAMPLERS, sample, to_uint8
+
+    _positive("n", a.n)
+    _positive("steps", a.steps)
+    _positive("batch-size", a.batch_size)
+    if a.scale < 0:
+        raise ValueError(f"--scale must be >= 0, got {a.scale}")
+    if a.method is None:
+        a.method = "minority" if a.classifier else "standard"
+    if a.method not in METHODS:
+        raise ValueError(f"unknown --method {a.method!r}; allowed: {', '.join(METHODS)}")
+    if a.sampler not in SAMPLERS:
+        raise ValueError(f"unknown --sampler {a.sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    acc = _accelerator()
+    model = load_diffusion(a.model, acc.device)
+    if a.steps > model.schedule.T:
+        raise ValueError(f"--steps must be in [1, {model.schedule.T}] for this model, got {a.steps}")
+    if model.num_classes:
+        if a.class_label is None or not 0 <= a.class_label < model.num_classes:
+            raise ValueError(f"the model is class-conditional: --class-label must be in [0, {model.num_classes})")
+    guidance = build_guidance(a, model, acc.device)
+    chunks = [(k, min(a.batch_size, a.n - s)) for k, s in enumerate(range(0, a.n, a.batch_size))]
+    bar = _bar(len(chunks) * a.steps, f"sample ({a.method}, {a.sampler})", enabled=acc.is_main_process)
+    results = []
+    with acc.split_between_processes(chunks) as mine:
+        for k, size in mine:
+            g = torch.Generator().manual_seed((a.seed * 1_000_003 + k) % (2 ** 63))  # chunk k: same noise on any process
+            x = sample(model, size, steps=a.steps, sampler=a.sampler, eta=a.eta, guidance=guidance,
+                       class_labels=a.class_label if model.num_classes else None, generator=g,
+                       callback=lambda s: bar.update(acc.num_processes))
+            results.append((k, to_uint8(x)))
+    gathered = gather_object(results)
+    bar.close()
+    if not acc.is_main_process:
+        return 0
+    images = np.concatenate([img for _, img in sorted(gathered, key=lambda r: r[0])])
+    settings = {"seed": a.seed, "minority_class": a.minority_class, "scale": a.scale, "steps": a.steps,
+                "sampler": a.sampler, "method": a.method, "eta": a.eta, "n": a.n, "batch_size": a.batch_size,
+                "model": str(a.model), "classifier": str(a.classifier or ""), "class_label": a.class_label,
+                "extra_classifier": str(a.extra_classifier or ""), "extra_class": a.extra_class,
+                "extra_scale": a.extra_scale}
+    buf = io.BytesIO()
+    np.savez(buf, images=images, settings_json=np.array(json.dumps(settings)),
+             **{k: np.array(v if v is not None else -1) for k, v in settings.items() if k in
+                ("seed", "minority_class", "scale", "steps", "sampler", "method", "eta")})
+    atomic_write_bytes(a.out, buf.getvalue())
+    print(f"{images.shape[0]} images {images.shape[1]}x{images.shape[2]}x{images.shape[3]} -> {a.out}", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m core", description="Minority score, minority classifier and guided sampling.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    d = sub.add_parser("train-diffusion", help="train a small UNet2DModel (eps objective, EMA weights)")
+    d.add_argument("--data", required=True, help="image folder (sub-folders = classes for --class-cond)")
+    d.add_argument("--out", required=True, help="run folder: model.safetensors + model.json")
+    d.add_argument("--size", type=int, default=32)
+    d.add_argument("--channels", type=int, default=1, help="1 (grey) or 3 (RGB)")
+    d.add_argument("--steps", type=int, default=2000)
+    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--lr", type=float, default=2e-4)
+    d.add_argument("--ema-decay", type=float, default=0.999)
+    d.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
+    d.add_argument("--T", type=int, default=1000)
+    d.add_argument("--widths", default="32,64,64", help="UNet channels per level, e.g. 32,64,64")
+    d.add_argument("--layers-per-block", type=int, default=1)
+    d.add_argument("--no-attention", action="store_true")
+    d.add_argument("--class-cond", action="store_true", help="condition on the data folder's classes")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--save-every", type=int, default=500)
+    d.add_argument("--resume", action="store_true", help="continue from OUT/train_state.safetensors")
+    d.set_defaults(func=cmd_train_diffusion)
+
+    s = sub.add_parser("score", help="minority score (Eq. 7) of every image of a folder")
+    s.add_argument("--model", required=True, help="run folder, diffusers UNet2DModel folder, or hub id")
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True, help="scores.csv (a .json sidecar is written beside it)")
+    s.add_argument("--distance", choices=["lpips", "lpips-rand", "ssim", "l2", "l1"], default="lpips")
+    s.add_argument("--t", type=float, default=None, help="fraction of T in (0,1) or integer timestep; default 0.9T cosine, 0.6T linear")
+    s.add_argument("--draws", type=int, default=5)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--classes", type=int, default=0, help="also categorise into L quantile classes")
+    s.add_argument("--per-class", action="store_true", help="thresholds within each data class (B.3)")
+    s.add_argument("--thresholds", default=None, help="label with the thresholds of an earlier scores.csv/.json")
+    s.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1]")
+    s.set_defaults(func=cmd_score)
+
+    c = sub.add_parser("categorize", help="quantile classes for a score table (labels written back)")
+    c.add_argument("--scores", required=True)
+    c.add_argument("--classes", type=int, required=True)
+    c.add_argument("--per-class", action="store_true")
+    c.set_defaults(func=cmd_categorize)
+
+    k = sub.add_parser("train-classifier", help="train the noise-conditioned minority classifier")
+    k.add_argument("--model", required=True)
+    k.add_argument("--data", required=True)
+    k.add_argument("--scores", required=True)
+    k.add_argument("--classes", type=int, default=50, help="L, the number of ordinal minority classes")
+    k.add_argument("--per-class", action="store_true", help="per data class thresholds and a class-conditioned classifier")
+    k.add_argument("--steps", type=int, default=2000)
+    k.add_argument("--batch-size", type=int, default=64)
+    k.add_argument("--lr", type=float, default=3e-4)
+    k.add_argument("--weight-decay", type=float, default=0.05)
+    k.add_argument("--base-channels", type=int, default=32)
+    k.add_argument("--channel-mult", default="1,2,2")
+    k.add_argument("--res-blocks", type=int, default=1)
+    k.add_argument("--holdout", type=float, default=0.1)
+    k.add_argument("--eval-every", type=int, default=200)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--out", required=True)
+    k.set_defaults(func=cmd_train_classifier)
+
+    m = sub.add_parser("sample", help="draw images, optionally with minority guidance")
+    m.add_argument("--model", required=True)
+    m.add_argument("--classifier", default=None)
+    m.add_argument("--method", default=None, help="standard | minority | mixture (default: minority with --classifier)")
+    m.add_argument("--minority-class", type=int, default=0, help="target class l in [0, L): L-1 = rarest")
+    m.add_argument("--scale", type=float, default=1.0, help="classifier scale w >= 0 (0 = standard sampler)")
+    m.add_argument("--n", type=int, default=16)
+    m.add_argument("--steps", type=int, default=50)
+    m.add_argument("--sampler", default="ddim", help="ddim | ddpm")
+    m.add_argument("--eta", type=float, default=0.0, help="DDIM noise level in [0, 1]")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--batch-size", type=int, default=64)
+    m.add_argument("--class-label", type=int, default=None, help="data class c for class-conditional models (Eq. 17)")
+    m.add_argument("--extra-classifier", default=None, help="a second classifier added on top (Appendix D.9)")
+    m.add_argument("--extra-class", type=int, default=0)
+    m.add_argument("--extra-scale", type=float, default=1.0)
+    m.add_argument("--out", required=True, help="samples.npz")
+    m.set_defaults(func=cmd_sample)
+    return p
+
+
+def main(argv: Optional[list] = None) -> int:
+    import os
+
+    os.environ.setdefault("TQDM_MININTERVAL", "0.5")
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else EXIT_USER_ERROR
+    except (MinorityError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        return _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    except KeyboardInterrupt:
+        return _fail("interrupted")

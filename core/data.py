@@ -1,0 +1,133 @@
+"""Image folders to tensors, with every bad file turned into a reported skip.
+
+A data folder holds images (PNG, JPEG, BMP, GIF, TIFF, WebP) at any depth. When every image lies
+in an immediate sub-folder, the sub-folders are the data classes (sorted by name).
+Each image is converted explicitly to the model's channels (1 = grey, 3 = RGB), centre-cropped to
+a square and resized with Lanczos (antialiased) to ``size``. Images cross this module as uint8
+(N, C, H, W); ``to_model_range`` maps them to float [-1, 1].
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import DataError, InvalidImageError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+MAX_PIXELS = 64_000_000  # refuse larger images from the header, before decoding
+HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """A loaded folder: ``images`` uint8 (N, C, H, W); ``class_ids`` int64 (N,) or None."""
+
+    root: str
+    paths: list  # relative POSIX paths, sorted; row i of images is paths[i]
+    images: torch.Tensor
+    class_ids: Optional[torch.Tensor] = None
+    class_names: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # [(relative path, reason)]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def list_images(root: str | os.PathLike) -> tuple[list[str], Optional[list[int]], list[str]]:
+    """Relative paths of the images under ``root`` (sorted) and, when laid out by sub-folder, their classes."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"--data {root}: no such folder")
+    paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_EXTS and p.is_file() and not p.name.startswith("."))
+    if not paths:
+        raise DataError(f"--data {root}: no images found (looked for {', '.join(IMAGE_EXTS)})")
+    tops = [p.split("/")[0] if "/" in p else None for p in paths]
+    if all(t is not None for t in tops) and len(set(tops)) >= 2:
+        names = sorted(set(tops))
+        index = {n: i for i, n in enumerate(names)}
+        return paths, [index[t] for t in tops], names
+    return paths, None, []
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """High bit-depth greyscale (I;16, I, F) to 8-bit by per-image min-max (Section C normalises per slice)."""
+    arr = np.asarray(img, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError("non-finite pixel values")
+    lo, hi = float(arr.min()), float(arr.max())
+    scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo)
+    return Image.fromarray((scaled * 255).round().astype(np.uint8), mode="L")
+
+
+def load_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
+    """Decode one image to uint8 (C, size, size); any failure is an InvalidImageError naming the file."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise InvalidImageError(f"{path}: {w}x{h} pixels is over the {MAX_PIXELS:,}-pixel limit")
+                img.load()  # truncated files fail here, inside the guard
+                if img.mode in HIGH_DEPTH_MODES:
+                    img = _to_8bit(img)
+                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                    img = img.convert("RGBA")
+                    bg = Image.new("RGBA", img.size, (0, 0, 0, 255))  # transparent pixels become black
+                    img = Image.alpha_composite(bg, img)
+                img = img.convert("L" if channels == 1 else "RGB")
+                side = min(img.size)
+                left, top = (img.size[0] - side) // 2, (img.size[1] - side) // 2
+                img = img.crop((left, top, left + side, top + side))
+                if side != size:
+                    img = img.resize((size, size), Image.Resampling.LANCZOS)
+                arr = np.asarray(img, dtype=np.uint8)
+    except InvalidImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InvalidImageError(f"{path}: refused as a decompression bomb ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+        raise InvalidImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+    if min(arr.shape[:2]) < 1:
+        raise InvalidImageError(f"{path}: empty image")
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def load_image_folder(root: str | os.PathLike, size: int, channels: int,
+                      progress: Optional[Callable[[int, int], None]] = None) -> ImageSet:
+    """Load every readable image under ``root``; unreadable ones are skipped and listed, never fatal alone."""
+    if size < 8 or size > 1024:
+        raise ValueError(f"size must be in [8, 1024], got {size}")
+    paths, classes, names = list_images(root)
+    arrays, kept, kept_cls, skipped = [], [], [], []
+    for i, rel in enumerate(paths):
+        try:
+            arrays.append(load_image(Path(root) / rel, size, channels))
+            kept.append(rel)
+            if classes is not None:
+                kept_cls.append(classes[i])
+        except InvalidImageError as e:
+            skipped.append((rel, str(e).split(": ", 1)[-1]))
+        if progress is not None:
+            progress(i + 1, len(paths))
+    if not arrays:
+        raise DataError(f"--data {root}: none of the {len(paths)} images could be read (first problem: {skipped[0][0]}: {skipped[0][1]})")
+    images = torch.from_numpy(np.stack(arrays))
+    class_ids = torch.tensor(kept_cls, dtype=torch.long) if classes is not None else None
+    return ImageSet(str(root), kept, images, class_ids, names, skipped)
+
+
+def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, H, W) in [0, 255] -> float32 in [-1, 1]."""
+    return images_u8.float() / 127.5 - 1.0

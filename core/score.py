@@ -1,0 +1,172 @@
+"""Minority score (Eq. 7; class-conditional Eq. 16) and the distances d(x0, x0_hat) it can use.
+
+``l(x0) = E_eps[ d(x0, x0_hat(x_t)) ]`` with x_t = q_sample(x0, t, eps) and x0_hat by Tweedie.
+Noise for image i comes from its own generator seeded from (seed, i), so scores do not depend on
+batch size, order or how many processes share the work.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import OfflineError
+
+DISTANCES = ("lpips", "lpips-rand", "ssim", "l2", "l1")
+Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16, the trunk of LPIPS-VGG
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How a minority score was computed; stored beside every score table."""
+
+    distance: str = "lpips"  # one of DISTANCES
+    t: int = 600  # perturbation timestep in [0, T)
+    draws: int = 5  # noise draws averaged per image
+    seed: int = 0
+    clip: bool = True  # clip x0_hat to [-1, 1]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "0") not in ("0", "", "false", "False") for k in ("HF_HUB_OFFLINE", "MINORITY_OFFLINE"))
+
+
+def lpips_weights_present() -> bool:
+    return (Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE).is_file()
+
+
+def _as_rgb(x: torch.Tensor) -> torch.Tensor:
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def _lpips(pretrained: bool, seed: int, device) -> Distance:
+    import warnings
+
+    import lpips
+
+    if pretrained and not lpips_weights_present() and _offline():
+        raise OfflineError(
+            f"--distance lpips needs torchvision's pretrained VGG16 weights ({VGG16_FILE} in "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints'}), which are absent and cannot be downloaded offline; "
+            "choose --distance lpips-rand, ssim or l2")
+    try:
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+            warnings.simplefilter("ignore")
+            torch.manual_seed(seed)  # the random trunk of lpips-rand is a function of the seed
+            # lpips-rand: a seeded random VGG trunk with uniform channel weights (no learned LPIPS heads,
+            # which were fitted to the pretrained trunk and mean nothing on a random one)
+            net = lpips.LPIPS(net="vgg", pretrained=pretrained, pnet_rand=not pretrained, verbose=False)
+    except Exception as e:  # noqa: BLE001 - a failed download surfaces as many exception types
+        raise OfflineError(f"--distance lpips: cannot load the pretrained VGG16 trunk ({type(e).__name__}: {e}); "
+                           "choose --distance lpips-rand, ssim or l2") from None
+    net = net.to(device).eval().requires_grad_(False)
+
+    def d(x0: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor:
+        return net(_as_rgb(x0), _as_rgb(x0_hat)).reshape(-1)
+
+    return d
+
+
+def _gaussian_window(size: int, sigma: float, device) -> torch.Tensor:
+    g = torch.exp(-((torch.arange(size, device=device, dtype=torch.float32) - (size - 1) / 2) ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]
+
+
+def ssim_distance(x0: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor:
+    """1 - SSIM (Gaussian window 11, sigma 1.5, data range 1) per image; inputs (N, C, H, W) in [-1, 1] -> (N,)."""
+    a, b = (x0.float() + 1) / 2, (x0_hat.float() + 1) / 2
+    c = a.shape[1]
+    size = min(11, a.shape[-1] - (1 - a.shape[-1] % 2), a.shape[-2] - (1 - a.shape[-2] % 2))
+    w = _gaussian_window(size, 1.5, a.device).expand(c, 1, size, size)
+
+    def blur(z):
+        return F.conv2d(z, w, groups=c)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return 1 - ssim.flatten(1).mean(1)
+
+
+def l2_distance(x0: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per image, (N, C, H, W) -> (N,) (Corollary 1 holds for it, per pixel)."""
+    return (x0.float() - x0_hat.float()).pow(2).flatten(1).mean(1)
+
+
+def l1_distance(x0: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error per image, (N, C, H, W) -> (N,)."""
+    return (x0.float() - x0_hat.float()).abs().flatten(1).mean(1)
+
+
+def make_distance(name: str, device: str | torch.device = "cpu", seed: int = 0) -> Distance:
+    """Build d(x0, x0_hat) -> (N,); fails at once (not mid-run) when LPIPS weights cannot be had."""
+    if name == "lpips":
+        return _lpips(True, seed, device)
+    if name == "lpips-rand":
+        return _lpips(False, seed, device)
+    if name == "ssim":
+        return ssim_distance
+    if name == "l2":
+        return l2_distance
+    if name == "l1":
+        return l1_distance
+    raise ValueError(f"unknown distance {name!r}; allowed: {', '.join(DISTANCES)}")
+
+
+def sample_noise(indices: torch.Tensor, draws: int, shape: tuple, seed: int) -> torch.Tensor:
+    """Noise (draws, N, *shape) where image ``indices[n]`` always gets the same draws for a seed."""
+    out = torch.empty((draws, len(indices), *shape))
+    for n, i in enumerate(indices.tolist()):  # one tiny generator per image: order-free, O(N)
+        g = torch.Generator().manual_seed((seed * 1_000_003 + int(i)) % (2 ** 63))
+        out[:, n] = torch.randn((draws, *shape), generator=g)
+    return out
+
+
+@torch.no_grad()
+def minority_score_batch(model, x0: torch.Tensor, indices: torch.Tensor, settings: ScoreSettings,
+                         distance: Distance, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Eq. 7 (Eq. 16 with ``class_labels``): x0 (N, C, H, W) in [-1, 1], indices (N,) int -> scores (N,) float32."""
+    noise = sample_noise(indices, settings.draws, tuple(x0.shape[1:]), settings.seed).to(x0.device, x0.dtype)
+    t = torch.full((x0.shape[0],), settings.t, dtype=torch.long, device=x0.device)
+    total = torch.zeros(x0.shape[0], device=x0.device)
+    for eps in noise:
+        x_t = model.schedule.q_sample(x0, t, eps)  # Eq. 1
+        x0_hat = model.schedule.tweedie_x0(x_t, t, model(x_t, t, class_labels), clip=settings.clip)  # Eq. 6
+        total += distance(x0, x0_hat).float()
+    return total / settings.draws
+
+
+def minority_scores(model, images: torch.Tensor, indices: torch.Tensor, settings: ScoreSettings,
+                    distance: Distance, class_ids: Optional[torch.Tensor] = None, batch_size: int = 64,
+                    progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+    """Score uint8 images (N, C, H, W) whose dataset rows are ``indices`` (N,); returns float32 (N,)."""
+    from .data import to_model_range
+
+    if not 0 <= settings.t < model.schedule.T:
+        raise ValueError(f"t must be in [0, {model.schedule.T}), got {settings.t}")
+    if settings.draws < 1:
+        raise ValueError(f"draws must be >= 1, got {settings.draws}")
+    if model.num_classes and class_ids is None:
+        raise ValueError("the model is class-conditional: the data needs one sub-folder per class")
+    device = model.device
+    out = np.empty(len(images), dtype=np.float32)
+    for start in range(0, len(images), batch_size):
+        sl = slice(start, start + batch_size)
+        x0 = to_model_range(images[sl]).to(device)
+        cls = class_ids[sl].to(device) if (class_ids is not None and model.num_classes) else None
+        out[sl] = minority_score_batch(model, x0, indices[sl], settings, distance, cls).cpu().numpy()
+        if progress is not None:
+            progress(min(start + batch_size, len(images)), len(images))
+    return out
