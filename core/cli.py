@@ -214,9 +214,11 @@ def cmd_score(a) -> int:
         raise DataError(f"the model is class-conditional ({model.num_classes} classes): --data needs one sub-folder per class")
     if model.num_classes and model.class_names and data.class_names != model.class_names:
         raise DataError(f"--data classes {data.class_names} differ from the model's {model.class_names}")
-    idx = list(range(len(data)))
+    # whole batches go to each process, so every image is scored in the same batch as in a single process
+    batches = [list(range(s, min(s + a.batch_size, len(data)))) for s in range(0, len(data), a.batch_size)]
     bar = _bar(len(data), "score", enabled=acc.is_main_process)
-    with acc.split_between_processes(idx) as mine:
+    with acc.split_between_processes(batches) as my_batches:
+        mine = [i for b in my_batches for i in b]
         mine_t = torch.tensor(mine, dtype=torch.long)
         done = 0
 
@@ -383,7 +385,10 @@ def build_guidance(a, model, device):
         k = extra.net.cfg.num_outputs
         if not 0 <= a.extra_class < k:
             raise ValueError(f"--extra-class must be in [0, {k}), got {a.extra_class}")
-        terms.append(ClassifierGuidance(extra.net, a.extra_class, a.extra_scale))
+        cond = extra.net.cfg.num_classes
+        if cond and a.class_label is None:
+            raise ValueError("the extra classifier is class-conditional: pass --class-label")
+        terms.append(ClassifierGuidance(extra.net, a.extra_class, a.extra_scale, a.class_label if cond else None))
     return combine(*terms)
 
 
@@ -399,6 +404,8 @@ def cmd_sample(a) -> int:
     _positive("batch-size", a.batch_size)
     if a.scale < 0:
         raise ValueError(f"--scale must be >= 0, got {a.scale}")
+    if not 0 <= a.eta <= 1:
+        raise ValueError(f"--eta must be in [0, 1], got {a.eta}")
     if a.method is None:
         a.method = "minority" if a.classifier else "standard"
     if a.method not in METHODS:

@@ -31,8 +31,10 @@ MAX_BAD_STEPS = 10
 def make_accelerator():
     from accelerate import Accelerator
 
-    mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mp)
+    cuda = torch.cuda.is_available()
+    mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    # cpu=True lets accelerate run several CPU processes (gloo) under torchrun / accelerate launch
+    return Accelerator(mixed_precision=mp, cpu=not cuda)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,213 @@
+"""The four pipeline commands end to end on a few dozen images, and their bad-input behaviour."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--size", "16", "--channels", "1", "--widths", "8,16", "--batch-size", "8", "--no-attention"]
+
+
+def make_images(folder: Path, n: int, seed: int = 0, rare_every: int = 8):
+    """Grey 16x16 discs: most large, every ``rare_every``-th small (the minority)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[:20, :20]
+    for i in range(n):
+        r = 3 if i % rare_every == 0 else 7
+        cx, cy = 10 + rng.integers(-2, 3), 10 + rng.integers(-2, 3)
+        img = ((xx - cx) ** 2 + (yy - cy) ** 2 < r * r) * 200.0 + rng.normal(0, 8, (20, 20))
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"img{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pipe")
+    data, run = base / "data", base / "run"
+    make_images(data, 32)
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)  # one bad file: skipped, counted
+    assert main(["train-diffusion", "--data", str(data), "--out", str(run), "--steps", "30", *TINY]) == 0
+    assert main(["score", "--model", str(run), "--data", str(data), "--out", str(run / "scores.csv"),
+                 "--distance", "l2", "--draws", "2", "--seed", "0"]) == 0
+    assert main(["train-classifier", "--model", str(run), "--data", str(data), "--scores", str(run / "scores.csv"),
+                 "--classes", "4", "--steps", "20", "--batch-size", "16", "--base-channels", "8",
+                 "--channel-mult", "1,2", "--eval-every", "10", "--out", str(run / "classifier")]) == 0
+    return base, data, run
+
+
+def sample_args(run, out, **kw):
+    args = {"--model": run, "--classifier": run / "classifier", "--minority-class": 3, "--scale": 2.5, "--n": 5,
+            "--steps": 8, "--sampler": "ddim", "--seed": 0, "--out": out}
+    args.update({f"--{k.replace('_', '-')}": v for k, v in kw.items()})
+    flat = ["sample"]
+    for k, v in args.items():
+        if v is not None:
+            flat += [k, str(v)]
+    return flat
+
+
+def test_pipeline_outputs(pipeline):
+    base, data, run = pipeline
+    assert (run / "model.safetensors").is_file() and (run / "train_state.safetensors").is_file()
+    cfg = json.loads((run / "model.json").read_text())
+    assert cfg["schema"] == 1 and cfg["kind"] == "diffusion" and cfg["step"] == 30
+    lines = (run / "scores.csv").read_text().splitlines()
+    assert lines[0] == "path,score,label"
+    rows = [l.split(",") for l in lines[1:]]
+    assert [r[0] for r in rows] == sorted(f"img{i:03d}.png" for i in range(32)), "stable sorted order, bad file skipped"
+    assert all(float(r[1]) > 0 for r in rows)
+    labels = [int(r[2]) for r in rows]  # filled in by train-classifier's categorisation
+    assert sorted(set(labels)) == [0, 1, 2, 3] and np.bincount(labels).tolist() == [8, 8, 8, 8]
+    meta = json.loads((run / "scores.json").read_text())
+    assert meta["settings"] == {"distance": "l2", "t": 600, "draws": 2, "seed": 0, "clip": True}
+    assert len(meta["thresholds"]) == 4 and meta["num_classes"] == 4
+    assert meta["skipped"][0][0] == "broken.png"
+    clf = json.loads((run / "classifier" / "classifier.json").read_text())
+    assert set(clf["metrics"]) == {"val_loss", "val_acc", "val_mae"} and clf["num_val"] == 3
+    assert clf["thresholds"] == meta["thresholds"]
+    log = [json.loads(l) for l in (run / "classifier" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [10, 20]
+
+
+def test_sample_npz_is_reproducible(pipeline, tmp_path):
+    _, _, run = pipeline
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert main(sample_args(run, tmp_path / f"{name}.npz", seed=seed)) == 0
+    a, b, c = (np.load(tmp_path / f"{n}.npz") for n in "abc")
+    assert a["images"].dtype == np.uint8 and a["images"].shape == (5, 16, 16, 1)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes(), "same seed: byte-identical file"
+    assert not np.array_equal(a["images"], c["images"])
+    settings = json.loads(str(a["settings_json"]))
+    assert settings["method"] == "minority" and settings["minority_class"] == 3 and settings["scale"] == 2.5
+    assert int(a["seed"]) == 0 and str(a["sampler"]) == "ddim"
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_scale_zero_equals_standard_sampler(pipeline, tmp_path, sampler):
+    _, _, run = pipeline
+    assert main(sample_args(run, tmp_path / "g.npz", scale=0, sampler=sampler)) == 0
+    assert main(sample_args(run, tmp_path / "s.npz", classifier=None, method="standard", sampler=sampler)) == 0
+    assert main(sample_args(run, tmp_path / "w.npz", scale=8, sampler=sampler)) == 0
+    g, s, w = (np.load(tmp_path / f"{n}.npz")["images"] for n in "gsw")
+    assert np.array_equal(g, s)
+    assert not np.array_equal(w, s), "a positive scale must change the samples"
+
+
+BAD = [
+    ({"minority_class": 4}, "--minority-class must be in [0, 4)"),
+    ({"minority_class": -1}, "--minority-class must be in [0, 4)"),
+    ({"scale": -1}, "--scale must be >= 0"),
+    ({"n": 0}, "--n must be >= 1"),
+    ({"steps": 0}, "--steps must be >= 1"),
+    ({"steps": 5000}, "--steps must be in [1, 1000]"),
+    ({"sampler": "euler"}, "allowed: ddim, ddpm"),
+    ({"method": "magic"}, "allowed: standard, minority, mixture"),
+    ({"eta": 2}, "--eta must be in [0, 1]"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD)
+def test_bad_sample_arguments(pipeline, tmp_path, capsys, override, message):
+    _, _, run = pipeline
+    assert main(sample_args(run, tmp_path / "x.npz", **override)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_bad_inputs_give_one_line(pipeline, tmp_path, capsys):
+    base, data, run = pipeline
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    other = tmp_path / "other"
+    # a checkpoint whose weights do not match its config
+    other.mkdir()
+    cfg = json.loads((run / "model.json").read_text())
+    cfg["unet"]["block_out_channels"] = [8, 32]
+    (other / "model.json").write_text(json.dumps(cfg))
+    (other / "model.safetensors").write_bytes((run / "model.safetensors").read_bytes())
+    cases = [
+        (["score", "--model", str(run), "--data", str(empty), "--out", str(tmp_path / "s.csv"), "--distance", "l2"], "no images found"),
+        (["score", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "s.csv")], "no such folder"),
+        (["score", "--model", str(other), "--data", str(data), "--out", str(tmp_path / "s.csv"), "--distance", "l2"], "has shape"),
+        (["score", "--model", "someone/ddpm-model", "--data", str(data), "--out", str(tmp_path / "s.csv")], "HF_HUB_OFFLINE"),
+        (["score", "--model", str(run), "--data", str(data), "--out", str(tmp_path / "s.csv")], "lpips-rand, ssim or l2"),
+        (["score", "--model", str(run), "--data", str(data), "--out", str(tmp_path / "s.csv"), "--t", "1500", "--distance", "l2"], "--t must be"),
+        (["train-diffusion", "--data", str(empty), "--out", str(tmp_path / "r"), "--steps", "-1"], "--steps must be >= 1"),
+        (["train-diffusion", "--data", str(data), "--out", str(tmp_path / "r"), "--size", "18", "--widths", "8,16,16"], "divisible"),
+        (["train-classifier", "--model", str(run), "--data", str(data), "--scores", str(tmp_path / "none.csv"),
+          "--out", str(tmp_path / "c")], "no such file"),
+        (["sample", "--model", str(run), "--method", "minority", "--out", str(tmp_path / "x.npz")], "needs --classifier"),
+        (["score", "--bogus"], "the following arguments are required: --model, --data, --out"),
+        (["score", "--model", str(run), "--data", str(data), "--out", "x.csv", "--bogus"], "unrecognized arguments: --bogus"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (args, err)
+    assert not (tmp_path / "s.csv").exists() and not (tmp_path / "r").exists() and not (tmp_path / "c").exists()
+
+
+def _env(threads: int):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    return env
+
+
+def test_error_is_one_line_from_the_shell(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "core", "sample", "--model", str(tmp_path / "missing"), "--out",
+                        str(tmp_path / "x.npz")], capture_output=True, text=True, env=_env(2), cwd=ROOT, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: --model {tmp_path / 'missing'}: no such folder"]
+
+
+def test_score_in_two_processes_equals_one(pipeline, tmp_path):
+    """torchrun with 2 CPU processes (gloo): the same table row for row (same thread count per process)."""
+    _, data, run = pipeline
+    common = ["-m", "core", "score", "--model", str(run), "--data", str(data), "--distance", "l2", "--draws", "2",
+              "--batch-size", "5"]
+    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one.csv")], env=_env(1), cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                          *common, "--out", str(tmp_path / "two.csv")], env=_env(1), cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert json.loads((tmp_path / "two.json").read_text())["processes"] == 2
+    assert (tmp_path / "one.csv").read_text() == (tmp_path / "two.csv").read_text()
+
+
+def test_class_conditional_end_to_end(tmp_path):
+    data = tmp_path / "data"
+    make_images(data / "cats", 24, seed=1)
+    make_images(data / "dogs", 24, seed=2, rare_every=5)
+    run = tmp_path / "run"
+    assert main(["train-diffusion", "--data", str(data), "--out", str(run), "--steps", "10", "--class-cond", *TINY]) == 0
+    assert json.loads((run / "model.json").read_text())["class_names"] == ["cats", "dogs"]
+    assert main(["score", "--model", str(run), "--data", str(data), "--out", str(run / "scores.csv"),
+                 "--distance", "ssim", "--draws", "1"]) == 0
+    header = (run / "scores.csv").read_text().splitlines()[0]
+    assert header == "path,score,label,class"
+    assert main(["train-classifier", "--model", str(run), "--data", str(data), "--scores", str(run / "scores.csv"),
+                 "--classes", "3", "--per-class", "--steps", "5", "--base-channels", "8", "--channel-mult", "1,2",
+                 "--out", str(run / "clf")]) == 0
+    meta = json.loads((run / "scores.json").read_text())
+    assert set(meta["thresholds"]) == {"0", "1"} and meta["per_class"] is True
+    clf = json.loads((run / "clf" / "classifier.json").read_text())
+    assert clf["config"]["num_classes"] == 2
+    base = ["sample", "--model", str(run), "--classifier", str(run / "clf"), "--minority-class", "2", "--scale", "2",
+            "--n", "3", "--steps", "5", "--out", str(tmp_path / "c.npz")]
+    assert main(base) == 2, "a class-conditional model needs --class-label"
+    assert main(base + ["--class-label", "1"]) == 0
+    assert np.load(tmp_path / "c.npz")["images"].shape == (3, 16, 16, 1)
+    assert main(base + ["--class-label", "1", "--method", "mixture"]) == 0
+    # D.9: an extra classifier on top of minority guidance
+    assert main(base + ["--class-label", "1", "--extra-classifier", str(run / "clf"), "--extra-class", "0"]) == 0
+    assert main(base + ["--class-label", "1", "--extra-classifier", str(run / "clf"), "--extra-class", "7"]) == 2

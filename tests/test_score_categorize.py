@@ -1,0 +1,118 @@
+"""Minority score (Eq. 7, Corollary 1), its distances, and quantile categorisation."""
+import numpy as np
+import pytest
+import torch
+
+from analytic import AnalyticMixture
+from core.categorize import categorize, categorize_per_class, fit_labels, quantile_thresholds
+from core.errors import DataError, OfflineError
+from core.models import DiffusionModel, UNetConfig, build_unet
+from core.schedule import make_schedule
+from core.score import (ScoreSettings, make_distance, minority_score_batch, minority_scores, sample_noise,
+                        ssim_distance)
+
+
+def tiny_model(seed=0, channels=1, size=8, schedule="linear"):
+    torch.manual_seed(seed)
+    cfg = UNetConfig(image_size=size, channels=channels, block_out_channels=(8, 16), attention=False)
+    return DiffusionModel(build_unet(cfg), make_schedule(schedule), size, channels).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("t", [100, 600])
+def test_corollary_1_l2_score_is_scaled_noise_error(t):
+    """l(x0) with squared error = (1 - abar_t)/abar_t * E||eps_theta(x_t, t) - eps||^2 (per pixel), exactly."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 1, 8, 8, generator=g) * 2 - 1
+    idx = torch.arange(6)
+    settings = ScoreSettings(distance="l2", t=t, draws=3, seed=7, clip=False)
+    score = minority_score_batch(model, x0, idx, settings, make_distance("l2"))
+    eps = sample_noise(idx, 3, (1, 8, 8), seed=7)
+    tt = torch.full((6,), t)
+    abar = float(model.schedule.abar[t])
+    err = torch.stack([(model(model.schedule.q_sample(x0, tt, e), tt) - e).pow(2).flatten(1).mean(1) for e in eps]).mean(0)
+    torch.testing.assert_close(score, (1 - abar) / abar * err, rtol=1e-5, atol=1e-7)
+
+
+def test_score_is_independent_of_batching_and_order():
+    model = tiny_model()
+    images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    idx = torch.arange(10)
+    s = ScoreSettings(distance="l1", t=600, draws=2, seed=3)
+    a = minority_scores(model, images, idx, s, make_distance("l1"), batch_size=10)
+    b = minority_scores(model, images, idx, s, make_distance("l1"), batch_size=3)
+    perm = torch.tensor([9, 2, 5, 0, 1, 8, 3, 7, 6, 4])
+    c = minority_scores(model, images[perm], idx[perm], s, make_distance("l1"), batch_size=4)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a[perm.numpy()], c, rtol=1e-6)
+    other = minority_scores(model, images, idx, ScoreSettings("l1", 600, 2, seed=4), make_distance("l1"))
+    assert not np.allclose(a, other), "another seed must give other noise draws"
+
+
+def test_rare_points_score_higher_with_the_optimal_model():
+    """With the exact eps-model of a 95/5 mixture, the rare component's points get higher scores."""
+    mix = AnalyticMixture([[-0.5, 0.0], [0.5, 0.0]], [0.95, 0.05], std=0.1)
+    g = torch.Generator().manual_seed(0)
+    common = torch.tensor([-0.5, 0.0]) + 0.1 * torch.randn(200, 2, generator=g)
+    rare = torch.tensor([0.5, 0.0]) + 0.1 * torch.randn(200, 2, generator=g)
+    x0 = torch.cat([common, rare]).reshape(400, 2, 1, 1)
+    s = minority_score_batch(mix, x0, torch.arange(400), ScoreSettings("l2", 600, 5, 0), make_distance("l2"))
+    assert float(s[200:].mean()) > 3 * float(s[:200].mean())
+
+
+def test_distances_zero_on_identical_and_positive_otherwise():
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    for name in ("l2", "l1", "ssim", "lpips-rand"):
+        d = make_distance(name, seed=0)
+        same, diff = d(x, x), d(x, y)
+        assert same.shape == (3,) and torch.all(same.abs() < 1e-5), name
+        assert torch.all(diff > 1e-5) and torch.all(diff > 100 * same.abs().max()), name
+    assert ssim_distance(x[:, :1], x[:, :1]).abs().max() < 1e-5  # grey input
+
+
+def test_lpips_rand_is_a_function_of_the_seed():
+    x, y = torch.rand(2, 1, 16, 16) * 2 - 1, torch.rand(2, 1, 16, 16) * 2 - 1
+    a, b, c = make_distance("lpips-rand", seed=0), make_distance("lpips-rand", seed=0), make_distance("lpips-rand", seed=1)
+    assert torch.equal(a(x, y), b(x, y)) and not torch.equal(a(x, y), c(x, y))
+
+
+def test_lpips_without_weights_fails_at_once_naming_the_fallbacks(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(OfflineError, match="lpips-rand, ssim or l2"):
+        make_distance("lpips")
+    with pytest.raises(ValueError, match="allowed: lpips, lpips-rand, ssim, l2, l1"):
+        make_distance("cosine")
+
+
+def test_quantile_binning_matches_the_official_rule():
+    scores = np.arange(1, 101, dtype=float)  # 1..100
+    th = quantile_thresholds(scores, 10)
+    labels = categorize(scores, th)
+    assert th[-1] == 100 and np.all(np.diff(th) > 0)
+    assert np.bincount(labels).tolist() == [10] * 10
+    # q[j-1] < s <= q[j] -> class j: cross-check against torch.bucketize(right=False)
+    ref = torch.bucketize(torch.tensor(scores), torch.tensor(th[:-1]), right=False).numpy()
+    np.testing.assert_array_equal(labels, ref)
+    # new data labelled with stored thresholds: below min -> 0, above max -> L-1
+    assert categorize(np.array([-5.0, 1e9]), th).tolist() == [0, 9]
+    assert labels[0] == 0 and labels[-1] == 9, "class 0 is most common (lowest score), L-1 rarest"
+
+
+def test_per_class_thresholds_and_errors():
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([rng.normal(0, 1, 60), rng.normal(10, 1, 40)])
+    cls = np.array([0] * 60 + [1] * 40)
+    th, labels = fit_labels(scores, 4, cls)
+    assert set(th) == {0, 1}
+    for c in (0, 1):  # equal-count bins inside each class, despite the shifted scales
+        counts = np.bincount(labels[cls == c], minlength=4)
+        assert counts.max() - counts.min() <= 1
+    np.testing.assert_array_equal(categorize_per_class(scores, cls, th), labels)
+    with pytest.raises(DataError, match="at least 50"):
+        quantile_thresholds(np.arange(10.0), 50)
+    with pytest.raises(DataError, match="NaN"):
+        quantile_thresholds(np.array([1.0, np.nan, 2.0]), 2)
+    with pytest.raises(ValueError, match=">= 2"):
+        quantile_thresholds(np.arange(10.0), 1)
