@@ -76,10 +76,12 @@ def test_sigkill_never_leaves_a_broken_checkpoint(data, tmp_path):
     rng = random.Random(0)
     steps = []
     for trial in range(4):
+        state = run / "train_state.safetensors"
+        before = state.stat().st_mtime_ns if state.exists() else None
         p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while not (run / "model.json").exists() and time.time() < deadline:
-            time.sleep(0.05)
+        deadline = time.time() + 60  # wait until this process has written a checkpoint, then kill at random
+        while time.time() < deadline and (not state.exists() or state.stat().st_mtime_ns == before):
+            time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 1.0))
         p.send_signal(signal.SIGKILL)
         p.wait()
