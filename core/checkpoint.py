@@ -1,6 +1,7 @@
 """Atomic writes and safetensors + JSON checkpoints. Nothing here ever unpickles."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -23,6 +24,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -56,10 +60,32 @@ def read_json(path: str | os.PathLike) -> dict:
     return obj
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Save a flat dict of tensors as safetensors, atomically."""
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Save a flat dict of tensors as safetensors, atomically; returns the file's sha256."""
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write_bytes(path, st_save(flat, metadata=metadata))
+    data = st_save(flat, metadata=metadata)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_weights_and_config(folder: str | os.PathLike, stem: str, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """STEM.safetensors then STEM.json, the JSON carrying the weights' sha256: a pair torn by a crash
+    between the two renames is detected on load instead of pairing new weights with an old config."""
+    folder = Path(folder)
+    digest = save_tensors(folder / f"{stem}.safetensors", tensors)
+    atomic_write_json(folder / f"{stem}.json", {**config, "weights_sha256": digest})
+
+
+def load_weights_for(module: torch.nn.Module, folder: str | os.PathLike, stem: str, config: dict) -> torch.nn.Module:
+    """Load STEM.safetensors into ``module`` after checking it is the file STEM.json was written with."""
+    path = Path(folder) / f"{stem}.safetensors"
+    state = load_tensors(path)
+    expected = config.get("weights_sha256")
+    if expected is not None and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+        raise CheckpointError(f"{path} does not match {stem}.json (an interrupted save?); save again or restore both files")
+    check_state_dict(module, state, str(path))
+    module.load_state_dict(state, strict=True)
+    return module
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

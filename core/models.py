@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import SCHEMA_VERSION, atomic_write_json, check_schema, load_into, read_json, save_tensors
+from .checkpoint import SCHEMA_VERSION, check_schema, load_weights_for, read_json, save_weights_and_config
 from .errors import CheckpointError, OfflineError
 from .schedule import NoiseSchedule, make_schedule
 
@@ -108,9 +108,7 @@ def schedule_config(schedule: NoiseSchedule, beta_start: float = 1e-4, beta_end:
 def save_diffusion(run: str | os.PathLike, net: nn.Module, cfg: UNetConfig, sched_cfg: dict,
                    class_names: list[str], extra: dict[str, Any]) -> None:
     """Write RUN/model.safetensors (weights given, EMA by convention) and RUN/model.json."""
-    run = Path(run)
-    save_tensors(run / "model.safetensors", net.state_dict())
-    atomic_write_json(run / "model.json", {
+    save_weights_and_config(run, "model", net.state_dict(), {
         "schema": SCHEMA_VERSION, "kind": "diffusion", "unet": asdict(cfg), "schedule": sched_cfg,
         "class_names": class_names, **extra,
     })
@@ -139,9 +137,10 @@ def _load_own(path: Path, device) -> DiffusionModel:
         cfg = UNetConfig(**u)
         s = cfg_json["schedule"]
         schedule = make_schedule(s["name"], int(s["T"]), float(s["beta_start"]), float(s["beta_end"]))
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{path / 'model.json'}: malformed config ({e})") from None
-    net = load_into(build_unet(cfg), path / "model.safetensors")
+        net = build_unet(cfg)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
+        raise CheckpointError(f"{path / 'model.json'}: malformed config ({type(e).__name__}: {e})") from None
+    net = load_weights_for(net, path, "model", cfg_json)
     model = DiffusionModel(net, schedule, cfg.image_size, cfg.channels, cfg.num_classes,
                            list(cfg_json.get("class_names") or []), source=str(path))
     return model.to(device).eval().requires_grad_(False)
@@ -326,9 +325,7 @@ class LoadedClassifier:
 
 
 def save_classifier(out: str | os.PathLike, net: NoiseConditionedClassifier, thresholds: Any, extra: dict) -> None:
-    out = Path(out)
-    save_tensors(out / "classifier.safetensors", net.state_dict())
-    atomic_write_json(out / "classifier.json", {
+    save_weights_and_config(out, "classifier", net.state_dict(), {
         "schema": SCHEMA_VERSION, "kind": "classifier", "config": asdict(net.cfg), "thresholds": thresholds, **extra,
     })
 
@@ -343,8 +340,9 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu")
         c = dict(cfg_json["config"])
         c["channel_mult"] = tuple(c["channel_mult"])
         cfg = ClassifierConfig(**c)
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{path / 'classifier.json'}: malformed config ({e})") from None
-    net = load_into(NoiseConditionedClassifier(cfg), path / "classifier.safetensors")
+        net = NoiseConditionedClassifier(cfg)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
+        raise CheckpointError(f"{path / 'classifier.json'}: malformed config ({type(e).__name__}: {e})") from None
+    net = load_weights_for(net, path, "classifier", cfg_json)
     info = {k: v for k, v in cfg_json.items() if k not in ("config", "thresholds")}
     return LoadedClassifier(net.to(device).eval().requires_grad_(False), cfg_json.get("thresholds"), info)

@@ -211,3 +211,29 @@ def test_class_conditional_end_to_end(tmp_path):
     # D.9: an extra classifier on top of minority guidance
     assert main(base + ["--class-label", "1", "--extra-classifier", str(run / "clf"), "--extra-class", "0"]) == 0
     assert main(base + ["--class-label", "1", "--extra-classifier", str(run / "clf"), "--extra-class", "7"]) == 2
+
+
+def test_diffusers_unet_folder_as_model(tmp_path):
+    """A pretrained diffusers UNet2DModel folder (safetensors + scheduler config) skips train-diffusion."""
+    import torch
+    from diffusers import UNet2DModel
+
+    from core.models import UNetConfig, load_diffusion
+
+    torch.manual_seed(0)
+    net = UNet2DModel(**UNetConfig(16, 1, (8, 16), attention=False).diffusers_kwargs())
+    folder = tmp_path / "pretrained"
+    net.save_pretrained(folder / "unet", safe_serialization=True)
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDPMScheduler", "beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 500}))
+    model = load_diffusion(folder)
+    assert model.schedule.name == "cosine" and model.schedule.T == 500 and model.image_size == 16
+    data = tmp_path / "data"
+    make_images(data, 6)
+    assert main(["score", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "s.csv"),
+                 "--distance", "l1", "--draws", "1"]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["settings"]["t"] == 450  # 0.9 T for cosine
+    assert main(["sample", "--model", str(folder), "--n", "2", "--steps", "4", "--out", str(tmp_path / "x.npz")]) == 0
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "v_prediction"}))
+    assert main(["sample", "--model", str(folder), "--n", "2", "--steps", "4", "--out", str(tmp_path / "y.npz")]) == 2
