@@ -73,7 +73,6 @@ def _widths(text: str) -> tuple:
 # train-diffusion
 # ----------------------------------------------------------------------------------------------
 def cmd_train_diffusion(a) -> int:
-    from .data import load_image_folder
     from .models import UNetConfig
     from .train import DiffusionTrainConfig, lr_is_sane, param_count, train_diffusion
 
@@ -520,7 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--method", default=None, help="standard | minority | mixture (default: minority with --classifier)")
     m.add_argument("--minority-class", type=int, default=0, help="target class l in [0, L): L-1 = rarest")
     m.add_argument("--scale", type=float, default=1.0, help="classifier scale w >= 0 (0 = standard sampler)")
-    m.add_argument("--n", type=int, default=16)
+    m.add_argument("--n", "--num-samples", dest="n", type=int, default=16,
+                   help="number of images (write --num-samples under torchrun / accelerate launch, whose own "
+                        "parsers take --n for an abbreviation of their flags)")
     m.add_argument("--steps", type=int, default=50)
     m.add_argument("--sampler", default="ddim", help="ddim | ddpm")
     m.add_argument("--eta", type=float, default=0.0, help="DDIM noise level in [0, 1]")

@@ -237,3 +237,33 @@ def test_diffusers_unet_folder_as_model(tmp_path):
     assert main(["sample", "--model", str(folder), "--n", "2", "--steps", "4", "--out", str(tmp_path / "x.npz")]) == 0
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "v_prediction"}))
     assert main(["sample", "--model", str(folder), "--n", "2", "--steps", "4", "--out", str(tmp_path / "y.npz")]) == 2
+
+
+def test_score_with_stored_thresholds_labels_new_data(pipeline, tmp_path):
+    _, data, run = pipeline
+    fresh = tmp_path / "fresh"
+    make_images(fresh, 10, seed=9)
+    assert main(["score", "--model", str(run), "--data", str(fresh), "--out", str(tmp_path / "new.csv"),
+                 "--distance", "l2", "--draws", "2", "--thresholds", str(run / "scores.json")]) == 0
+    from core.categorize import categorize
+
+    th = json.loads((run / "scores.json").read_text())["thresholds"]
+    rows = [l.split(",") for l in (tmp_path / "new.csv").read_text().splitlines()[1:]]
+    scores = np.array([float(r[1]) for r in rows])
+    assert [int(r[2]) for r in rows] == categorize(scores, np.array(th)).tolist()
+    assert json.loads((tmp_path / "new.json").read_text())["thresholds"] == th
+
+
+def test_sample_in_two_processes_equals_one(pipeline, tmp_path):
+    _, _, run = pipeline
+    # --num-samples: torchrun's own parser would read --n as an abbreviation of its --nnodes/--nproc-per-node
+    common = ["-m", "core", *sample_args(run, "X", n=None, num_samples=6, batch_size=2, steps=4)]
+    one = subprocess.run([sys.executable, *[a if a != "X" else str(tmp_path / "one.npz") for a in common]],
+                         env=_env(1), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+                          *[a if a != "X" else str(tmp_path / "two.npz") for a in common]],
+                         env=_env(1), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = np.load(tmp_path / "one.npz")["images"], np.load(tmp_path / "two.npz")["images"]
+    assert a.shape == (6, 16, 16, 1) and np.array_equal(a, b)

@@ -75,7 +75,7 @@ def test_sigkill_never_leaves_a_broken_checkpoint(data, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     rng = random.Random(0)
     steps = []
-    for trial in range(4):
+    for _ in range(4):
         state = run / "train_state.safetensors"
         before = state.stat().st_mtime_ns if state.exists() else None
         p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
