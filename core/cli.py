@@ -85,7 +85,7 @@ def cmd_train_diffusion(a) -> int:
                       layers_per_block=a.layers_per_block, attention=not a.no_attention)
     if a.size % (2 ** (len(unet.block_out_channels) - 1)):
         raise ValueError(f"--size {a.size} must be divisible by {2 ** (len(unet.block_out_channels) - 1)} for --widths {a.widths}")
-    data = _load_data(a.data, a.size, a.channels)
+    data = _load_data(a.data, a.size, a.channels, band=a.slice_band)
     cfg = DiffusionTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema_decay,
                                schedule=a.schedule, T=a.T, seed=a.seed, save_every=a.save_every,
                                class_cond=a.class_cond, unet=unet)
@@ -105,9 +105,20 @@ def cmd_train_diffusion(a) -> int:
     return 0
 
 
-def _load_data(root: str, size: int, channels: int, quiet: bool = False):
+def _band(text: str) -> tuple:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--slice-band must be two fractions LO,HI, got {text!r}") from None
+    if not 0 <= lo < hi <= 1:
+        raise ValueError(f"--slice-band must satisfy 0 <= LO < HI <= 1, got {text!r}")
+    return lo, hi
+
+
+def _load_data(root: str, size: int, channels: int, quiet: bool = False, band: str = "0.4,0.6"):
     from .data import list_images, load_image_folder
 
+    slice_band = _band(band)
     n = len(list_images(root)[0])
     bar = _bar(n, "load images", enabled=not quiet)
 
@@ -116,7 +127,7 @@ def _load_data(root: str, size: int, channels: int, quiet: bool = False):
         if i == total or i % 64 == 0:
             bar.refresh()
 
-    data = load_image_folder(root, size, channels, progress=progress)
+    data = load_image_folder(root, size, channels, progress=progress, slice_band=slice_band)
     bar.close()
     if data.skipped and not quiet:
         print(f"skipped {len(data.skipped)} unreadable image(s) of {n}:", file=sys.stderr)
@@ -208,7 +219,7 @@ def cmd_score(a) -> int:
     settings = ScoreSettings(distance=a.distance, t=_resolve_t(a.t, model.schedule), draws=a.draws, seed=a.seed,
                              clip=not a.no_clip)
     distance = make_distance(a.distance, acc.device, seed=a.seed)  # fails now, not mid-run
-    data = _load_data(a.data, model.image_size, model.channels, quiet=not acc.is_main_process)
+    data = _load_data(a.data, model.image_size, model.channels, quiet=not acc.is_main_process, band=a.slice_band)
     if model.num_classes and data.class_ids is None:
         raise DataError(f"the model is class-conditional ({model.num_classes} classes): --data needs one sub-folder per class")
     if model.num_classes and model.class_names and data.class_names != model.class_names:
@@ -239,7 +250,8 @@ def cmd_score(a) -> int:
     meta = {"model": str(a.model), "data": str(a.data), "settings": settings.to_dict(),
             "schedule": model.schedule.name, "T": model.schedule.T, "num_images": len(data),
             "skipped": [list(s) for s in data.skipped], "processes": acc.num_processes,
-            "class_names": data.class_names, "thresholds": None, "num_classes": None, "per_class": False}
+            "class_names": data.class_names, "thresholds": None, "num_classes": None, "per_class": False,
+            "slice_band": list(_band(a.slice_band))}
     labels = None
     cls_np = data.class_ids.numpy() if data.class_ids is not None else None
     if a.thresholds:
@@ -307,7 +319,7 @@ def cmd_train_classifier(a) -> int:
     model = load_diffusion(a.model, "cpu")
     table, labels, th = _categorize_file(a.scores, a.classes, a.per_class)
     paths, meta = table.paths, table.meta
-    data = _load_data(a.data, model.image_size, model.channels)
+    data = _load_data(a.data, model.image_size, model.channels, band=a.slice_band)
     row = {p: i for i, p in enumerate(paths)}
     keep = [i for i, p in enumerate(data.paths) if p in row]
     if not keep:
@@ -405,12 +417,15 @@ def cmd_sample(a) -> int:
         raise ValueError(f"--scale must be >= 0, got {a.scale}")
     if not 0 <= a.eta <= 1:
         raise ValueError(f"--eta must be in [0, 1], got {a.eta}")
-    if a.method is None:
-        a.method = "minority" if a.classifier else "standard"
-    if a.method not in METHODS:
+    if a.method is not None and a.method not in METHODS:
         raise ValueError(f"unknown --method {a.method!r}; allowed: {', '.join(METHODS)}")
     if a.sampler not in SAMPLERS:
         raise ValueError(f"unknown --sampler {a.sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    from .bundle import resolve
+
+    a.model, a.classifier = resolve(a.bundle, a.model, a.classifier)
+    if a.method is None:
+        a.method = "minority" if a.classifier else "standard"
     acc = _accelerator()
     model = load_diffusion(a.model, acc.device)
     if a.steps > model.schedule.T:
@@ -449,12 +464,94 @@ def cmd_sample(a) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------
+def cmd_data_mri_phantom(a) -> int:
+    from .phantom import build_mri_phantom
+
+    _positive("n", a.n)
+    bar = _bar(a.n, "mri-phantom")
+
+    def progress(i, total):
+        bar.n = i
+        if i == total or i % 100 == 0:
+            bar.refresh()
+
+    out = build_mri_phantom(a.out, n=a.n, size=a.size, seed=a.seed, progress=progress)
+    bar.close()
+    print(f"{a.n} slices {a.size}x{a.size} -> {out}/images, ground truth in {out}/metadata.csv", file=sys.stderr)
+    return 0
+
+
+def cmd_build_demo(a) -> int:
+    from .demo import DemoConfig, build_demo
+
+    for name in ("n", "diffusion_steps", "clf_steps", "draws", "sweep_n"):
+        _positive(name.replace("_", "-"), getattr(a, name))
+    _positive("classes", a.classes, 2)
+    cfg = DemoConfig(n=a.n, size=a.size, seed=a.seed, diffusion_steps=a.diffusion_steps, widths=_widths(a.widths),
+                     sweep_n=a.sweep_n, draws=a.draws, classes=a.classes, clf_steps=a.clf_steps,
+                     clf_base_channels=a.clf_base_channels)
+    work = a.work or f"{a.out.rstrip('/')}.work"
+    bars: dict = {}
+
+    def progress(stage, i, total, m):
+        if stage not in bars:
+            for b in bars.values():
+                b.close()
+            bars.clear()
+            bars[stage] = _bar(total, stage)
+        bar = bars[stage]
+        bar.n = i
+        if "loss" in m:
+            bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
+        if i == total or i % 10 == 0:
+            bar.refresh()
+
+    def log(msg):
+        for b in bars.values():
+            b.close()
+        bars.clear()
+        print(msg, file=sys.stderr, flush=True)
+
+    manifest = build_demo(a.out, work, cfg, log, progress)
+    log(f"bundle -> {a.out} (score {manifest['score']['distance']} t={manifest['score']['t']}, Spearman vs severity "
+        f"{manifest['score']['spearman_vs_severity']:+.3f}; intermediate files in {work})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m core", description="Minority score, minority classifier and guided sampling.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    dd = sub.add_parser("data", help="build a built-in data set")
+    dsub = dd.add_subparsers(dest="dataset", required=True, parser_class=_Parser)
+    mp = dsub.add_parser("mri-phantom", help="long-tailed brain-MRI atrophy slices from nilearn's MNI152 templates")
+    mp.add_argument("--out", required=True)
+    mp.add_argument("--n", type=int, default=6000)
+    mp.add_argument("--size", type=int, default=32)
+    mp.add_argument("--seed", type=int, default=0)
+    mp.set_defaults(func=cmd_data_mri_phantom)
+
+    bd = sub.add_parser("build-demo", help="the whole pipeline on the MRI phantom, written as a bundle")
+    bd.add_argument("--out", required=True, help="bundle folder, e.g. assets/mri-atrophy")
+    bd.add_argument("--work", default=None, help="intermediate files (default OUT.work); a rerun resumes from them")
+    bd.add_argument("--n", type=int, default=6000)
+    bd.add_argument("--size", type=int, default=32)
+    bd.add_argument("--seed", type=int, default=0)
+    bd.add_argument("--diffusion-steps", type=int, default=8000)
+    bd.add_argument("--widths", default="32,64,64")
+    bd.add_argument("--sweep-n", type=int, default=600)
+    bd.add_argument("--draws", type=int, default=5)
+    bd.add_argument("--classes", type=int, default=50)
+    bd.add_argument("--clf-steps", type=int, default=3000)
+    bd.add_argument("--clf-base-channels", type=int, default=16)
+    bd.set_defaults(func=cmd_build_demo)
+
     d = sub.add_parser("train-diffusion", help="train a small UNet2DModel (eps objective, EMA weights)")
     d.add_argument("--data", required=True, help="image folder (sub-folders = classes for --class-cond)")
+    d.add_argument("--slice-band", default="0.4,0.6", help="NIfTI volumes: axial slices from this z fraction LO,HI")
     d.add_argument("--out", required=True, help="run folder: model.safetensors + model.json")
     d.add_argument("--size", type=int, default=32)
     d.add_argument("--channels", type=int, default=1, help="1 (grey) or 3 (RGB)")
@@ -476,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("score", help="minority score (Eq. 7) of every image of a folder")
     s.add_argument("--model", required=True, help="run folder, diffusers UNet2DModel folder, or hub id")
     s.add_argument("--data", required=True)
+    s.add_argument("--slice-band", default="0.4,0.6", help="NIfTI volumes: axial slices from this z fraction LO,HI")
     s.add_argument("--out", required=True, help="scores.csv (a .json sidecar is written beside it)")
     s.add_argument("--distance", choices=["lpips", "lpips-rand", "ssim", "l2", "l1"], default="lpips")
     s.add_argument("--t", type=float, default=None, help="fraction of T in (0,1) or integer timestep; default 0.9T cosine, 0.6T linear")
@@ -497,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("train-classifier", help="train the noise-conditioned minority classifier")
     k.add_argument("--model", required=True)
     k.add_argument("--data", required=True)
+    k.add_argument("--slice-band", default="0.4,0.6", help="NIfTI volumes: axial slices from this z fraction LO,HI")
     k.add_argument("--scores", required=True)
     k.add_argument("--classes", type=int, default=50, help="L, the number of ordinal minority classes")
     k.add_argument("--per-class", action="store_true", help="per data class thresholds and a class-conditioned classifier")
@@ -514,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_train_classifier)
 
     m = sub.add_parser("sample", help="draw images, optionally with minority guidance")
-    m.add_argument("--model", required=True)
+    m.add_argument("--model", default=None, help="run folder, diffusers folder or hub id")
+    m.add_argument("--bundle", default=None, help="a bundle folder: stands for --model B --classifier B")
     m.add_argument("--classifier", default=None)
     m.add_argument("--method", default=None, help="standard | minority | mixture (default: minority with --classifier)")
     m.add_argument("--minority-class", type=int, default=0, help="target class l in [0, L): L-1 = rarest")

@@ -21,6 +21,9 @@ from PIL import Image, UnidentifiedImageError
 from .errors import DataError, InvalidImageError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+NIFTI_EXTS = (".nii", ".nii.gz")
+MAX_VOLUME_BYTES = 1 << 30  # refuse NIfTI volumes whose header promises more than 1 GiB of voxels
+DEFAULT_BAND = (0.4, 0.6)  # axial slices taken from this fraction of the volume's z extent
 MAX_PIXELS = 64_000_000  # refuse larger images from the header, before decoding
 HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
@@ -46,15 +49,83 @@ def list_images(root: str | os.PathLike) -> tuple[list[str], Optional[list[int]]
     if not root.is_dir():
         raise DataError(f"--data {root}: no such folder")
     paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                   if p.suffix.lower() in IMAGE_EXTS and p.is_file() and not p.name.startswith("."))
+                   if _is_supported(p.name) and p.is_file() and not p.name.startswith("."))
     if not paths:
-        raise DataError(f"--data {root}: no images found (looked for {', '.join(IMAGE_EXTS)})")
+        raise DataError(f"--data {root}: no images found (looked for {', '.join(IMAGE_EXTS + NIFTI_EXTS)})")
     tops = [p.split("/")[0] if "/" in p else None for p in paths]
     if all(t is not None for t in tops) and len(set(tops)) >= 2:
         names = sorted(set(tops))
         index = {n: i for i, n in enumerate(names)}
         return paths, [index[t] for t in tops], names
     return paths, None, []
+
+
+def _is_supported(name: str) -> bool:
+    low = name.lower()
+    return low.endswith(IMAGE_EXTS) or low.endswith(NIFTI_EXTS)
+
+
+def is_nifti(name: str) -> bool:
+    return name.lower().endswith(NIFTI_EXTS)
+
+
+def _square_resize(arr01: np.ndarray, size: int) -> np.ndarray:
+    """float (H, W) in [0, 1] -> uint8 (size, size): centre crop to a square, Lanczos resize."""
+    img = Image.fromarray((np.clip(arr01, 0, 1) * 255).round().astype(np.uint8), mode="L")
+    side = min(img.size)
+    left, top = (img.size[0] - side) // 2, (img.size[1] - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    if side != size:
+        img = img.resize((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_nifti_slices(path: str | os.PathLike, size: int, band: tuple = DEFAULT_BAND) -> list[tuple[int, np.ndarray]]:
+    """Axial slices of a 3-D NIfTI volume from ``band`` (fractions of z), each min-max normalised to
+    [0, 1] (Section C) and resized: [(z, uint8 (1, size, size))]. The header is validated before any
+    voxel is read; every failure is an InvalidImageError naming the file."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not 0 <= band[0] < band[1] <= 1:
+        raise ValueError(f"slice band must satisfy 0 <= lo < hi <= 1, got {band}")
+    try:
+        img = nib.load(str(path))  # reads the header only
+    except Exception as e:  # noqa: BLE001 - nibabel raises many types for foreign files
+        raise InvalidImageError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InvalidImageError(f"{path}: is a {type(img).__name__}, not NIfTI-1/2")
+    shape = tuple(int(v) for v in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise InvalidImageError(f"{path}: expected a 3-D volume, got shape {tuple(img.shape)}")
+    if min(shape) < 1:
+        raise InvalidImageError(f"{path}: empty volume {shape}")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * img.get_data_dtype().itemsize
+    if nbytes > MAX_VOLUME_BYTES:
+        raise InvalidImageError(f"{path}: header promises {nbytes / 2**30:.1f} GiB of voxels (limit {MAX_VOLUME_BYTES / 2**30:.0f} GiB)")
+    if not path.name.lower().endswith(".gz"):
+        offset = int(img.header.get("vox_offset", 0))
+        if path.stat().st_size < offset + nbytes:
+            raise InvalidImageError(f"{path}: truncated ({path.stat().st_size} bytes, header needs {offset + nbytes})")
+    try:
+        vol = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    except Exception as e:  # noqa: BLE001 - EOFError, zlib.error, OSError, ValueError from truncated data
+        raise InvalidImageError(f"{path}: cannot read voxels ({type(e).__name__}: {e})") from None
+    if not np.isfinite(vol).all():
+        raise InvalidImageError(f"{path}: contains NaN or infinite voxels")
+    lo, hi = int(np.floor(band[0] * shape[2])), int(np.ceil(band[1] * shape[2]))
+    out = []
+    for z in range(lo, max(hi, lo + 1)):
+        sl = np.rot90(vol[:, :, min(z, shape[2] - 1)])
+        a, b = float(sl.min()), float(sl.max())
+        if b <= a:
+            continue  # empty slice
+        out.append((z, _square_resize((sl - a) / (b - a), size)[None]))
+    if not out:
+        raise InvalidImageError(f"{path}: no non-empty slice in band {band}")
+    return out
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -105,18 +176,26 @@ def load_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
 
 
 def load_image_folder(root: str | os.PathLike, size: int, channels: int,
-                      progress: Optional[Callable[[int, int], None]] = None) -> ImageSet:
-    """Load every readable image under ``root``; unreadable ones are skipped and listed, never fatal alone."""
+                      progress: Optional[Callable[[int, int], None]] = None, slice_band: tuple = DEFAULT_BAND) -> ImageSet:
+    """Load every readable image under ``root``; unreadable ones are skipped and listed, never fatal alone.
+
+    NIfTI volumes contribute their axial slices in ``slice_band``, named ``FILE#zNNN``."""
     if size < 8 or size > 1024:
         raise ValueError(f"size must be in [8, 1024], got {size}")
     paths, classes, names = list_images(root)
     arrays, kept, kept_cls, skipped = [], [], [], []
     for i, rel in enumerate(paths):
         try:
-            arrays.append(load_image(Path(root) / rel, size, channels))
-            kept.append(rel)
-            if classes is not None:
-                kept_cls.append(classes[i])
+            if is_nifti(rel):
+                items = [(f"{rel}#z{z:03d}", a if channels == 1 else np.repeat(a, 3, 0))
+                         for z, a in load_nifti_slices(Path(root) / rel, size, slice_band)]
+            else:
+                items = [(rel, load_image(Path(root) / rel, size, channels))]
+            for name, arr in items:
+                arrays.append(arr)
+                kept.append(name)
+                if classes is not None:
+                    kept_cls.append(classes[i])
         except InvalidImageError as e:
             skipped.append((rel, str(e).split(": ", 1)[-1]))
         if progress is not None:

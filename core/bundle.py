@@ -1,0 +1,133 @@
+"""A bundle: everything the app and ``sample --bundle`` need, in one folder of safetensors + JSON.
+
+    manifest.json            schema version, data set, sizes, schedule, L, thresholds, score settings,
+                             seeds, training steps, package versions, sha256 of every file below
+    model.json/.safetensors  the diffusion model (EMA weights), as a run folder
+    classifier.json/.safetensors  the minority classifier, as a classifier folder
+    real.safetensors         the scored real data: images uint8 (N, H, W, C), score, label, severity,
+                             coords (N, 2) of the precomputed 2-D map, and the PCA basis behind it
+    real.csv                 the same table for people: path, score, label, severity, x, y
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .checkpoint import load_tensors, read_json
+from .errors import CheckpointError
+
+BUNDLE_SCHEMA = 1
+BUNDLE_FILES = ("model.json", "model.safetensors", "classifier.json", "classifier.safetensors",
+                "real.safetensors", "real.csv")
+REAL_KEYS = ("images", "score", "label", "severity", "coords", "pca_mean", "pca_components")
+
+
+@dataclass(frozen=True)
+class RealData:
+    """The bundle's real data: images uint8 (N, H, W, C); score float32 (N,); label int64 (N,) in [0, L);
+    severity float32 (N,) (NaN when unknown); coords float32 (N, 2); pca_* project pixels to the map's input."""
+
+    paths: list
+    images: np.ndarray
+    score: np.ndarray
+    label: np.ndarray
+    severity: np.ndarray
+    coords: np.ndarray
+    pca_mean: np.ndarray
+    pca_components: np.ndarray
+
+
+@dataclass(frozen=True)
+class Bundle:
+    root: Path
+    manifest: dict
+    model: object  # DiffusionModel (None with load_models=False)
+    classifier: object  # LoadedClassifier (None with load_models=False)
+    real: RealData
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_bundle(root: str | os.PathLike) -> dict:
+    """Validate the manifest (schema, files present, hashes) and return it; CheckpointError otherwise."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"--bundle {root}: no such folder")
+    manifest = read_json(root / "manifest.json")
+    version = manifest.get("schema_version")
+    if version != BUNDLE_SCHEMA:
+        raise CheckpointError(f"{root / 'manifest.json'}: bundle schema version {version!r} is not supported "
+                              f"(this version reads {BUNDLE_SCHEMA})")
+    hashes = manifest.get("files") or {}
+    for name in BUNDLE_FILES:
+        if not (root / name).is_file():
+            raise CheckpointError(f"--bundle {root}: missing file {name}")
+        if name in hashes and sha256_file(root / name) != hashes[name]:
+            raise CheckpointError(f"--bundle {root}: {name} does not match the manifest's sha256 (damaged or edited)")
+    return manifest
+
+
+def load_real(root: Path) -> RealData:
+    import csv
+
+    t = load_tensors(root / "real.safetensors")
+    missing = [k for k in REAL_KEYS if k not in t]
+    if missing:
+        raise CheckpointError(f"{root / 'real.safetensors'}: missing key {missing[0]!r}")
+    with open(root / "real.csv", newline="", encoding="utf-8") as f:
+        paths = [r["path"] for r in csv.DictReader(f)]
+    n = t["images"].shape[0]
+    if len(paths) != n or any(t[k].shape[0] != n for k in ("score", "label", "severity", "coords")):
+        raise CheckpointError(f"--bundle {root}: real.csv and real.safetensors disagree on the number of images")
+    return RealData(paths, t["images"].numpy(), t["score"].numpy(), t["label"].numpy(), t["severity"].numpy(),
+                    t["coords"].numpy(), t["pca_mean"].numpy(), t["pca_components"].numpy())
+
+
+def load_bundle(root: str | os.PathLike, device: str | torch.device = "cpu", load_models: bool = True) -> Bundle:
+    """One call: validate and load a bundle (never unpickles)."""
+    from .models import load_classifier, load_diffusion
+
+    root = Path(root)
+    manifest = check_bundle(root)
+    model = load_diffusion(root, device) if load_models else None
+    classifier = load_classifier(root, device) if load_models else None
+    return Bundle(root, manifest, model, classifier, load_real(root))
+
+
+def project(real: RealData, images_u8: np.ndarray, k: int = 10) -> np.ndarray:
+    """Place images (N, H, W, C) uint8 on the bundle's 2-D map: mean coords of their k nearest real
+    images in the map's PCA space. Returns float32 (N, 2)."""
+    x = images_u8.reshape(len(images_u8), -1).astype(np.float32) / 255.0
+    z = (x - real.pca_mean) @ real.pca_components.T
+    zr = (real.images.reshape(len(real.images), -1).astype(np.float32) / 255.0 - real.pca_mean) @ real.pca_components.T
+    d = (z ** 2).sum(1)[:, None] - 2 * z @ zr.T + (zr ** 2).sum(1)[None]
+    nn = np.argpartition(d, kth=min(k, len(zr) - 1), axis=1)[:, :k]
+    return real.coords[nn].mean(1).astype(np.float32)
+
+
+def resolve(bundle: Optional[str], model: Optional[str], classifier: Optional[str]) -> tuple[str, Optional[str]]:
+    """``--bundle B`` stands for ``--model B --classifier B`` after the manifest is checked."""
+    if bundle is None:
+        if model is None:
+            raise ValueError("pass --model (or --bundle)")
+        return model, classifier
+    if model is not None:
+        raise ValueError("pass either --bundle or --model, not both")
+    check_bundle(bundle)
+    return bundle, classifier or bundle

@@ -1,0 +1,189 @@
+"""``build-demo``: the whole pipeline on the MRI phantom, written as a bundle (see core/bundle.py).
+
+Stages (each skipped when its output already exists in the work folder, so a killed build resumes):
+phantom data -> diffusion model -> distance/timestep sweep on a subset (Spearman vs the true
+severity) -> minority score of all images with the best setting -> L quantile classes ->
+minority classifier -> 2-D map (PCA, then UMAP when umap-learn is installed) -> bundle.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .bundle import BUNDLE_FILES, BUNDLE_SCHEMA, sha256_file
+from .checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text, save_tensors
+
+Log = Callable[[str], None]
+Progress = Callable[[str, int, int, dict], None]
+
+
+@dataclass
+class DemoConfig:
+    n: int = 6000  # phantom images
+    size: int = 32  # image side
+    seed: int = 0
+    diffusion_steps: int = 8000  # UNet optimiser steps (batch 32)
+    widths: tuple = (32, 64, 64)  # UNet channels per level
+    sweep_n: int = 600  # images in the distance / timestep sweep
+    sweep_distances: tuple = ("l2", "l1", "ssim", "lpips-rand")
+    sweep_t: tuple = (0.2, 0.4, 0.6, 0.8)  # fractions of T
+    draws: int = 5  # noise draws for the final score
+    classes: int = 50  # L (paper's MRI setting)
+    clf_steps: int = 3000
+    clf_base_channels: int = 16
+    clf_batch: int = 64
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def read_metadata(data_dir: Path) -> dict[str, float]:
+    with open(data_dir / "metadata.csv", newline="", encoding="utf-8") as f:
+        return {r["path"]: float(r["severity"]) for r in csv.DictReader(f)}
+
+
+def two_d_map(images: np.ndarray, seed: int, log: Log) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """PCA(50) of the pixels, then UMAP to 2-D (PCA's first two components without umap-learn)."""
+    x = images.reshape(len(images), -1).astype(np.float32) / 255.0
+    mean = x.mean(0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    comps = vt[:50].astype(np.float32)
+    z = (x - mean) @ comps.T
+    try:
+        import umap
+
+        coords = umap.UMAP(n_components=2, n_neighbors=30, min_dist=0.1, random_state=seed).fit_transform(z)
+        method = "umap(pca50)"
+    except ImportError:
+        log("umap-learn is not installed: the 2-D map is the first two PCA components")
+        coords, method = z[:, :2], "pca2"
+    return coords.astype(np.float32), mean.astype(np.float32), comps, method
+
+
+def build_demo(out: str | Path, work: str | Path, cfg: DemoConfig, log: Log, progress: Optional[Progress] = None) -> dict:
+    from .categorize import fit_labels
+    from .data import load_image_folder
+    from .models import ClassifierConfig, UNetConfig, load_classifier, load_diffusion
+    from .phantom import build_mri_phantom
+    from .score import ScoreSettings, make_distance, minority_scores
+    from .train import ClassifierTrainConfig, DiffusionTrainConfig, train_classifier, train_diffusion
+
+    out, work = Path(out), Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    report = lambda stage: (lambda i, n, m=None: progress(stage, i, n, m or {})) if progress else None  # noqa: E731
+    data_dir = work / "data"
+    if not (data_dir / "metadata.csv").is_file():
+        log(f"1/6 phantom data: {cfg.n} slices at {cfg.size}x{cfg.size}")
+        build_mri_phantom(data_dir, cfg.n, cfg.size, cfg.seed, progress=report("phantom"))
+    data = load_image_folder(data_dir, cfg.size, 1)
+    truth_by_path = read_metadata(data_dir)
+    severity = np.array([truth_by_path[p] for p in data.paths], dtype=np.float32)
+
+    run = work / "run"
+    state = run / "train_state.safetensors"
+    done_steps = json.loads((run / "model.json").read_text()).get("step", 0) if (run / "model.json").is_file() else 0
+    if done_steps < cfg.diffusion_steps:
+        log(f"2/6 diffusion model: {cfg.diffusion_steps} steps (resuming at {done_steps})" if done_steps else
+            f"2/6 diffusion model: {cfg.diffusion_steps} steps")
+        train_diffusion(data, run, DiffusionTrainConfig(steps=cfg.diffusion_steps, batch_size=32, seed=cfg.seed,
+                                                        save_every=250, unet=UNetConfig(cfg.size, 1, tuple(cfg.widths))),
+                        resume=state.is_file(), progress=report("diffusion"))
+    model = load_diffusion(run)
+
+    sweep_path = work / "sweep.json"
+    if not sweep_path.is_file():
+        log(f"3/6 distance x timestep sweep on {cfg.sweep_n} images")
+        rng = np.random.default_rng(cfg.seed)
+        sub = np.sort(rng.choice(len(data), size=min(cfg.sweep_n, len(data)), replace=False))
+        sub_t = torch.as_tensor(sub)
+        rows = []
+        for dist_name in cfg.sweep_distances:
+            dist = make_distance(dist_name, seed=cfg.seed)
+            for frac in cfg.sweep_t:
+                st = ScoreSettings(distance=dist_name, t=int(round(frac * model.schedule.T)), draws=2, seed=cfg.seed)
+                s = minority_scores(model, data.images[sub_t], sub_t, st, dist, batch_size=128)
+                rows.append({"distance": dist_name, "t_frac": frac, "t": st.t, "spearman": spearman(s, severity[sub])})
+                log(f"   {dist_name:10s} t={st.t:4d}: Spearman {rows[-1]['spearman']:+.3f}")
+        atomic_write_json(sweep_path, {"n": int(len(sub)), "draws": 2, "rows": rows})
+    sweep = json.loads(sweep_path.read_text())
+    best = max(sweep["rows"], key=lambda r: r["spearman"])
+
+    scores_path = work / "scores.npy"
+    settings = ScoreSettings(distance=best["distance"], t=int(best["t"]), draws=cfg.draws, seed=cfg.seed)
+    if not scores_path.is_file():
+        log(f"4/6 minority score of {len(data)} images: {settings.distance}, t={settings.t}, {settings.draws} draws")
+        scores = minority_scores(model, data.images, torch.arange(len(data)), settings,
+                                 make_distance(settings.distance, seed=cfg.seed), batch_size=128,
+                                 progress=report("score"))
+        buf = io.BytesIO()
+        np.save(buf, scores, allow_pickle=False)
+        atomic_write_bytes(scores_path, buf.getvalue())
+    scores = np.load(scores_path, allow_pickle=False)
+    thresholds, labels = fit_labels(scores, cfg.classes)
+    rho_full = spearman(scores, severity)
+    log(f"   Spearman(score, severity) on all {len(data)} images: {rho_full:+.3f}")
+
+    clf_dir = work / "classifier"
+    if not (clf_dir / "classifier.json").is_file():
+        log(f"5/6 minority classifier: L={cfg.classes}, {cfg.clf_steps} steps")
+        ccfg = ClassifierTrainConfig(steps=cfg.clf_steps, batch_size=cfg.clf_batch, seed=cfg.seed, eval_every=250,
+                                     net=ClassifierConfig(cfg.size, 1, cfg.classes, base_channels=cfg.clf_base_channels))
+        train_classifier(data, labels, model.schedule, clf_dir, ccfg, thresholds.tolist(),
+                         {"score_settings": settings.to_dict()}, progress=report("classifier"))
+    clf = load_classifier(clf_dir)
+
+    log("6/6 2-D map and bundle")
+    images_nhwc = data.images.permute(0, 2, 3, 1).numpy()
+    coords, pca_mean, pca_comps, map_method = two_d_map(images_nhwc, cfg.seed, log)
+    out.mkdir(parents=True, exist_ok=True)
+    for src, names in ((run, ("model.json", "model.safetensors")), (clf_dir, ("classifier.json", "classifier.safetensors"))):
+        for name in names:
+            atomic_write_bytes(out / name, (src / name).read_bytes())
+    save_tensors(out / "real.safetensors", {
+        "images": torch.from_numpy(np.ascontiguousarray(images_nhwc)), "score": torch.from_numpy(scores.astype(np.float32)),
+        "label": torch.from_numpy(labels), "severity": torch.from_numpy(severity), "coords": torch.from_numpy(coords),
+        "pca_mean": torch.from_numpy(pca_mean), "pca_components": torch.from_numpy(pca_comps)})
+    table = io.StringIO()
+    w = csv.writer(table, lineterminator="\n")
+    w.writerow(["path", "score", "label", "severity", "x", "y"])
+    for i, p in enumerate(data.paths):
+        w.writerow([p, f"{scores[i]:.6g}", int(labels[i]), f"{severity[i]:.5f}", f"{coords[i, 0]:.4f}", f"{coords[i, 1]:.4f}"])
+    atomic_write_text(out / "real.csv", table.getvalue())
+    manifest = {
+        "schema_version": BUNDLE_SCHEMA, "name": "mri-atrophy",
+        "dataset": {"name": "mri-phantom", "n": len(data), "seed": cfg.seed, "source": "nilearn MNI152 templates",
+                    "ground_truth": "severity in [0, 1]"},
+        "image_size": cfg.size, "channels": 1, "schedule": model.schedule.name, "T": model.schedule.T,
+        "num_classes": cfg.classes, "thresholds": thresholds.tolist(),
+        "score": {**settings.to_dict(), "spearman_vs_severity": rho_full}, "sweep": sweep,
+        "training": {"diffusion_steps": cfg.diffusion_steps, "widths": list(cfg.widths), "classifier_steps": cfg.clf_steps,
+                     "classifier_base_channels": cfg.clf_base_channels, "classifier_metrics": clf.info.get("metrics")},
+        "map": map_method, "seeds": {"data": cfg.seed, "training": cfg.seed, "score": cfg.seed},
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
+        "versions": _versions(),
+        "files": {name: sha256_file(out / name) for name in BUNDLE_FILES},
+    }
+    atomic_write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "diffusers", "accelerate", "numpy", "nilearn", "nibabel", "umap-learn", "lpips"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out

@@ -1,0 +1,121 @@
+"""MRI phantom data, NIfTI input, and bundles (build, load, bad bundles)."""
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from core.bundle import check_bundle, load_bundle, project
+from core.cli import main
+from core.data import load_image_folder, load_nifti_slices
+from core.errors import CheckpointError, InvalidImageError
+from core.phantom import _templates, build_mri_phantom, render_atrophy, slice_maps
+
+
+def test_phantom_is_deterministic_and_long_tailed(tmp_path):
+    a = build_mri_phantom(tmp_path / "a", n=40, size=16, seed=3)
+    b = build_mri_phantom(tmp_path / "b", n=40, size=16, seed=3)
+    assert (a / "metadata.csv").read_text() == (b / "metadata.csv").read_text()
+    assert all((a / "images" / p.name).read_bytes() == p.read_bytes() for p in (b / "images").iterdir())
+    with open(a / "metadata.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {"path", "severity", "z", "angle", "shift_x", "shift_y", "intensity", "bias", "noise"} <= set(rows[0])
+    assert (a / rows[0]["path"]).is_file()
+    sev = np.array([float(r["severity"]) for r in rows])
+    assert sev.min() >= 0 and sev.max() <= 1
+    data = load_image_folder(a, 16, 1)
+    assert len(data) == 40 and data.images.shape == (40, 1, 16, 16)
+
+
+def test_atrophy_turns_tissue_into_csf_monotonically():
+    maps = slice_maps(_templates(), 90)
+    brain = maps.brain
+    means = [float(render_atrophy(maps, s)[brain].mean()) for s in (0.0, 0.3, 0.6, 1.0)]
+    assert means == sorted(means, reverse=True) and means[0] - means[-1] > 0.05, means
+    assert np.allclose(render_atrophy(maps, 0.0)[brain], maps.t1[brain])
+
+
+def _vol(path: Path, data: np.ndarray):
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+
+
+def test_nifti_slices_and_bad_volumes(tmp_path):
+    vol = np.random.default_rng(0).random((40, 48, 30)).astype(np.float32)
+    _vol(tmp_path / "ok.nii.gz", vol)
+    slices = load_nifti_slices(tmp_path / "ok.nii.gz", 16, (0.4, 0.6))
+    assert [z for z, _ in slices] == list(range(12, 18))
+    assert all(a.dtype == np.uint8 and a.shape == (1, 16, 16) and a.min() == 0 and a.max() == 255 for _, a in slices)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _vol(bad / "flat.nii", np.random.rand(20, 20).astype(np.float32))  # 2-D
+    _vol(bad / "time.nii.gz", np.random.rand(8, 8, 8, 3).astype(np.float32))  # 4-D
+    nan = vol.copy()
+    nan[5, 5, 15] = np.nan
+    _vol(bad / "nan.nii", nan)
+    (bad / "empty.nii").write_bytes(b"")
+    (bad / "random.nii.gz").write_bytes(np.random.default_rng(1).bytes(3000))
+    (bad / "png.nii").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 400)
+    full = (tmp_path / "ok.nii.gz").read_bytes()
+    (bad / "cut.nii.gz").write_bytes(full[: len(full) // 2])
+    _vol(bad / "cut.nii", vol)
+    raw = (bad / "cut.nii").read_bytes()
+    (bad / "cut.nii").write_bytes(raw[: len(raw) // 2])
+    huge = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))
+    huge.header.set_data_shape((32767, 32767, 32767))
+    (bad / "huge.nii").write_bytes(huge.header.binaryblock + b"\0" * 64)
+    for f in sorted(bad.iterdir()):
+        with pytest.raises(InvalidImageError, match=f.name):
+            load_nifti_slices(f, 16)
+    _vol(bad / "good.nii", vol)
+    data = load_image_folder(bad, 16, 1)
+    assert {p.split("#")[0] for p in data.paths} == {"good.nii"} and len(data.skipped) == 9
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("b") / "bundle"
+    assert main(["build-demo", "--out", str(out), "--n", "60", "--size", "16", "--widths", "8,16", "--diffusion-steps", "4",
+                 "--sweep-n", "20", "--draws", "1", "--classes", "4", "--clf-steps", "4", "--clf-base-channels", "8"]) == 0
+    return out
+
+
+def test_build_demo_bundle_loads_in_one_call(bundle, tmp_path):
+    b = load_bundle(bundle)
+    m = b.manifest
+    for key in ("schema_version", "dataset", "image_size", "schedule", "T", "num_classes", "thresholds", "score",
+                "seeds", "training", "versions", "files"):
+        assert key in m, key
+    assert m["num_classes"] == 4 and len(m["thresholds"]) == 4 and len(m["sweep"]["rows"]) == 16
+    assert b.real.images.shape == (60, 16, 16, 1) and b.real.coords.shape == (60, 2)
+    assert set(np.unique(b.real.label)) <= set(range(4)) and np.all((b.real.severity >= 0) & (b.real.severity <= 1))
+    xy = project(b.real, b.real.images[:3])
+    assert xy.shape == (3, 2) and np.isfinite(xy).all()
+    assert main(["sample", "--bundle", str(bundle), "--minority-class", "3", "--scale", "2", "--n", "2", "--steps", "3",
+                 "--out", str(tmp_path / "s.npz")]) == 0
+    assert np.load(tmp_path / "s.npz")["images"].shape == (2, 16, 16, 1)
+
+
+def test_damaged_bundles_are_refused(bundle, tmp_path, capsys):
+    import shutil
+
+    for case in ("missing", "schema", "edited"):
+        bad = tmp_path / case
+        shutil.copytree(bundle, bad)
+        if case == "missing":
+            (bad / "classifier.safetensors").unlink()
+            match = "missing file classifier.safetensors"
+        elif case == "schema":
+            m = json.loads((bad / "manifest.json").read_text())
+            m["schema_version"] = 99
+            (bad / "manifest.json").write_text(json.dumps(m))
+            match = "schema version 99"
+        else:
+            (bad / "real.csv").write_text("path,score\n")
+            match = "real.csv does not match"
+        with pytest.raises(CheckpointError, match=match):
+            check_bundle(bad)
+        assert main(["sample", "--bundle", str(bad), "--out", str(tmp_path / "x.npz")]) == 2
+        assert match in capsys.readouterr().err
+    assert main(["build-demo", "--out", str(tmp_path / "z"), "--n", "0"]) == 2
