@@ -491,7 +491,7 @@ def cmd_build_demo(a) -> int:
     _positive("classes", a.classes, 2)
     cfg = DemoConfig(n=a.n, size=a.size, seed=a.seed, diffusion_steps=a.diffusion_steps, widths=_widths(a.widths),
                      sweep_n=a.sweep_n, draws=a.draws, classes=a.classes, clf_steps=a.clf_steps,
-                     clf_base_channels=a.clf_base_channels)
+                     clf_base_channels=a.clf_base_channels, map_method=a.map)
     work = a.work or f"{a.out.rstrip('/')}.work"
     bars: dict = {}
 
@@ -547,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--classes", type=int, default=50)
     bd.add_argument("--clf-steps", type=int, default=3000)
     bd.add_argument("--clf-base-channels", type=int, default=16)
+    bd.add_argument("--map", choices=["umap", "pca"], default="umap", help="2-D map of the real data")
     bd.set_defaults(func=cmd_build_demo)
 
     d = sub.add_parser("train-diffusion", help="train a small UNet2DModel (eps objective, EMA weights)")

@@ -39,6 +39,7 @@ class DemoConfig:
     clf_steps: int = 3000
     clf_base_channels: int = 16
     clf_batch: int = 64
+    map_method: str = "umap"  # umap (PCA 50 then UMAP) or pca (first two components; fast, for tests)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -52,13 +53,15 @@ def read_metadata(data_dir: Path) -> dict[str, float]:
         return {r["path"]: float(r["severity"]) for r in csv.DictReader(f)}
 
 
-def two_d_map(images: np.ndarray, seed: int, log: Log) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+def two_d_map(images: np.ndarray, seed: int, log: Log, method: str = "umap") -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """PCA(50) of the pixels, then UMAP to 2-D (PCA's first two components without umap-learn)."""
     x = images.reshape(len(images), -1).astype(np.float32) / 255.0
     mean = x.mean(0)
     _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
     comps = vt[:50].astype(np.float32)
     z = (x - mean) @ comps.T
+    if method == "pca":
+        return z[:, :2].astype(np.float32), mean.astype(np.float32), comps, "pca2"
     try:
         import umap
 
@@ -144,7 +147,7 @@ def build_demo(out: str | Path, work: str | Path, cfg: DemoConfig, log: Log, pro
 
     log("6/6 2-D map and bundle")
     images_nhwc = data.images.permute(0, 2, 3, 1).numpy()
-    coords, pca_mean, pca_comps, map_method = two_d_map(images_nhwc, cfg.seed, log)
+    coords, pca_mean, pca_comps, map_method = two_d_map(images_nhwc, cfg.seed, log, cfg.map_method)
     out.mkdir(parents=True, exist_ok=True)
     for src, names in ((run, ("model.json", "model.safetensors")), (clf_dir, ("classifier.json", "classifier.safetensors"))):
         for name in names:
