@@ -80,10 +80,10 @@ def load_weights_for(module: torch.nn.Module, folder: str | os.PathLike, stem: s
     """Load STEM.safetensors into ``module`` after checking it is the file STEM.json was written with."""
     path = Path(folder) / f"{stem}.safetensors"
     state = load_tensors(path)
+    check_state_dict(module, state, str(path))  # first, so a damaged file names its bad key
     expected = config.get("weights_sha256")
     if expected is not None and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
         raise CheckpointError(f"{path} does not match {stem}.json (an interrupted save?); save again or restore both files")
-    check_state_dict(module, state, str(path))
     module.load_state_dict(state, strict=True)
     return module
 

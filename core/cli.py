@@ -78,7 +78,11 @@ def cmd_train_diffusion(a) -> int:
 
     _positive("steps", a.steps)
     _positive("batch-size", a.batch_size)
+    _positive("save-every", a.save_every)
+    _positive("T", a.T, 2)
     lr_is_sane(a.lr)
+    if not 0 <= a.ema_decay < 1:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {a.ema_decay}")
     if a.channels not in (1, 3):
         raise ValueError(f"--channels must be 1 or 3, got {a.channels}")
     unet = UNetConfig(image_size=a.size, channels=a.channels, block_out_channels=_widths(a.widths),
@@ -315,6 +319,10 @@ def cmd_train_classifier(a) -> int:
     _positive("steps", a.steps)
     _positive("classes", a.classes, 2)
     _positive("batch-size", a.batch_size)
+    _positive("eval-every", a.eval_every)
+    _positive("base-channels", a.base_channels, 4)
+    if not 0 <= a.holdout < 1:
+        raise ValueError(f"--holdout must be in [0, 1), got {a.holdout}")
     lr_is_sane(a.lr)
     model = load_diffusion(a.model, "cpu")
     table, labels, th = _categorize_file(a.scores, a.classes, a.per_class)

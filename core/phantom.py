@@ -5,7 +5,8 @@ Each image is an axial T1 slice near the lateral ventricles with a known atrophy
 [0, 1], rendered the way atrophy shows on T1: tissue replaced by dark CSF as enlarged ventricles,
 widened sulci and a thinner cortex (brain shrinking from its surface). Nuisance variation: slice
 position within a band, rotation, shift, intensity scale, a smooth multiplicative bias field and
-Rician-like noise. Deterministic for a seed.
+Rician-like noise. Each slice is then min-max normalised to [0, 1] (Section C), which removes the
+global intensity scale, as for real MRI input. Deterministic for a seed.
 """
 from __future__ import annotations
 
@@ -121,8 +122,9 @@ def make_sample(maps: SliceMaps, severity: float, rng: np.random.Generator, size
     side = max(h, w)
     canvas = np.zeros((side, side), np.float32)
     canvas[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = noisy
-    u8 = np.clip(canvas / 1.3 * 255, 0, 255).astype(np.uint8)
-    out = np.asarray(Image.fromarray(u8).resize((size, size), Image.Resampling.LANCZOS))
+    small = np.asarray(Image.fromarray(canvas, mode="F").resize((size, size), Image.Resampling.LANCZOS))
+    lo, hi = float(small.min()), float(small.max())  # per-slice min-max to [0, 1], as Section C does for MRI
+    out = np.clip((small - lo) / max(hi - lo, 1e-6) * 255, 0, 255).round().astype(np.uint8)
     return out, {"angle": round(angle, 3), "shift_x": round(float(shift[1]), 3), "shift_y": round(float(shift[0]), 3),
                  "intensity": round(scale, 4), "bias": round(bias, 4), "noise": round(sigma, 4)}
 
