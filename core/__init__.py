@@ -1,0 +1,1 @@
+"""Minority guidance studio: the core library (no UI). See docs/ARCHITECTURE.md."""
