@@ -612,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--batch-size", type=int, default=64)
     k.add_argument("--lr", type=float, default=3e-4)
     k.add_argument("--weight-decay", type=float, default=0.05)
-    k.add_argument("--base-channels", type=int, default=32)
+    k.add_argument("--base-channels", type=int, default=16, help="classifier width (see README: guidance cost)")
     k.add_argument("--channel-mult", default="1,2,2")
     k.add_argument("--res-blocks", type=int, default=1)
     k.add_argument("--holdout", type=float, default=0.1)

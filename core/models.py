@@ -205,7 +205,7 @@ class ClassifierConfig:
     image_size: int = 32  # input side in pixels
     channels: int = 1  # input channels
     num_outputs: int = 50  # L, the number of ordinal minority classes
-    base_channels: int = 32  # width of the first level
+    base_channels: int = 16  # width of the first level (16: guidance cost vs backbone, README)
     channel_mult: tuple = (1, 2, 2)  # width multiplier per level; each level after the first halves H, W
     num_res_blocks: int = 1  # residual blocks per level
     num_heads: int = 4  # attention-pooling heads
