@@ -1,7 +1,7 @@
 """``python -m core <command>``: the pipeline from the command line, with progress bars.
 
 Commands (names and flags are a contract): train-diffusion, score, categorize, train-classifier,
-sample. Every run also works under ``accelerate launch`` / ``torchrun``: work is split with
+sample, evaluate. Every run also works under ``accelerate launch`` / ``torchrun``: work is split with
 accelerate's ``split_between_processes`` and gathered with ``gather_object``; only the main
 process writes. Errors in the user's input end the command with one line on stderr and exit 2.
 """
@@ -472,6 +472,61 @@ def cmd_sample(a) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# evaluate
+# ----------------------------------------------------------------------------------------------
+def cmd_evaluate(a) -> int:
+    from .evaluate import EvalSettings, check_sets, evaluate_features, load_image_set, write_report
+    from .metrics import FEATURES, extract_features, make_extractor
+
+    _positive("batch-size", a.batch_size)
+    if a.features not in FEATURES:
+        raise ValueError(f"unknown --features {a.features!r}; allowed: {', '.join(FEATURES)}")
+    if len({Path(g).stem for g in a.generated}) != len(a.generated):
+        raise ValueError("--generated: two sets have the same file name; their report rows would collide")
+    settings = EvalSettings(features=a.features, baseline_top=a.baseline_top, seed=a.seed)
+    generated = {}
+    for g in a.generated:
+        generated[Path(g).stem], _ = load_image_set(g)
+    first = next(iter(generated.values()))
+    bars = []  # a bar only when a folder is decoded
+
+    def loading(i, n):
+        if not bars:
+            bars.append(_bar(n, "load real"))
+        bars[0].update(i - bars[0].n)
+
+    real, real_info = load_image_set(a.real, size=first.shape[1], channels=first.shape[3], progress=loading)
+    for b in bars:
+        b.close()
+    check_sets(real, generated)
+    classifier = None
+    if a.features == "classifier":
+        from .bundle import resolve
+        from .models import load_classifier
+
+        path = a.classifier or (resolve(a.real, None, None)[1] if real_info["kind"] == "bundle" else None)
+        classifier = load_classifier(path, "cpu") if path else None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    extractor = make_extractor(a.features, device=device, seed=a.seed, classifier=classifier, image_size=a.image_size)
+
+    def feats(name, images):
+        bar = _bar(images.shape[0], f"features {name} ({extractor.name})")
+        out = extract_features(extractor, images, a.batch_size, device, lambda i, n: bar.update(i - bar.n))
+        bar.close()
+        return out
+
+    real_f = feats("real", real)
+    gen_f = {name: feats(name, images) for name, images in generated.items()}
+    report = evaluate_features(real_f, gen_f, settings, progress=lambda s: print(s, file=sys.stderr))
+    extra = {"real": str(a.real), "generated": [str(g) for g in a.generated], "extractor": extractor.info,
+             "real_loaded_as": real_info}
+    out = write_report(report, a.out, extra)
+    print(Path(out / "report.md").read_text(encoding="utf-8"), file=sys.stderr)
+    print(f"report -> {out}/report.json, report.md, density.png", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------
 def cmd_data_mri_phantom(a) -> int:
@@ -642,6 +697,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--extra-scale", type=float, default=1.0)
     m.add_argument("--out", required=True, help="samples.npz")
     m.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("evaluate", help="AvgkNN, LOF, Rarity, FID, sFID, precision/recall: report.json/.md, density.png")
+    e.add_argument("--real", required=True, help="a bundle, an image/NIfTI folder, or a .npz of real images")
+    e.add_argument("--generated", required=True, nargs="+", help="one or more .npz written by sample (or folders)")
+    e.add_argument("--out", required=True, help="report folder")
+    e.add_argument("--features", default="resnet50-random",
+                   help="resnet50-random (default, offline) | resnet50 | inception | classifier")
+    e.add_argument("--baseline-top", type=float, default=0.1,
+                   help="quality baseline: the most unique real samples by AvgkNN, a fraction in (0, 1] "
+                        "(1.0 = all real data) or a count > 1")
+    e.add_argument("--classifier", default=None, help="classifier folder for --features classifier "
+                                                     "(default: the bundle's)")
+    e.add_argument("--image-size", type=int, default=None, help="network input size (default 224 ResNet, 299 Inception)")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--seed", type=int, default=0, help="seed of the random feature network")
+    e.set_defaults(func=cmd_evaluate)
     return p
 
 

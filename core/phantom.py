@@ -22,6 +22,9 @@ MAX_VENTRICLE_MM = 6.0  # dilation of the ventricles at severity 1
 MAX_SULCUS_MM = 3.0  # widening of sulcal CSF into cortex at severity 1
 MAX_THINNING_MM = 4.0  # cortex lost from the outer surface at severity 1
 CSF_LEVEL = 0.12  # T1 intensity of CSF relative to white matter ~1
+MAX_ROTATION_DEG = 3.0  # residual rotation after affine registration to MNI (as preprocessed ADNI)
+MAX_SHIFT_MM = 2.0  # residual translation after registration
+MAX_BIAS = 0.08  # residual bias-field strength after N4-style correction
 
 
 def _templates():
@@ -109,13 +112,13 @@ def make_sample(maps: SliceMaps, severity: float, rng: np.random.Generator, size
     from scipy import ndimage as ndi
 
     img = render_atrophy(maps, severity)
-    angle = float(rng.uniform(-8, 8))
-    shift = rng.uniform(-4, 4, 2)
+    angle = float(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG))
+    shift = rng.uniform(-MAX_SHIFT_MM, MAX_SHIFT_MM, 2)
     img = ndi.rotate(img, angle, reshape=False, order=1, mode="constant")
     img = ndi.shift(img, shift, order=1, mode="constant")
     h, w = img.shape
     scale = float(rng.uniform(0.85, 1.15))
-    bias = float(rng.uniform(0.0, 0.2))
+    bias = float(rng.uniform(0.0, MAX_BIAS))
     img = img * scale * _bias_field(rng, h, w, bias)
     sigma = float(rng.uniform(0.01, 0.04))
     noisy = np.hypot(img + rng.normal(0, sigma, img.shape), rng.normal(0, sigma, img.shape))  # Rician

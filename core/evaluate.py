@@ -1,0 +1,258 @@
+"""The evaluation report: density of generated sets against the real data and their quality against the
+most unique real samples (Table 1 / Figures 3 and 6 of the paper), written as report.json, report.md and
+density.png."""
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .errors import DataError
+from .metrics import (Features, avg_knn, check_images, fid, lof, precision_recall, rarity_score, top_unique)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    features: str = "resnet50-random"  # feature space (metrics.FEATURES)
+    baseline_top: float = 0.1  # most unique real samples by AvgkNN: fraction in (0, 1] or count > 1
+    k_knn: int = 5  # AvgkNN neighbours (PyOD KNN, method='mean')
+    k_lof: int = 20  # LOF neighbours (PyOD LOF)
+    k_rarity: int = 5  # Rarity Score real-ball k
+    k_pr: int = 5  # improved precision/recall k
+    seed: int = 0  # random feature network seed
+
+
+@dataclass
+class SetReport:
+    """One generated set: summary numbers plus per-sample density scores (M,)."""
+
+    name: str
+    n: int
+    fid: float
+    sfid: float
+    precision: float
+    recall: float
+    avgknn_mean: float
+    lof_mean: float
+    rarity_mean: float
+    rarity_outside: int  # generated samples in no real k-NN ball (not in rarity_mean)
+    avgknn: np.ndarray = field(repr=False, default=None)
+    lof: np.ndarray = field(repr=False, default=None)
+    rarity: np.ndarray = field(repr=False, default=None)
+
+
+@dataclass
+class Report:
+    settings: dict
+    real_n: int
+    baseline_n: int
+    real_avgknn: np.ndarray
+    real_lof: np.ndarray
+    sets: list
+    seconds: dict
+
+
+def min_k(settings: EvalSettings) -> int:
+    return max(settings.k_knn, settings.k_lof, settings.k_rarity, settings.k_pr) + 1
+
+
+def evaluate_features(real: Features, generated: dict, settings: EvalSettings,
+                      progress: Optional[Callable[[str], None]] = None) -> Report:
+    """All metrics from features: real (N, D) and each generated set {name: Features}."""
+    if not generated:
+        raise DataError("no generated set to evaluate")
+    need = min_k(settings)
+    if real.pooled.shape[0] < need:
+        raise DataError(f"the real set has {real.pooled.shape[0]} samples; these settings need at least {need} "
+                        f"(k_lof={settings.k_lof} + 1)")
+    say = progress or (lambda s: None)
+    clock = {}
+    t0 = time.perf_counter()
+    say("density of the real data")
+    real_knn, _ = avg_knn(real.pooled, None, settings.k_knn)
+    real_lof, _ = lof(real.pooled, None, settings.k_lof)
+    base = top_unique(real_knn, settings.baseline_top)
+    if base.size < settings.k_pr + 1:
+        raise DataError(f"--baseline-top {settings.baseline_top} keeps {base.size} real samples; precision/recall "
+                        f"need at least {settings.k_pr + 1}")
+    clock["real_density"] = time.perf_counter() - t0
+    sets = []
+    for name, g in generated.items():
+        if g.pooled.shape[0] < settings.k_pr + 1:
+            raise DataError(f"{name}: {g.pooled.shape[0]} samples; precision/recall need at least {settings.k_pr + 1}")
+        t0 = time.perf_counter()
+        say(f"{name}: density")
+        _, g_knn = avg_knn(real.pooled, g.pooled, settings.k_knn)
+        _, g_lof = lof(real.pooled, g.pooled, settings.k_lof)
+        rar = rarity_score(real.pooled, g.pooled, settings.k_rarity)
+        say(f"{name}: FID, sFID, precision, recall against the {base.size} most unique real samples")
+        p, r = precision_recall(real.pooled[base], g.pooled, settings.k_pr)
+        sets.append(SetReport(name=name, n=int(g.pooled.shape[0]), fid=fid(real.pooled[base], g.pooled),
+                              sfid=fid(real.spatial[base], g.spatial), precision=p, recall=r,
+                              avgknn_mean=float(g_knn.mean()), lof_mean=float(g_lof.mean()),
+                              rarity_mean=rar.mean, rarity_outside=rar.outside, avgknn=g_knn, lof=g_lof,
+                              rarity=rar.scores))
+        clock[name] = time.perf_counter() - t0
+    return Report(settings=asdict(settings), real_n=int(real.pooled.shape[0]), baseline_n=int(base.size),
+                  real_avgknn=real_knn, real_lof=real_lof, sets=sets, seconds=clock)
+
+
+def check_sets(real: np.ndarray, generated: dict) -> None:
+    """Every generated set: uint8 NHWC with the real images' H, W, C."""
+    shape = check_images(real, "real").shape[1:]
+    for name, g in generated.items():
+        g = check_images(g, name)
+        if g.shape[1:] != shape:
+            raise DataError(f"{name}: images are {g.shape[1]}x{g.shape[2]}x{g.shape[3]}, the real images "
+                            f"{shape[0]}x{shape[1]}x{shape[2]}; evaluate sets of one size")
+
+
+def _finite(v) -> Optional[float]:
+    return None if v is None or not np.isfinite(v) else round(float(v), 6)
+
+
+def report_dict(report: Report, extra: Optional[dict] = None) -> dict:
+    """JSON-ready: every number, the settings that produced it, and per-sample density scores."""
+    rows = []
+    for s in report.sets:
+        rows.append({
+            "name": s.name, "n": s.n, "fid": _finite(s.fid), "sfid": _finite(s.sfid),
+            "precision": _finite(s.precision), "recall": _finite(s.recall),
+            "avgknn_mean": _finite(s.avgknn_mean), "lof_mean": _finite(s.lof_mean),
+            "rarity_mean": _finite(s.rarity_mean), "rarity_outside": s.rarity_outside,
+            "per_sample": {"avgknn": [_finite(v) for v in s.avgknn], "lof": [_finite(v) for v in s.lof],
+                           "rarity": [_finite(v) for v in s.rarity]},
+        })
+    return {"settings": {**report.settings, **(extra or {})}, "real": {
+        "n": report.real_n, "baseline_n": report.baseline_n,
+        "avgknn_mean": _finite(report.real_avgknn.mean()), "lof_mean": _finite(report.real_lof.mean()),
+        "per_sample": {"avgknn": [_finite(v) for v in report.real_avgknn],
+                       "lof": [_finite(v) for v in report.real_lof]}},
+        "sets": rows, "seconds": {k: round(v, 3) for k, v in report.seconds.items()}}
+
+
+def _fmt(v, digits=3) -> str:
+    return "n/a" if v is None or not np.isfinite(v) else f"{v:.{digits}f}"
+
+
+def report_markdown(report: Report, extra: Optional[dict] = None) -> str:
+    s = report.settings
+    lines = [
+        "# Evaluation report", "",
+        f"Features: `{s['features']}`; real data: {report.real_n} samples; quality baseline: the "
+        f"{report.baseline_n} most unique real samples by AvgkNN (`--baseline-top {s['baseline_top']}`). "
+        f"AvgkNN k={s['k_knn']}, LOF k={s['k_lof']}, Rarity k={s['k_rarity']}, precision/recall k={s['k_pr']}. "
+        "Higher AvgkNN / LOF / Rarity = rarer; lower FID / sFID = closer to the baseline.", "",
+        "| set | n | FID | sFID | Precision | Recall | AvgkNN | LOF | Rarity | outside |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| real (all) | {report.real_n} | | | | | {_fmt(report.real_avgknn.mean())} | "
+        f"{_fmt(report.real_lof.mean())} | | |",
+    ]
+    for r in report.sets:
+        lines.append(f"| {r.name} | {r.n} | {_fmt(r.fid, 2)} | {_fmt(r.sfid, 2)} | {_fmt(r.precision)} | "
+                     f"{_fmt(r.recall)} | {_fmt(r.avgknn_mean)} | {_fmt(r.lof_mean)} | {_fmt(r.rarity_mean)} | "
+                     f"{r.rarity_outside} |")
+    lines += ["", "`outside`: generated samples inside no real k-NN ball; they have no Rarity Score and are "
+              "left out of its mean.", ""]
+    if extra:
+        lines += ["Inputs: " + ", ".join(f"{k} = `{v}`" for k, v in extra.items()), ""]
+    return "\n".join(lines)
+
+
+def _kde_curve(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    from scipy.stats import gaussian_kde
+
+    v = values[np.isfinite(values)]
+    if v.size < 2 or np.ptp(v) == 0:
+        return np.zeros_like(grid)
+    return gaussian_kde(v)(grid)
+
+
+def density_figure(report: Report) -> bytes:
+    """PNG: density curves of AvgkNN and LOF for the real data and each generated set (Figures 3 and 6)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for ax, key, title in ((axes[0], "avgknn", "AvgkNN (k = %d)" % report.settings["k_knn"]),
+                           (axes[1], "lof", "LOF (k = %d)" % report.settings["k_lof"])):
+        real = report.real_avgknn if key == "avgknn" else report.real_lof
+        series = [("real data", real)] + [(s.name, getattr(s, key)) for s in report.sets]
+        allv = np.concatenate([v[np.isfinite(v)] for _, v in series])
+        lo, hi = np.quantile(allv, [0.001, 0.995])
+        grid = np.linspace(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo), 400)
+        for i, (name, v) in enumerate(series):
+            ax.plot(grid, _kde_curve(v, grid), label=f"{name} (mean {np.nanmean(v):.3g})",
+                    color="black" if i == 0 else None, linestyle="--" if i == 0 else "-", linewidth=2)
+        ax.set_title(title + ": higher = rarer")
+        ax.set_xlabel(f"{title.split(' ')[0]} in {report.settings['features']} feature space")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(report: Report, out: str | Path, extra: Optional[dict] = None) -> Path:
+    """report.json, report.md and density.png in ``out``, each written atomically."""
+    from .checkpoint import atomic_write_bytes, atomic_write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "report.json", json.dumps(report_dict(report, extra), indent=1, allow_nan=False))
+    atomic_write_text(out / "report.md", report_markdown(report, extra))
+    atomic_write_bytes(out / "density.png", density_figure(report))
+    return out
+
+
+def load_npz_images(path: str | Path) -> np.ndarray:
+    """uint8 images (N, H, W, C) from the ``images`` array of a .npz (as ``sample`` writes); never unpickles."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "images" not in z.files:
+                raise DataError(f"{path}: no 'images' array (has: {', '.join(z.files) or 'nothing'})")
+            images = z["images"]
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zip, pickle-refusal and format errors alike
+        raise DataError(f"{path}: not a readable .npz of images ({type(e).__name__}: {e})") from None
+    return check_images(images, str(path))
+
+
+def load_image_set(path: str | Path, size: Optional[int] = None, channels: Optional[int] = None,
+                   progress: Optional[Callable[[int, int], None]] = None) -> tuple[np.ndarray, dict]:
+    """uint8 NHWC images from a .npz, a bundle folder (its real data) or an image/NIfTI folder (loaded at
+    ``size`` x ``size`` with ``channels``); returns (images, description)."""
+    from .bundle import load_real
+    from .data import load_image_folder
+
+    path = Path(path)
+    if path.is_file():
+        return load_npz_images(path), {"kind": "npz"}
+    if not path.is_dir():
+        raise DataError(f"{path}: no such file or folder")
+    if (path / "manifest.json").is_file():
+        from .bundle import check_bundle
+
+        manifest = check_bundle(path)
+        return check_images(load_real(path).images, str(path)), {"kind": "bundle", "name": manifest.get("name")}
+    if size is None or channels is None:
+        raise DataError(f"{path}: an image folder needs a size; give a .npz or bundle first")
+    s = load_image_folder(path, size, channels, progress=progress)
+    if not len(s.paths):
+        raise DataError(f"{path}: no readable images")
+    images = np.ascontiguousarray(s.images.permute(0, 2, 3, 1).numpy())
+    return images, {"kind": "folder", "skipped": len(s.skipped)}
