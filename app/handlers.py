@@ -1,0 +1,439 @@
+"""What the app does, as small functions over ``core``: no gradio import here, so every handler is
+unit-tested without a browser. ``Studio`` holds one bundle (loaded lazily: importing this module loads
+no weights) and the per-process caches; per-visitor history lives in ``Visit`` objects the UI keeps in
+``gr.State``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import queue
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from core.errors import MinorityError
+
+DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "mri-atrophy"
+METHODS = ("minority guidance", "standard")  # the training-free samplers (issue 6) join this tuple
+SAMPLERS = {"DDIM": "ddim", "ancestral (DDPM)": "ddpm"}
+LIMITS = {"steps": (5, 100), "n": (1, 16), "scale": (0.0, 10.0), "seed": (0, 2 ** 31 - 1)}
+DEFAULTS = {"steps": 25, "n": 16, "scale": 2.5, "seed": 0, "sampler": "DDIM", "method": "minority guidance"}
+PREVIEW_SECONDS = 0.5  # at most one grid preview per this many seconds (the first comes after step 1)
+DISPLAY = 128  # gallery thumbnails are upscaled to this side
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One press of Generate: target class l in [0, L), scale w in [0, 10], and the sampler settings."""
+
+    minority_class: int
+    scale: float
+    steps: int = DEFAULTS["steps"]
+    n: int = DEFAULTS["n"]
+    seed: int = DEFAULTS["seed"]
+    sampler: str = DEFAULTS["sampler"]
+    method: str = DEFAULTS["method"]
+
+    def check(self, num_classes: int) -> "GenerateRequest":
+        """The request with numbers coerced, or a MinorityError naming the allowed values."""
+        def within(name, v, lo, hi):
+            if not lo <= v <= hi:
+                raise MinorityError(f"{name} must be in [{lo}, {hi}], got {v}")
+            return v
+
+        if self.method not in METHODS:
+            raise MinorityError(f"unknown method {self.method!r}; allowed: {', '.join(METHODS)}")
+        if self.sampler not in SAMPLERS:
+            raise MinorityError(f"unknown sampler {self.sampler!r}; allowed: {', '.join(SAMPLERS)}")
+        try:
+            return GenerateRequest(
+                minority_class=within("minority class l", int(self.minority_class), 0, num_classes - 1),
+                scale=within("scale w", float(self.scale), *LIMITS["scale"]),
+                steps=within("steps", int(self.steps), *LIMITS["steps"]),
+                n=within("number of images", int(self.n), *LIMITS["n"]),
+                seed=within("seed", int(self.seed), *LIMITS["seed"]),
+                sampler=self.sampler, method=self.method)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, MinorityError):
+                raise
+            raise MinorityError(f"invalid setting: {e}") from None
+
+
+@dataclass
+class Run:
+    """A finished (or stopped) generation: uint8 images (N, H, W, C) and their minority scores (N,)."""
+
+    request: GenerateRequest
+    guided: np.ndarray
+    guided_score: np.ndarray
+    standard: np.ndarray
+    standard_score: np.ndarray
+    seconds: float
+
+
+@dataclass
+class Update:
+    """What the grid shows now: ``stage`` in {'guided', 'standard', 'done', 'stopped'}; images uint8 NHWC."""
+
+    stage: str
+    step: int
+    total: int
+    guided: Optional[np.ndarray] = None
+    standard: Optional[np.ndarray] = None
+    run: Optional[Run] = None
+    elapsed: float = 0.0
+
+
+@dataclass
+class Visit:
+    """One visitor's generated samples so far (for the density plots and the map)."""
+
+    standard: list = field(default_factory=list)  # uint8 arrays (N, H, W, C)
+    guided: list = field(default_factory=list)
+    runs: list = field(default_factory=list)  # Run
+
+    def add(self, run: Run) -> "Visit":
+        r = run.request
+        key = (r.seed, r.steps, r.n, r.sampler)
+        if key not in {(q.request.seed, q.request.steps, q.request.n, q.request.sampler) for q in self.runs}:
+            self.standard.append(run.standard)  # the same standard grid (it ignores l and w) is counted once
+        self.runs.append(run)
+        self.guided.append(run.guided)
+        return self
+
+
+class Stopped(Exception):
+    pass
+
+
+def _u8(x: torch.Tensor) -> np.ndarray:
+    from core.sampling import to_uint8
+
+    return to_uint8(x)
+
+
+class Studio:
+    """The app's model side: one bundle, lazily loaded, and what is precomputed from it."""
+
+    def __init__(self, bundle: str | Path = DEFAULT_BUNDLE, device: str = "cpu"):
+        self.path = Path(bundle)
+        self.device = device
+        self._bundle = None
+        self._lock = threading.Lock()
+        self._standard_cache: dict = {}
+        self._density = None
+        self._severity = None
+        self.warm_seconds: Optional[float] = None
+
+    # ---- loading ------------------------------------------------------------------------------
+    @property
+    def bundle(self):
+        with self._lock:
+            if self._bundle is None:
+                from core.bundle import load_bundle
+
+                self._bundle = load_bundle(self.path, self.device)
+                self._bundle.model.eval().requires_grad_(False)
+                self._bundle.classifier.net.eval().requires_grad_(False)
+            return self._bundle
+
+    def manifest(self) -> dict:
+        """The bundle's manifest without loading weights (for the UI's labels)."""
+        from core.bundle import check_bundle
+
+        return check_bundle(self.path)
+
+    def warm(self) -> "Studio":
+        """Load weights and precompute the density detectors and the severity estimator (background thread)."""
+        t0 = time.perf_counter()
+        self.density_model()
+        self.severity_estimator()
+        self.generate_all(GenerateRequest(0, 0.0, steps=LIMITS["steps"][0], n=1))  # first-call JIT/alloc costs
+        self._standard_cache.clear()
+        self.warm_seconds = time.perf_counter() - t0
+        return self
+
+    # ---- generation ---------------------------------------------------------------------------
+    def guidance(self, req: GenerateRequest):
+        from core.guidance import ClassifierGuidance, combine
+
+        if req.method == "standard":
+            return None
+        return combine(ClassifierGuidance(self.bundle.classifier.net, req.minority_class, req.scale))
+
+    def _sample(self, req: GenerateRequest, guidance, on_step, stop: Optional[threading.Event]) -> np.ndarray:
+        from core.sampling import sample
+
+        g = torch.Generator().manual_seed(req.seed)  # the same seed gives the same x_T for both grids
+
+        def callback(step):
+            if stop is not None and stop.is_set():
+                raise Stopped
+            on_step(step)
+
+        x = sample(self.bundle.model, req.n, steps=req.steps, sampler=SAMPLERS[req.sampler], guidance=guidance,
+                   generator=g, callback=callback)
+        return _u8(x)
+
+    def score(self, images: np.ndarray, seed: int = 0) -> np.ndarray:
+        """Minority score (Eq. 7) with the bundle's settings of uint8 images (N, H, W, C): float32 (N,)."""
+        from core.score import ScoreSettings, make_distance, minority_scores
+
+        s = self.bundle.manifest["score"]
+        settings = ScoreSettings(distance=s["distance"], t=int(s["t"]), draws=int(s["draws"]), seed=int(s["seed"]),
+                                 clip=bool(s.get("clip", True)))
+        x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+        idx = torch.arange(len(images)) + seed * 1000
+        return minority_scores(self.bundle.model, x, idx, settings, make_distance(settings.distance, self.device))
+
+    def generate(self, req: GenerateRequest, stop: Optional[threading.Event] = None) -> Iterator[Update]:
+        """Guided grid first (with previews of x0_hat), then the standard grid with the same seed (cached:
+        it does not depend on l or w). Raises nothing on Stop: yields a 'stopped' update and ends."""
+        req = req.check(self.bundle.num_classes)
+        t0 = time.perf_counter()
+        q: queue.Queue = queue.Queue()
+        stop = stop or threading.Event()
+        key = (req.seed, req.steps, req.n, req.sampler)
+
+        def work():
+            try:
+                last = [0.0]
+
+                def on_step(stage):
+                    def f(step):
+                        now = time.perf_counter()
+                        if step.index == 0 or now - last[0] >= PREVIEW_SECONDS or step.index == step.total - 1:
+                            last[0] = now
+                            q.put(Update(stage, step.index + 1, step.total, **{stage: _u8(step.x0_hat)}))
+                    return f
+
+                guided = self._sample(req, self.guidance(req), on_step("guided"), stop)
+                q.put(Update("guided", req.steps, req.steps, guided=guided))
+                if key not in self._standard_cache:
+                    std = self._sample(req, None, on_step("standard"), stop)
+                    std_score = self.score(std, req.seed)
+                    self._standard_cache = {**dict(list(self._standard_cache.items())[-7:]), key: (std, std_score)}
+                std, std_score = self._standard_cache[key]
+                run = Run(req, guided, self.score(guided, req.seed), std, std_score, time.perf_counter() - t0)
+                q.put(Update("done", req.steps, req.steps, guided=guided, standard=std, run=run))
+            except Stopped:
+                q.put(Update("stopped", 0, req.steps))
+            except Exception as e:  # noqa: BLE001 - handed to the UI thread as a readable message
+                q.put(e)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, Exception):
+                    raise item
+                item.elapsed = time.perf_counter() - t0
+                yield item
+                if item.stage in ("done", "stopped"):
+                    return
+        finally:
+            stop.set()  # a closed generator (Gradio's Stop) ends the worker at its next step
+
+    def generate_all(self, req: GenerateRequest) -> Run:
+        """The final Run of ``generate`` (for the API, scripts and tests)."""
+        for u in self.generate(req):
+            if u.stage == "done":
+                return u.run
+        raise MinorityError("generation stopped")
+
+    # ---- density --------------------------------------------------------------------------------
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """The bundle's feature space: the minority classifier's attention-pooled trunk at t = 0, (N, D)."""
+        from core.metrics import extract_features, make_extractor
+
+        ex = make_extractor("classifier", device=self.device, classifier=self.bundle.classifier)
+        return extract_features(ex, images, batch_size=256, device=self.device).pooled
+
+    def density_model(self):
+        """PyOD AvgkNN (k=5) and LOF (k=20) fitted once on the real data's features."""
+        with self._lock:
+            if self._density is not None:
+                return self._density
+        from pyod.models.knn import KNN
+        from pyod.models.lof import LOF
+
+        real = self.features(self.bundle.real.images).astype(np.float64)
+        knn, lof = KNN(method="mean", n_neighbors=5).fit(real), LOF(n_neighbors=20).fit(real)
+        with self._lock:
+            self._density = (knn, lof)
+        return self._density
+
+    def severity_estimator(self):
+        """Ridge estimator of atrophy severity, when the real data carries ground truth; else None."""
+        sev = self.bundle.real.severity
+        if self._severity is None and np.isfinite(sev).all():
+            from core.severity import SeverityEstimator
+
+            self._severity = SeverityEstimator().fit(self.bundle.real.images, sev)
+        return self._severity
+
+    def density_values(self, visit: Visit) -> dict:
+        """{series: {'AvgkNN': (N,), 'LOF': (N,), 'severity': (N,) or absent}} for real, standard, guided."""
+        knn, lof = self.density_model()
+        est = self.severity_estimator()
+        out = {"real data": {"AvgkNN": np.asarray(knn.decision_scores_), "LOF": np.asarray(lof.decision_scores_)}}
+        if est is not None:
+            out["real data"]["severity"] = est(self.bundle.real.images)
+        for name, sets in (("standard", visit.standard), ("minority guidance", visit.guided)):
+            if sets:
+                images = np.concatenate(sets)
+                f = self.features(images).astype(np.float64)
+                out[name] = {"AvgkNN": knn.decision_function(f), "LOF": lof.decision_function(f)}
+                if est is not None:
+                    out[name]["severity"] = est(images)
+        return out
+
+    # ---- browse ---------------------------------------------------------------------------------
+    def browse(self, order: str = "most unique first", class_filter: str = "all", page: int = 1,
+               per_page: int = 24) -> tuple[list, int, int]:
+        """A page of real images ranked by minority score: ([(image uint8 HWC, caption)], page, pages)."""
+        real = self.bundle.real
+        if order not in ("most unique first", "most common first"):
+            raise MinorityError("order must be 'most unique first' or 'most common first'")
+        idx = np.argsort(-real.score if order == "most unique first" else real.score, kind="stable")
+        if class_filter not in ("all", None, ""):
+            try:
+                c = int(class_filter)
+            except ValueError:
+                raise MinorityError(f"class filter must be 'all' or a class in [0, {self.bundle.num_classes})") from None
+            idx = idx[real.label[idx] == c]
+        pages = max(1, -(-len(idx) // per_page))
+        page = int(min(max(1, int(page)), pages))
+        items = []
+        for i in idx[(page - 1) * per_page: page * per_page]:
+            cap = f"{real.score[i]:.4f} · c{int(real.label[i])}"
+            if np.isfinite(real.severity[i]):
+                cap += f" · sev {real.severity[i]:.2f}"
+            items.append((display(real.images[i]), cap))
+        return items, page, pages
+
+    def map_points(self, visit: Visit) -> dict:
+        """2-D map: real coords (N, 2) and scores, plus the visitor's samples placed by k-NN (M, 2)."""
+        from core.bundle import project
+
+        real = self.bundle.real
+        out = {"real": (real.coords, real.score)}
+        for name, sets in (("standard", visit.standard), ("minority guidance", visit.guided)):
+            if sets:
+                out[name] = project(real, np.concatenate(sets))
+        return out
+
+
+def display(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, C) -> (DISPLAY, DISPLAY, 3) for the gallery (bicubic upscale, grey to RGB)."""
+    from PIL import Image
+
+    img = image[..., 0] if image.shape[-1] == 1 else image
+    out = np.asarray(Image.fromarray(img).resize((DISPLAY, DISPLAY), Image.Resampling.BICUBIC))
+    return np.repeat(out[..., None], 3, axis=2) if out.ndim == 2 else out
+
+
+def captions(images: np.ndarray, scores: Optional[np.ndarray]) -> list:
+    """Gallery items [(image, caption)]; caption = minority score when known."""
+    return [(display(im), f"{scores[i]:.4f}" if scores is not None else "") for i, im in enumerate(images)]
+
+
+def export_run(run: Run, folder: Optional[str | Path] = None) -> Path:
+    """A zip of the guided and standard PNGs plus samples.csv (seed, l, w, steps, method, sampler, score)."""
+    from PIL import Image
+
+    folder = Path(folder or tempfile.mkdtemp(prefix="minority-"))
+    r = run.request
+    name = f"minority_l{r.minority_class}_w{r.scale:g}_seed{r.seed}.zip"
+    rows = io.StringIO()
+    w = csv.writer(rows, lineterminator="\n")
+    w.writerow(["file", "grid", "index", "seed", "minority_class", "scale", "steps", "method", "sampler", "score"])
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for grid, images, scores, method, scale in (("guided", run.guided, run.guided_score, r.method, r.scale),
+                                                    ("standard", run.standard, run.standard_score, "standard", 0.0)):
+            for i, im in enumerate(images):
+                png = io.BytesIO()
+                Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(png, format="PNG")
+                file = f"{grid}/{i:03d}.png"
+                z.writestr(file, png.getvalue())
+                w.writerow([file, grid, i, r.seed, r.minority_class, scale, r.steps, method, r.sampler,
+                            f"{scores[i]:.6f}"])
+        z.writestr("samples.csv", rows.getvalue())
+    from core.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(folder / name, buf.getvalue())
+    return folder / name
+
+
+# ----------------------------------------------------------------------------------------------
+# event handlers: plain values in, plain values out (gallery items, markdown, figures, file paths)
+
+
+def class_choices(num_classes: int) -> list:
+    """Slider-free class labels for the browse filter: 'all', then 0 .. L-1."""
+    return ["all"] + [str(i) for i in range(num_classes)]
+
+
+def rarity_label(minority_class: int, num_classes: int) -> str:
+    """Words for l: 0 = most common, L-1 = rarest."""
+    q = minority_class / max(num_classes - 1, 1)
+    words = "most common" if q == 0 else "rarest" if q == 1 else "common" if q < 0.34 else \
+        "intermediate" if q < 0.67 else "rare"
+    return f"l = {minority_class} of 0..{num_classes - 1}: {words}"
+
+
+def on_generate(studio: Studio, minority_class, scale, steps, n, seed, sampler, method, visit: Optional[Visit],
+                stop: Optional[threading.Event] = None):
+    """Generator for the Generate button: yields (guided items, standard items, status markdown,
+    download path or None, visit) while sampling runs; the last yield carries the finished run."""
+    visit = visit or Visit()
+    req = GenerateRequest(minority_class, scale, steps, n, seed, sampler, method).check(studio.bundle.num_classes)
+    L = studio.bundle.num_classes
+    guided_items, standard_items = [], []
+    for u in studio.generate(req, stop):
+        if u.stage == "stopped":
+            yield guided_items, standard_items, f"Stopped after {u.elapsed:.1f} s.", None, visit
+            return
+        if u.guided is not None:
+            guided_items = captions(u.guided, u.run.guided_score if u.run else None)
+        if u.standard is not None:
+            standard_items = captions(u.standard, u.run.standard_score if u.run else None)
+        if u.stage == "done":
+            visit.add(u.run)
+            path = str(export_run(u.run))
+            g, s = u.run.guided_score.mean(), u.run.standard_score.mean()
+            status = (f"Done in {u.elapsed:.1f} s: {req.n} images, {req.steps} {req.sampler} steps, "
+                      f"{req.method} at {rarity_label(req.minority_class, L)}, w = {req.scale:g}. "
+                      f"Mean minority score: guided {g:.4f}, standard {s:.4f}.")
+            yield guided_items, standard_items, status, path, visit
+            return
+        label = "minority guidance" if u.stage == "guided" else "standard sampler (same seed)"
+        yield (guided_items, standard_items, f"Sampling {label}: step {u.step}/{u.total} ({u.elapsed:.1f} s)",
+               None, visit)
+
+
+def on_browse(studio: Studio, order: str, class_filter: str, page) -> tuple:
+    """(gallery items, page number, page caption) for the Browse tab."""
+    items, page, pages = studio.browse(order, class_filter, int(page or 1))
+    n = len(studio.bundle.real.score)
+    sev = " · ground-truth atrophy severity" if np.isfinite(studio.bundle.real.severity).all() else ""
+    return items, page, (f"Page {page} of {pages} · {n} real images ranked by minority score ({order}). "
+                         f"Captions: minority score · class c{sev}.")
+
+
+def on_density(studio: Studio, visit: Optional[Visit]) -> tuple:
+    """(density figure, map figure) over the real data and the visitor's samples so far."""
+    from .plots import density_figure, map_figure
+
+    visit = visit or Visit()
+    return density_figure(studio.density_values(visit)), map_figure(studio.map_points(visit))

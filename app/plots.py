@@ -1,0 +1,66 @@
+"""Matplotlib figures for the app (no gradio import): density curves and the 2-D map of the real data."""
+from __future__ import annotations
+
+import numpy as np
+
+COLOURS = {"real data": "0.35", "standard": "tab:blue", "minority guidance": "tab:red"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def density_figure(values: dict, feature_space: str = "minority classifier features"):
+    """Density curves (Figure 3 style) of AvgkNN and LOF, plus estimated severity when present.
+    ``values``: {series: {'AvgkNN': (N,), 'LOF': (N,), ['severity': (N,)]}}."""
+    from core.evaluate import _kde_curve
+
+    plt = _plt()
+    keys = ["AvgkNN", "LOF"] + (["severity"] if "severity" in values.get("real data", {}) else [])
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), dpi=100)
+    for ax, key in zip(np.atleast_1d(axes), keys):
+        allv = np.concatenate([v[key][np.isfinite(v[key])] for v in values.values()])
+        lo, hi = np.quantile(allv, [0.002, 0.995])
+        grid = np.linspace(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo), 300)
+        for name, v in values.items():
+            n = len(v[key])
+            ax.plot(grid, _kde_curve(np.asarray(v[key]), grid), color=COLOURS.get(name), linewidth=2,
+                    linestyle="--" if name == "real data" else "-", label=f"{name} (n={n})")
+        ax.set_xlabel({"AvgkNN": "AvgkNN (k=5): higher = rarer", "LOF": "LOF (k=20): higher = rarer",
+                       "severity": "estimated atrophy severity"}[key])
+        ax.set_ylabel("density")
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    fig.suptitle(f"Density in the bundle's feature space ({feature_space})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def map_figure(points: dict):
+    """The precomputed 2-D map of the real data coloured by minority score, with generated samples on it."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=100)
+    coords, score = points["real"]
+    order = np.argsort(score)  # rarest drawn last, on top
+    sc = ax.scatter(coords[order, 0], coords[order, 1], c=score[order], s=5, cmap="viridis", alpha=0.8)
+    fig.colorbar(sc, ax=ax, label="minority score (higher = more unique)")
+    if "standard" in points:
+        p = points["standard"]
+        ax.scatter(p[:, 0], p[:, 1], s=40, facecolors="none", edgecolors="tab:blue", linewidths=1.5,
+                   label=f"your standard samples ({len(p)})")
+    if "minority guidance" in points:
+        p = points["minority guidance"]
+        ax.scatter(p[:, 0], p[:, 1], s=60, marker="*", color="tab:red", edgecolors="white", linewidths=0.5,
+                   label=f"your guided samples ({len(p)})")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title("Real data (2-D map); your samples placed by their nearest real images", fontsize=10)
+    if len(points) > 1:
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,122 @@
+"""Layout and event wiring only; the work is in ``app.handlers`` (unit-tested without a browser)."""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import gradio as gr
+
+from core.errors import MinorityError
+
+from . import handlers as h
+
+INTRO = """# Minority guidance studio
+Steer a diffusion model toward **rare** samples (Um, Lee & Ye, ICLR 2024). Pick the target rarity class
+**l** (0 = most common, L-1 = rarest) and the classifier scale **w**, then press **Generate**. The left
+grid is guided; the right grid is the standard sampler from the same seed."""
+
+
+def _readable(fn):
+    """Turn project errors into a gr.Error the user reads; other errors become one line, never a traceback."""
+    def convert(e):
+        if isinstance(e, gr.Error):
+            return e
+        if isinstance(e, MinorityError):
+            return gr.Error(str(e))
+        return gr.Error(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected error'}")
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen(*a):
+            try:
+                yield from fn(*a)
+            except Exception as e:  # noqa: BLE001
+                raise convert(e) from None
+        return gen
+
+    @functools.wraps(fn)
+    def plain(*a):
+        try:
+            return fn(*a)
+        except Exception as e:  # noqa: BLE001
+            raise convert(e) from None
+    return plain
+
+
+def build_ui(studio: h.Studio) -> gr.Blocks:
+    """The Blocks app over one Studio; builds the layout from the manifest alone (no weights loaded)."""
+    manifest = studio.manifest()
+    L = int(manifest["num_classes"])
+    d = h.DEFAULTS
+
+    with gr.Blocks(title="Minority guidance studio") as demo:
+        gr.Markdown(INTRO + f"\n\nBundle: `{manifest.get('name', studio.path.name)}` · {L} classes · "
+                    f"{manifest['image_size']}x{manifest['image_size']} · score distance "
+                    f"`{manifest['score']['distance']}` at t = {manifest['score']['t']}")
+        visit = gr.State(None)
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column(scale=1, min_width=280):
+                    l_slider = gr.Slider(0, L - 1, value=L - 1, step=1, label="Minority class l",
+                                         info=f"0 = most common … {L - 1} = rarest", elem_id="minority-class")
+                    w_slider = gr.Slider(*h.LIMITS["scale"], value=d["scale"], step=0.1, label="Classifier scale w",
+                                         info="0 = standard sampler", elem_id="scale")
+                    l_words = gr.Markdown(h.rarity_label(L - 1, L))
+                    method = gr.Radio(list(h.METHODS), value=d["method"], label="Method")
+                    sampler = gr.Radio(list(h.SAMPLERS), value=d["sampler"], label="Sampler")
+                    steps = gr.Slider(*h.LIMITS["steps"], value=d["steps"], step=1, label="Steps")
+                    n = gr.Slider(*h.LIMITS["n"], value=d["n"], step=1, label="Number of images", elem_id="n")
+                    seed = gr.Number(d["seed"], precision=0, label="Seed", minimum=0, maximum=h.LIMITS["seed"][1])
+                    with gr.Row():
+                        run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                        stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                    download = gr.DownloadButton("Download PNGs + CSV", value=None, elem_id="download")
+                with gr.Column(scale=3):
+                    status = gr.Markdown("Press **Generate**.", elem_id="status")
+                    gr.Markdown("Captions: each image's minority score (Eq. 7, the bundle's distance and timestep; "
+                                "higher = more unique). While sampling runs, the grids preview the current denoised estimate "
+                                "(Tweedie x0_hat).")
+                    with gr.Row():
+                        guided = gr.Gallery(label="Minority guidance", columns=4, height=560, object_fit="contain",
+                                            elem_id="guided")
+                        standard = gr.Gallery(label="Standard sampler, same seed", columns=4, height=560,
+                                              object_fit="contain", elem_id="standard")
+        with gr.Tab("Density", elem_id="density-tab"):
+            gr.Markdown("AvgkNN and LOF of the real data, and of every sample you generated in this visit "
+                        "(higher = rarer), as in Figure 3 of the paper; updated after each run.")
+            density_plot = gr.Plot(label="Density")
+        with gr.Tab("Browse real data", elem_id="browse-tab"):
+            with gr.Row():
+                order = gr.Radio(["most unique first", "most common first"], value="most unique first", label="Order")
+                class_filter = gr.Dropdown(h.class_choices(L), value="all", label="Class")
+                page = gr.Number(1, precision=0, minimum=1, label="Page")
+            with gr.Row():
+                prev_btn = gr.Button("◀ Previous")
+                next_btn = gr.Button("Next ▶")
+            page_info = gr.Markdown()
+            browse = gr.Gallery(label="Real images", columns=6, height=520, object_fit="contain", elem_id="browse")
+            map_plot = gr.Plot(label="2-D map of the real data")
+
+        # ---- wiring -----------------------------------------------------------------------------
+        l_slider.change(lambda v: h.rarity_label(int(v), L), l_slider, l_words, queue=False, api_visibility="private")
+        gen = run_btn.click(_readable(functools.partial(h.on_generate, studio)),
+                            [l_slider, w_slider, steps, n, seed, sampler, method, visit],
+                            [guided, standard, status, download, visit],
+                            api_name="generate", trigger_mode="always_last", concurrency_limit=1,
+                            concurrency_id="sampling", show_progress="hidden")
+        gen.success(_readable(functools.partial(h.on_density, studio)), visit, [density_plot, map_plot],
+                    api_name="density", concurrency_limit=1, concurrency_id="sampling")
+        stop_btn.click(None, None, None, cancels=[gen], queue=False, api_visibility="private")
+
+        browse_fn = _readable(functools.partial(h.on_browse, studio))
+        browse_io = ([order, class_filter, page], [browse, page, page_info])
+        for ev in (order.change, class_filter.change, page.submit):
+            ev(browse_fn, *browse_io, api_visibility="private")
+        prev_btn.click(lambda p: max(1, int(p or 1) - 1), page, page, queue=False, api_visibility="private").then(
+            browse_fn, *browse_io, api_visibility="private")
+        next_btn.click(lambda p: int(p or 1) + 1, page, page, queue=False, api_visibility="private").then(
+            browse_fn, *browse_io, api_visibility="private")
+        demo.load(browse_fn, *browse_io, api_name="browse")
+        demo.load(_readable(functools.partial(h.on_density, studio)), visit, [density_plot, map_plot],
+                  api_visibility="private")
+    return demo

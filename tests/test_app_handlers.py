@@ -1,0 +1,124 @@
+"""The app's handlers over the shipped bundle, without a browser (issue 5)."""
+import csv
+import io
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+
+from app import handlers as h
+from core.errors import MinorityError
+
+
+@pytest.fixture(scope="module")
+def studio():
+    return h.Studio(h.DEFAULT_BUNDLE)
+
+
+def test_building_the_ui_loads_no_weights():
+    from app.ui import build_ui
+
+    s = h.Studio(h.DEFAULT_BUNDLE)
+    demo = build_ui(s)
+    assert s._bundle is None and demo is not None
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    ({"minority_class": 50}, "minority class l must be in \\[0, 49\\]"),
+    ({"minority_class": -1}, "minority class"),
+    ({"scale": 11}, "scale w must be in"),
+    ({"n": 0}, "number of images"),
+    ({"steps": 1000}, "steps must be in"),
+    ({"method": "magic"}, "allowed: minority guidance, standard"),
+    ({"sampler": "euler"}, "allowed: DDIM"),
+    ({"seed": "abc"}, "invalid setting"),
+])
+def test_bad_requests_are_readable_errors(studio, kwargs, msg):
+    req = h.GenerateRequest(**{"minority_class": 49, "scale": 2.5, **kwargs})
+    with pytest.raises(MinorityError, match=msg):
+        req.check(studio.bundle.num_classes)
+
+
+def test_same_seed_same_images_other_seed_different(studio):
+    req = h.GenerateRequest(49, 2.5, steps=5, n=2, seed=11)
+    a, b = studio.generate_all(req), studio.generate_all(req)
+    c = studio.generate_all(h.GenerateRequest(49, 2.5, steps=5, n=2, seed=12))
+    assert np.array_equal(a.guided, b.guided) and np.array_equal(a.standard, b.standard)
+    assert not np.array_equal(a.guided, c.guided)
+    assert a.guided.shape == (2, 32, 32, 1) and a.guided_score.shape == (2,)
+    assert not np.array_equal(a.guided, a.standard)  # guidance changed the images
+
+
+def test_scale_zero_is_the_standard_sampler(studio):
+    run = studio.generate_all(h.GenerateRequest(49, 0.0, steps=5, n=2, seed=3))
+    assert np.array_equal(run.guided, run.standard)
+
+
+def test_previews_arrive_before_the_final_grid(studio):
+    stages = [(u.stage, u.step, u.guided is not None or u.standard is not None)
+              for u in studio.generate(h.GenerateRequest(10, 1.0, steps=6, n=2, seed=21))]
+    assert stages[0] == ("guided", 1, True)  # the first preview comes after step 1
+    assert stages[-1][0] == "done"
+    assert any(s[0] == "standard" for s in stages)
+
+
+def test_stop_ends_the_run_and_the_steps(studio):
+    stop = threading.Event()
+    seen = []
+    for u in studio.generate(h.GenerateRequest(49, 2.5, steps=100, n=4, seed=99), stop):
+        seen.append(u.stage)
+        if u.stage == "guided" and u.step >= 1:
+            stop.set()
+    assert seen[-1] == "stopped" and "done" not in seen
+
+
+def test_on_generate_yields_gallery_items_and_a_download(studio, tmp_path):
+    out = list(h.on_generate(studio, 49, 2.5, 5, 3, 4, "DDIM", "minority guidance", None))
+    guided, standard, status, path, visit = out[-1]
+    assert len(guided) == 3 and len(standard) == 3
+    assert guided[0][0].shape == (h.DISPLAY, h.DISPLAY, 3) and float(guided[0][1]) > 0
+    assert status.startswith("Done") and len(visit.runs) == 1
+    with zipfile.ZipFile(path) as z:
+        rows = list(csv.DictReader(io.StringIO(z.read("samples.csv").decode())))
+        assert len([n for n in z.namelist() if n.endswith(".png")]) == 6
+    assert len(rows) == 6 and {"seed", "minority_class", "scale", "steps", "method", "score"} <= set(rows[0])
+    assert rows[0]["seed"] == "4" and rows[0]["minority_class"] == "49" and rows[0]["method"] == "minority guidance"
+    assert [r["method"] for r in rows if r["grid"] == "standard"] == ["standard"] * 3
+
+
+def test_browse_ranks_pages_and_filters(studio):
+    score = studio.bundle.real.score
+    items, page, pages = studio.browse("most unique first", "all", 1, per_page=10)
+    assert len(items) == 10 and page == 1 and pages == -(-len(score) // 10)
+    first = float(items[0][1].split()[0])
+    assert first == pytest.approx(float(score.max()), abs=1e-4)
+    items, _, _ = studio.browse("most common first", "all", 1, per_page=10)
+    assert float(items[0][1].split()[0]) == pytest.approx(float(score.min()), abs=1e-4)
+    items, _, _ = studio.browse("most unique first", "7", 1)
+    assert items and all(" c7" in cap for _, cap in items)
+    _, page, pages = studio.browse("most unique first", "all", 10 ** 6)
+    assert page == pages  # past the end: the last page
+    with pytest.raises(MinorityError):
+        studio.browse("most unique first", "x", 1)
+
+
+def test_density_and_map_include_the_visit(studio):
+    run = studio.generate_all(h.GenerateRequest(49, 2.5, steps=5, n=4, seed=5))
+    visit = h.Visit().add(run)
+    values = studio.density_values(visit)
+    assert set(values) == {"real data", "standard", "minority guidance"}
+    assert values["minority guidance"]["AvgkNN"].shape == (4,) and "severity" in values["standard"]
+    assert np.isfinite(values["real data"]["LOF"]).all()
+    pts = studio.map_points(visit)
+    assert pts["minority guidance"].shape == (4, 2)
+    dens, mp = h.on_density(studio, visit)
+    assert len(dens.axes) >= 3 and mp.axes
+    h.Visit.add(visit, run)  # the same standard grid is not counted twice
+    assert len(visit.standard) == 1 and len(visit.guided) == 2
+
+
+def test_rarity_label_words():
+    assert h.rarity_label(0, 50).endswith("most common")
+    assert h.rarity_label(49, 50).endswith("rarest")
+    assert h.class_choices(3) == ["all", "0", "1", "2"]
