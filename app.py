@@ -11,10 +11,6 @@ import os
 import sys
 import threading
 
-QUEUE_SIZE = 8  # pending requests beyond this get a clean "queue full" error
-MAX_FILE_SIZE = "1mb"  # the app takes no uploads; anything larger is refused with 413
-
-
 def main(argv=None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phone-home: Spaces and offline machines alike
     from app.handlers import DEFAULT_BUNDLE, Studio
@@ -29,12 +25,11 @@ def main(argv=None) -> int:
     except (MinorityError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from app.ui import build_ui
+    from app.ui import build_ui, launch
 
     demo = build_ui(studio)
     threading.Thread(target=studio.warm, name="warm", daemon=True).start()
-    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
-    demo.launch(max_file_size=MAX_FILE_SIZE, show_error=True, footer_links=["api"])
+    launch(demo)
     return 0
 
 

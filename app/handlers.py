@@ -132,6 +132,7 @@ class Studio:
         self._density = None
         self._severity = None
         self.warm_seconds: Optional[float] = None
+        self.steps_done = 0  # sampler steps run by this process (a Stop must freeze it)
 
     # ---- loading ------------------------------------------------------------------------------
     @property
@@ -177,6 +178,7 @@ class Studio:
         def callback(step):
             if stop is not None and stop.is_set():
                 raise Stopped
+            self.steps_done += 1
             on_step(step)
 
         x = sample(self.bundle.model, req.n, steps=req.steps, sampler=SAMPLERS[req.sampler], guidance=guidance,

@@ -10,6 +10,9 @@ from core.errors import MinorityError
 
 from . import handlers as h
 
+QUEUE_SIZE = 8  # pending requests beyond this get a clean "queue full" error
+MAX_FILE_SIZE = "1mb"  # the app takes no uploads; anything larger is refused with 413
+
 INTRO = """# Minority guidance studio
 Steer a diffusion model toward **rare** samples (Um, Lee & Ye, ICLR 2024). Pick the target rarity class
 **l** (0 = most common, L-1 = rarest) and the classifier scale **w**, then press **Generate**. The left
@@ -64,7 +67,7 @@ def build_ui(studio: h.Studio) -> gr.Blocks:
                     l_words = gr.Markdown(h.rarity_label(L - 1, L))
                     method = gr.Radio(list(h.METHODS), value=d["method"], label="Method")
                     sampler = gr.Radio(list(h.SAMPLERS), value=d["sampler"], label="Sampler")
-                    steps = gr.Slider(*h.LIMITS["steps"], value=d["steps"], step=1, label="Steps")
+                    steps = gr.Slider(*h.LIMITS["steps"], value=d["steps"], step=1, label="Steps", elem_id="steps")
                     n = gr.Slider(*h.LIMITS["n"], value=d["n"], step=1, label="Number of images", elem_id="n")
                     seed = gr.Number(d["seed"], precision=0, label="Seed", minimum=0, maximum=h.LIMITS["seed"][1])
                     with gr.Row():
@@ -120,3 +123,11 @@ def build_ui(studio: h.Studio) -> gr.Blocks:
         demo.load(_readable(functools.partial(h.on_density, studio)), visit, [density_plot, map_plot],
                   api_visibility="private")
     return demo
+
+
+def launch(demo: gr.Blocks, queue_size: int = QUEUE_SIZE, **kwargs):
+    """Queue (bounded, one sampling run at a time: two users never thrash one CPU) and serve. Nothing is
+    served from disk beyond Gradio's own cache: no allowed_paths, and no handler reads a path a user typed.
+    Host and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT when set (as on Spaces)."""
+    demo.queue(max_size=queue_size, default_concurrency_limit=1)
+    return demo.launch(max_file_size=MAX_FILE_SIZE, show_error=True, footer_links=["api"], **kwargs)
