@@ -22,10 +22,12 @@ import torch
 from core.errors import MinorityError
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "mri-atrophy"
-METHODS = ("minority guidance", "standard")  # the training-free samplers (issue 6) join this tuple
+METHODS = ("minority guidance", "self-guided", "Boost-and-Skip", "standard")
 SAMPLERS = {"DDIM": "ddim", "ancestral (DDPM)": "ddpm"}
-LIMITS = {"steps": (5, 100), "n": (1, 16), "scale": (0.0, 10.0), "seed": (0, 2 ** 31 - 1)}
-DEFAULTS = {"steps": 25, "n": 16, "scale": 2.5, "seed": 0, "sampler": "DDIM", "method": "minority guidance"}
+LIMITS = {"steps": (5, 100), "n": (1, 16), "scale": (0.0, 10.0), "seed": (0, 2 ** 31 - 1), "gamma": (1.0, 5.0),
+          "skip": (0, 10), "interval": (1, 10)}
+DEFAULTS = {"steps": 25, "n": 16, "scale": 2.5, "seed": 0, "sampler": "DDIM", "method": "minority guidance",
+            "gamma": 3.0, "skip": 3, "interval": 5}
 PREVIEW_SECONDS = 0.5  # at most one grid preview per this many seconds (the first comes after step 1)
 DISPLAY = 128  # gallery thumbnails are upscaled to this side
 
@@ -41,6 +43,9 @@ class GenerateRequest:
     seed: int = DEFAULTS["seed"]
     sampler: str = DEFAULTS["sampler"]
     method: str = DEFAULTS["method"]
+    gamma: float = DEFAULTS["gamma"]  # Boost-and-Skip: initial noise scale
+    skip: int = DEFAULTS["skip"]  # Boost-and-Skip: steps skipped at the noisy end
+    interval: int = DEFAULTS["interval"]  # self-guided: guide every k-th step (its scale is w)
 
     def check(self, num_classes: int) -> "GenerateRequest":
         """The request with numbers coerced, or a MinorityError naming the allowed values."""
@@ -60,7 +65,10 @@ class GenerateRequest:
                 steps=within("steps", int(self.steps), *LIMITS["steps"]),
                 n=within("number of images", int(self.n), *LIMITS["n"]),
                 seed=within("seed", int(self.seed), *LIMITS["seed"]),
-                sampler=self.sampler, method=self.method)
+                sampler=self.sampler, method=self.method,
+                gamma=within("gamma", float(self.gamma), *LIMITS["gamma"]),
+                skip=within("skip", int(self.skip), 0, min(LIMITS["skip"][1], int(self.steps) - 1)),
+                interval=within("interval", int(self.interval), *LIMITS["interval"]))
         except (TypeError, ValueError) as e:
             if isinstance(e, MinorityError):
                 raise
@@ -94,19 +102,19 @@ class Update:
 
 @dataclass
 class Visit:
-    """One visitor's generated samples so far (for the density plots and the map)."""
+    """One visitor's generated samples so far, per method (for the density plots and the map)."""
 
-    standard: list = field(default_factory=list)  # uint8 arrays (N, H, W, C)
-    guided: list = field(default_factory=list)
+    samples: dict = field(default_factory=dict)  # method name -> [uint8 (N, H, W, C)]; 'standard' included
     runs: list = field(default_factory=list)  # Run
 
     def add(self, run: Run) -> "Visit":
         r = run.request
         key = (r.seed, r.steps, r.n, r.sampler)
         if key not in {(q.request.seed, q.request.steps, q.request.n, q.request.sampler) for q in self.runs}:
-            self.standard.append(run.standard)  # the same standard grid (it ignores l and w) is counted once
+            self.samples.setdefault("standard", []).append(run.standard)  # counted once: it ignores l and w
+        if r.method != "standard":
+            self.samples.setdefault(r.method, []).append(run.guided)
         self.runs.append(run)
-        self.guided.append(run.guided)
         return self
 
 
@@ -164,13 +172,25 @@ class Studio:
 
     # ---- generation ---------------------------------------------------------------------------
     def guidance(self, req: GenerateRequest):
-        from core.guidance import ClassifierGuidance, combine
+        """The guidance term of the request's method (None for standard and Boost-and-Skip)."""
+        from core.guidance import ClassifierGuidance, SelfGuidance, combine
+        from core.score import make_distance
 
-        if req.method == "standard":
-            return None
-        return combine(ClassifierGuidance(self.bundle.classifier.net, req.minority_class, req.scale))
+        if req.method == "minority guidance":
+            return combine(ClassifierGuidance(self.bundle.classifier.net, req.minority_class, req.scale))
+        if req.method == "self-guided":  # the bundle's score distance: it works offline
+            d = make_distance(self.bundle.manifest["score"]["distance"], self.device)
+            return combine(SelfGuidance(self.bundle.model, req.scale, d, interval=req.interval, seed=req.seed))
+        return None
 
-    def _sample(self, req: GenerateRequest, guidance, on_step, stop: Optional[threading.Event]) -> np.ndarray:
+    @staticmethod
+    def init(req: GenerateRequest):
+        from core.sampling import BoostSkip
+
+        return BoostSkip(req.gamma, req.skip) if req.method == "Boost-and-Skip" else None
+
+    def _sample(self, req: GenerateRequest, guidance, on_step, stop: Optional[threading.Event],
+                init=None) -> np.ndarray:
         from core.sampling import sample
 
         g = torch.Generator().manual_seed(req.seed)  # the same seed gives the same x_T for both grids
@@ -182,7 +202,7 @@ class Studio:
             on_step(step)
 
         x = sample(self.bundle.model, req.n, steps=req.steps, sampler=SAMPLERS[req.sampler], guidance=guidance,
-                   generator=g, callback=callback)
+                   generator=g, callback=callback, init=init)
         return _u8(x)
 
     def score(self, images: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -217,7 +237,7 @@ class Studio:
                             q.put(Update(stage, step.index + 1, step.total, **{stage: _u8(step.x0_hat)}))
                     return f
 
-                guided = self._sample(req, self.guidance(req), on_step("guided"), stop)
+                guided = self._sample(req, self.guidance(req), on_step("guided"), stop, self.init(req))
                 q.put(Update("guided", req.steps, req.steps, guided=guided))
                 if key not in self._standard_cache:
                     std = self._sample(req, None, on_step("standard"), stop)
@@ -290,7 +310,7 @@ class Studio:
         out = {"real data": {"AvgkNN": np.asarray(knn.decision_scores_), "LOF": np.asarray(lof.decision_scores_)}}
         if est is not None:
             out["real data"]["severity"] = est(self.bundle.real.images)
-        for name, sets in (("standard", visit.standard), ("minority guidance", visit.guided)):
+        for name, sets in visit.samples.items():
             if sets:
                 images = np.concatenate(sets)
                 f = self.features(images).astype(np.float64)
@@ -329,7 +349,7 @@ class Studio:
 
         real = self.bundle.real
         out = {"real": (real.coords, real.score)}
-        for name, sets in (("standard", visit.standard), ("minority guidance", visit.guided)):
+        for name, sets in visit.samples.items():
             if sets:
                 out[name] = project(real, np.concatenate(sets))
         return out
@@ -358,7 +378,8 @@ def export_run(run: Run, folder: Optional[str | Path] = None) -> Path:
     name = f"minority_l{r.minority_class}_w{r.scale:g}_seed{r.seed}.zip"
     rows = io.StringIO()
     w = csv.writer(rows, lineterminator="\n")
-    w.writerow(["file", "grid", "index", "seed", "minority_class", "scale", "steps", "method", "sampler", "score"])
+    w.writerow(["file", "grid", "index", "seed", "minority_class", "scale", "steps", "method", "sampler", "gamma",
+                "skip", "interval", "score"])
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         for grid, images, scores, method, scale in (("guided", run.guided, run.guided_score, r.method, r.scale),
@@ -368,8 +389,10 @@ def export_run(run: Run, folder: Optional[str | Path] = None) -> Path:
                 Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(png, format="PNG")
                 file = f"{grid}/{i:03d}.png"
                 z.writestr(file, png.getvalue())
+                boost = grid == "guided" and r.method == "Boost-and-Skip"
                 w.writerow([file, grid, i, r.seed, r.minority_class, scale, r.steps, method, r.sampler,
-                            f"{scores[i]:.6f}"])
+                            r.gamma if boost else 1.0, r.skip if boost else 0,
+                            r.interval if grid == "guided" and r.method == "self-guided" else "", f"{scores[i]:.6f}"])
         z.writestr("samples.csv", rows.getvalue())
     from core.checkpoint import atomic_write_bytes
 
@@ -394,12 +417,24 @@ def rarity_label(minority_class: int, num_classes: int) -> str:
     return f"l = {minority_class} of 0..{num_classes - 1}: {words}"
 
 
-def on_generate(studio: Studio, minority_class, scale, steps, n, seed, sampler, method, visit: Optional[Visit],
-                stop: Optional[threading.Event] = None):
+def method_summary(req: GenerateRequest, num_classes: int) -> str:
+    """One phrase with the settings that matter for the request's method."""
+    if req.method == "minority guidance":
+        return f"minority guidance at {rarity_label(req.minority_class, num_classes)}, w = {req.scale:g}"
+    if req.method == "self-guided":
+        return f"self-guided, w = {req.scale:g}, every {req.interval} steps"
+    if req.method == "Boost-and-Skip":
+        return f"Boost-and-Skip, gamma = {req.gamma:g}, skip = {req.skip}"
+    return "standard sampler"
+
+
+def on_generate(studio: Studio, minority_class, scale, steps, n, seed, sampler, method, gamma, skip, interval,
+                visit: Optional[Visit], stop: Optional[threading.Event] = None):
     """Generator for the Generate button: yields (guided items, standard items, status markdown,
     download path or None, visit) while sampling runs; the last yield carries the finished run."""
     visit = visit or Visit()
-    req = GenerateRequest(minority_class, scale, steps, n, seed, sampler, method).check(studio.bundle.num_classes)
+    req = GenerateRequest(minority_class, scale, steps, n, seed, sampler, method, gamma, skip, interval).check(
+        studio.bundle.num_classes)
     L = studio.bundle.num_classes
     guided_items, standard_items = [], []
     for u in studio.generate(req, stop):
@@ -415,11 +450,10 @@ def on_generate(studio: Studio, minority_class, scale, steps, n, seed, sampler, 
             path = str(export_run(u.run))
             g, s = u.run.guided_score.mean(), u.run.standard_score.mean()
             status = (f"Done in {u.elapsed:.1f} s: {req.n} images, {req.steps} {req.sampler} steps, "
-                      f"{req.method} at {rarity_label(req.minority_class, L)}, w = {req.scale:g}. "
-                      f"Mean minority score: guided {g:.4f}, standard {s:.4f}.")
+                      f"{method_summary(req, L)}. Mean minority score: {req.method} {g:.4f}, standard {s:.4f}.")
             yield guided_items, standard_items, status, path, visit
             return
-        label = "minority guidance" if u.stage == "guided" else "standard sampler (same seed)"
+        label = req.method if u.stage == "guided" else "standard sampler (same seed)"
         yield (guided_items, standard_items, f"Sampling {label}: step {u.step}/{u.total} ({u.elapsed:.1f} s)",
                None, visit)
 

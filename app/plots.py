@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-COLOURS = {"real data": "0.35", "standard": "tab:blue", "minority guidance": "tab:red"}
+COLOURS = {"real data": "0.35", "standard": "tab:blue", "minority guidance": "tab:red", "self-guided": "tab:green",
+           "Boost-and-Skip": "tab:orange"}
+MARKERS = {"standard": "o", "minority guidance": "*", "self-guided": "^", "Boost-and-Skip": "s"}
 
 
 def _plt():
@@ -49,14 +51,13 @@ def map_figure(points: dict):
     order = np.argsort(score)  # rarest drawn last, on top
     sc = ax.scatter(coords[order, 0], coords[order, 1], c=score[order], s=5, cmap="viridis", alpha=0.8)
     fig.colorbar(sc, ax=ax, label="minority score (higher = more unique)")
-    if "standard" in points:
-        p = points["standard"]
-        ax.scatter(p[:, 0], p[:, 1], s=40, facecolors="none", edgecolors="tab:blue", linewidths=1.5,
-                   label=f"your standard samples ({len(p)})")
-    if "minority guidance" in points:
-        p = points["minority guidance"]
-        ax.scatter(p[:, 0], p[:, 1], s=60, marker="*", color="tab:red", edgecolors="white", linewidths=0.5,
-                   label=f"your guided samples ({len(p)})")
+    for name, p in points.items():
+        if name == "real":
+            continue
+        hollow = name == "standard"
+        ax.scatter(p[:, 0], p[:, 1], s=60 if MARKERS.get(name) == "*" else 36, marker=MARKERS.get(name, "D"),
+                   facecolors="none" if hollow else COLOURS.get(name), edgecolors=COLOURS.get(name) if hollow
+                   else "white", linewidths=1.5 if hollow else 0.5, label=f"your {name} samples ({len(p)})")
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title("Real data (2-D map); your samples placed by their nearest real images", fontsize=10)

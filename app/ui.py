@@ -62,10 +62,20 @@ def build_ui(studio: h.Studio) -> gr.Blocks:
                 with gr.Column(scale=1, min_width=280):
                     l_slider = gr.Slider(0, L - 1, value=L - 1, step=1, label="Minority class l",
                                          info=f"0 = most common … {L - 1} = rarest", elem_id="minority-class")
-                    w_slider = gr.Slider(*h.LIMITS["scale"], value=d["scale"], step=0.1, label="Classifier scale w",
-                                         info="0 = standard sampler", elem_id="scale")
+                    w_slider = gr.Slider(*h.LIMITS["scale"], value=d["scale"], step=0.1, label="Guidance scale w",
+                                         info="classifier scale (minority guidance) or self-guided scale; "
+                                              "0 = standard sampler", elem_id="scale")
                     l_words = gr.Markdown(h.rarity_label(L - 1, L))
-                    method = gr.Radio(list(h.METHODS), value=d["method"], label="Method")
+                    method = gr.Radio(list(h.METHODS), value=d["method"], label="Method", elem_id="method",
+                                      info="self-guided and Boost-and-Skip need no classifier (l is unused)")
+                    with gr.Group(visible=False) as boost_box:
+                        gamma = gr.Slider(*h.LIMITS["gamma"], value=d["gamma"], step=0.1, label="Boost gamma",
+                                          info="initial noise scale (1 = standard)")
+                        skip = gr.Slider(*h.LIMITS["skip"], value=d["skip"], step=1, label="Skip Δt",
+                                         info="sampler steps skipped at the noisy end")
+                    with gr.Group(visible=False) as self_box:
+                        interval = gr.Slider(*h.LIMITS["interval"], value=d["interval"], step=1,
+                                             label="Self-guidance interval k", info="guide every k-th step")
                     sampler = gr.Radio(list(h.SAMPLERS), value=d["sampler"], label="Sampler")
                     steps = gr.Slider(*h.LIMITS["steps"], value=d["steps"], step=1, label="Steps", elem_id="steps")
                     n = gr.Slider(*h.LIMITS["n"], value=d["n"], step=1, label="Number of images", elem_id="n")
@@ -80,7 +90,7 @@ def build_ui(studio: h.Studio) -> gr.Blocks:
                                 "higher = more unique). While sampling runs, the grids preview the current denoised estimate "
                                 "(Tweedie x0_hat).")
                     with gr.Row():
-                        guided = gr.Gallery(label="Minority guidance", columns=4, height=560, object_fit="contain",
+                        guided = gr.Gallery(label="Chosen method", columns=4, height=560, object_fit="contain",
                                             elem_id="guided")
                         standard = gr.Gallery(label="Standard sampler, same seed", columns=4, height=560,
                                               object_fit="contain", elem_id="standard")
@@ -102,8 +112,10 @@ def build_ui(studio: h.Studio) -> gr.Blocks:
 
         # ---- wiring -----------------------------------------------------------------------------
         l_slider.change(lambda v: h.rarity_label(int(v), L), l_slider, l_words, queue=False, api_visibility="private")
+        method.change(lambda m: (gr.update(visible=m == "Boost-and-Skip"), gr.update(visible=m == "self-guided")),
+                      method, [boost_box, self_box], queue=False, api_visibility="private")
         gen = run_btn.click(_readable(functools.partial(h.on_generate, studio)),
-                            [l_slider, w_slider, steps, n, seed, sampler, method, visit],
+                            [l_slider, w_slider, steps, n, seed, sampler, method, gamma, skip, interval, visit],
                             [guided, standard, status, download, visit],
                             api_name="generate", trigger_mode="always_last", concurrency_limit=1,
                             concurrency_id="sampling", show_progress="hidden")

@@ -374,15 +374,45 @@ def cmd_train_classifier(a) -> int:
 # ----------------------------------------------------------------------------------------------
 # sample
 # ----------------------------------------------------------------------------------------------
-METHODS = ("standard", "minority", "mixture")
+METHODS = ("standard", "minority", "mixture", "self-guided", "boost-skip")
+
+
+def self_guided_distance(name: str, device):
+    """--sg-distance auto: LPIPS when its VGG weights are present, else l2 (the cheapest fallback)."""
+    from .score import lpips_weights_present, make_distance
+
+    if name == "auto":
+        name = "lpips" if lpips_weights_present() else "l2"
+    return make_distance(name, device)
+
+
+def build_init(a):
+    """The initialisation term for --method boost-skip (None otherwise)."""
+    from .sampling import BoostSkip
+
+    if a.method != "boost-skip":
+        return None
+    if a.gamma <= 0:
+        raise ValueError(f"--gamma must be > 0, got {a.gamma}")
+    if not 0 <= a.skip < a.steps:
+        raise ValueError(f"--skip must be in [0, {a.steps - 1}] for --steps {a.steps}, got {a.skip}")
+    return BoostSkip(a.gamma, a.skip)
 
 
 def build_guidance(a, model, device):
     """The guidance term for --method (None for standard), validated against the classifier."""
-    from .guidance import ClassifierGuidance, MixtureGuidance, combine
+    from .guidance import ClassifierGuidance, MixtureGuidance, SelfGuidance, combine
     from .models import load_classifier
 
     terms = []
+    if a.method == "self-guided":
+        if not 0 < a.p < 1:
+            raise ValueError(f"--p must be in (0, 1), got {a.p}")
+        if a.interval < 1:
+            raise ValueError(f"--interval must be >= 1, got {a.interval}")
+        terms.append(SelfGuidance(model, a.scale, self_guided_distance(a.sg_distance, device), p=a.p,
+                                  interval=a.interval, seed=a.seed,
+                                  class_labels=a.class_label if model.num_classes else None))
     if a.method in ("minority", "mixture"):
         if not a.classifier:
             raise ValueError(f"--method {a.method} needs --classifier")
@@ -434,6 +464,7 @@ def cmd_sample(a) -> int:
     a.model, a.classifier = resolve(a.bundle, a.model, a.classifier)
     if a.method is None:
         a.method = "minority" if a.classifier else "standard"
+    init = build_init(a)
     acc = _accelerator()
     model = load_diffusion(a.model, acc.device)
     if a.steps > model.schedule.T:
@@ -450,7 +481,7 @@ def cmd_sample(a) -> int:
             g = torch.Generator().manual_seed((a.seed * 1_000_003 + k) % (2 ** 63))  # chunk k: same noise on any process
             x = sample(model, size, steps=a.steps, sampler=a.sampler, eta=a.eta, guidance=guidance,
                        class_labels=a.class_label if model.num_classes else None, generator=g,
-                       callback=lambda s: bar.update(acc.num_processes))
+                       callback=lambda s: bar.update(acc.num_processes), init=init)
             results.append((k, to_uint8(x)))
     gathered = gather_object(results)
     bar.close()
@@ -461,7 +492,8 @@ def cmd_sample(a) -> int:
                 "sampler": a.sampler, "method": a.method, "eta": a.eta, "n": a.n, "batch_size": a.batch_size,
                 "model": str(a.model), "classifier": str(a.classifier or ""), "class_label": a.class_label,
                 "extra_classifier": str(a.extra_classifier or ""), "extra_class": a.extra_class,
-                "extra_scale": a.extra_scale}
+                "extra_scale": a.extra_scale, "p": a.p, "interval": a.interval, "sg_distance": a.sg_distance,
+                "gamma": a.gamma, "skip": a.skip}
     buf = io.BytesIO()
     np.savez(buf, images=images, settings_json=np.array(json.dumps(settings)),
              **{k: np.array(v if v is not None else -1) for k, v in settings.items() if k in
@@ -680,9 +712,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default=None, help="run folder, diffusers folder or hub id")
     m.add_argument("--bundle", default=None, help="a bundle folder: stands for --model B --classifier B")
     m.add_argument("--classifier", default=None)
-    m.add_argument("--method", default=None, help="standard | minority | mixture (default: minority with --classifier)")
+    m.add_argument("--method", default=None, help="standard | minority | mixture | self-guided | boost-skip "
+                                                  "(default: minority with --classifier, else standard)")
     m.add_argument("--minority-class", type=int, default=0, help="target class l in [0, L): L-1 = rarest")
-    m.add_argument("--scale", type=float, default=1.0, help="classifier scale w >= 0 (0 = standard sampler)")
+    m.add_argument("--scale", type=float, default=1.0, help="guidance scale w >= 0 (classifier or self-guided; 0 = standard sampler)")
     m.add_argument("--n", "--num-samples", dest="n", type=int, default=16,
                    help="number of images (write --num-samples under torchrun / accelerate launch, whose own "
                         "parsers take --n for an abbreviation of their flags)")
@@ -695,6 +728,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--extra-classifier", default=None, help="a second classifier added on top (Appendix D.9)")
     m.add_argument("--extra-class", type=int, default=0)
     m.add_argument("--extra-scale", type=float, default=1.0)
+    m.add_argument("--p", type=float, default=0.8, help="self-guided: re-noising level t' = p T, in (0, 1)")
+    m.add_argument("--interval", type=int, default=5, help="self-guided: guide every k-th step")
+    m.add_argument("--sg-distance", default="auto", help="self-guided: auto (lpips if its weights are present, "
+                                                         "else l2) | lpips | lpips-rand | ssim | l2 | l1")
+    m.add_argument("--gamma", type=float, default=3.0, help="boost-skip: initial noise scale gamma > 0")
+    m.add_argument("--skip", type=int, default=3, help="boost-skip: sampler steps skipped at the noisy end")
     m.add_argument("--out", required=True, help="samples.npz")
     m.set_defaults(func=cmd_sample)
 

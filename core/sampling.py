@@ -20,6 +20,24 @@ SAMPLERS = ("ddim", "ddpm")
 
 
 @dataclass(frozen=True)
+class BoostSkip:
+    """Boost-and-Skip (Um & Ye, ICML 2025), an initialisation term: start from ``gamma`` * N(0, I) and skip
+    the first ``skip`` steps of the (respaced) sampling schedule. gamma = 1, skip = 0 is the standard start."""
+
+    gamma: float = 1.0  # > 0; the paper uses 2.5 .. 4.0
+    skip: int = 0  # Delta_t >= 0 steps dropped from the noisy end
+
+    def __call__(self, x_T: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_T (N, C, H, W) ~ N(0, I), timesteps (S,) ascending -> (boosted x_T, the kept timesteps)."""
+        if self.gamma <= 0:
+            raise ValueError(f"gamma must be > 0, got {self.gamma}")
+        if not 0 <= self.skip < len(timesteps):
+            raise ValueError(f"skip must be in [0, {len(timesteps) - 1}] for {len(timesteps)} steps, got {self.skip}")
+        kept = timesteps[:len(timesteps) - self.skip]
+        return (x_T if self.gamma == 1 else self.gamma * x_T), kept
+
+
+@dataclass(frozen=True)
 class SamplerStep:
     """What a sampler reports after each step: ``x0_hat`` (N, C, H, W) in [-1, 1] is the current denoised estimate."""
 
@@ -101,8 +119,9 @@ def sample_ddim(model, x_T: torch.Tensor, timesteps: torch.Tensor, *, guidance: 
 def sample(model, n: int, *, steps: int = 50, sampler: str = "ddim", eta: float = 0.0,
            guidance: Optional[Guidance] = None, class_labels: Optional[torch.Tensor] = None,
            generator: Optional[torch.Generator] = None, callback: Optional[StepCallback] = None,
-           clip_denoised: bool = True) -> torch.Tensor:
-    """Draw ``n`` images (n, C, H, W) in [-1, 1] from x_T ~ N(0, I) with the named sampler."""
+           clip_denoised: bool = True, init: Optional[BoostSkip] = None) -> torch.Tensor:
+    """Draw ``n`` images (n, C, H, W) in [-1, 1] from x_T ~ N(0, I) with the named sampler; ``init`` may
+    change the start (Boost-and-Skip) before the loop runs."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if sampler not in SAMPLERS:
@@ -111,6 +130,8 @@ def sample(model, n: int, *, steps: int = 50, sampler: str = "ddim", eta: float 
     device = model.device
     shape = (n, model.channels, model.image_size, model.image_size)
     x_T = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    if init is not None:
+        x_T, timesteps = init(x_T, timesteps)
     if class_labels is not None:
         class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).expand(n)
     kwargs = dict(guidance=guidance, class_labels=class_labels, generator=generator, callback=callback,

@@ -30,7 +30,10 @@ def test_building_the_ui_loads_no_weights():
     ({"scale": 11}, "scale w must be in"),
     ({"n": 0}, "number of images"),
     ({"steps": 1000}, "steps must be in"),
-    ({"method": "magic"}, "allowed: minority guidance, standard"),
+    ({"method": "magic"}, "allowed: minority guidance, self-guided, Boost-and-Skip, standard"),
+    ({"method": "Boost-and-Skip", "skip": 30}, "skip must be in"),
+    ({"method": "Boost-and-Skip", "gamma": 0.5}, "gamma must be in"),
+    ({"interval": 0}, "interval must be in"),
     ({"sampler": "euler"}, "allowed: DDIM"),
     ({"seed": "abc"}, "invalid setting"),
 ])
@@ -74,11 +77,11 @@ def test_stop_ends_the_run_and_the_steps(studio):
 
 
 def test_on_generate_yields_gallery_items_and_a_download(studio, tmp_path):
-    out = list(h.on_generate(studio, 49, 2.5, 5, 3, 4, "DDIM", "minority guidance", None))
+    out = list(h.on_generate(studio, 49, 2.5, 5, 3, 4, "DDIM", "minority guidance", 3.0, 3, 5, None))
     guided, standard, status, path, visit = out[-1]
-    assert len(guided) == 3 and len(standard) == 3
+    assert len(guided) == 3 and len(standard) == 3 and "l = 49" in status
     assert guided[0][0].shape == (h.DISPLAY, h.DISPLAY, 3) and float(guided[0][1]) > 0
-    assert status.startswith("Done") and len(visit.runs) == 1
+    assert status.startswith("Done") and len(visit.runs) == 1 and set(visit.samples) == {"standard", "minority guidance"}
     with zipfile.ZipFile(path) as z:
         rows = list(csv.DictReader(io.StringIO(z.read("samples.csv").decode())))
         assert len([n for n in z.namelist() if n.endswith(".png")]) == 6
@@ -115,10 +118,23 @@ def test_density_and_map_include_the_visit(studio):
     dens, mp = h.on_density(studio, visit)
     assert len(dens.axes) >= 3 and mp.axes
     h.Visit.add(visit, run)  # the same standard grid is not counted twice
-    assert len(visit.standard) == 1 and len(visit.guided) == 2
+    assert len(visit.samples["standard"]) == 1 and len(visit.samples["minority guidance"]) == 2
 
 
 def test_rarity_label_words():
     assert h.rarity_label(0, 50).endswith("most common")
     assert h.rarity_label(49, 50).endswith("rarest")
     assert h.class_choices(3) == ["all", "0", "1", "2"]
+
+
+@pytest.mark.parametrize("method, extra", [("self-guided", {"interval": 2}), ("Boost-and-Skip", {"gamma": 3.0, "skip": 2})])
+def test_training_free_methods_in_the_app(studio, method, extra):
+    req = h.GenerateRequest(0, 2.0, steps=6, n=2, seed=8, method=method, **extra)
+    run = studio.generate_all(req)
+    assert run.guided.shape == run.standard.shape and not np.array_equal(run.guided, run.standard)
+    same = studio.generate_all(h.GenerateRequest(0, 0.0, steps=6, n=2, seed=8, method=method,
+                                                 **({"gamma": 1.0, "skip": 0} if method == "Boost-and-Skip" else extra)))
+    assert np.array_equal(same.guided, same.standard)  # scale 0 / gamma 1 with no skip = standard
+    visit = h.Visit().add(run)
+    assert set(studio.density_values(visit)) == {"real data", "standard", method}
+    assert method in h.method_summary(req, 50)

@@ -100,7 +100,29 @@ def test_scale_zero_equals_standard_sampler(pipeline, tmp_path, sampler):
     assert not np.array_equal(w, s), "a positive scale must change the samples"
 
 
+def test_training_free_methods_from_the_cli(pipeline, tmp_path):
+    _, _, run = pipeline
+    std = sample_args(run, tmp_path / "s.npz", classifier=None, method="standard")
+    assert main(std) == 0
+    # gamma 1 / no skip and self-guided scale 0 reproduce the standard sampler exactly
+    assert main(sample_args(run, tmp_path / "b1.npz", classifier=None, method="boost-skip", gamma=1, skip=0)) == 0
+    assert main(sample_args(run, tmp_path / "g0.npz", classifier=None, method="self-guided", scale=0)) == 0
+    assert main(sample_args(run, tmp_path / "b.npz", classifier=None, method="boost-skip", gamma=3, skip=2)) == 0
+    assert main(sample_args(run, tmp_path / "g.npz", classifier=None, method="self-guided", scale=2,
+                            interval=2, sg_distance="l2")) == 0
+    s, b1, g0, b, g = (np.load(tmp_path / f"{n}.npz")["images"] for n in ("s", "b1", "g0", "b", "g"))
+    assert np.array_equal(s, b1) and np.array_equal(s, g0)
+    assert not np.array_equal(s, b) and not np.array_equal(s, g)
+    settings = json.loads(str(np.load(tmp_path / "b.npz")["settings_json"]))
+    assert settings["method"] == "boost-skip" and settings["gamma"] == 3 and settings["skip"] == 2
+
+
 BAD = [
+    ({"method": "boost-skip", "skip": 8}, "--skip must be in [0, 7]"),
+    ({"method": "boost-skip", "gamma": 0}, "--gamma must be > 0"),
+    ({"method": "self-guided", "p": 1.2}, "--p must be in (0, 1)"),
+    ({"method": "self-guided", "interval": 0}, "--interval must be >= 1"),
+    ({"method": "self-guided", "sg_distance": "cosine"}, "allowed"),
     ({"minority_class": 4}, "--minority-class must be in [0, 4)"),
     ({"minority_class": -1}, "--minority-class must be in [0, 4)"),
     ({"scale": -1}, "--scale must be >= 0"),
@@ -108,7 +130,7 @@ BAD = [
     ({"steps": 0}, "--steps must be >= 1"),
     ({"steps": 5000}, "--steps must be in [1, 1000]"),
     ({"sampler": "euler"}, "allowed: ddim, ddpm"),
-    ({"method": "magic"}, "allowed: standard, minority, mixture"),
+    ({"method": "magic"}, "allowed: standard, minority, mixture, self-guided, boost-skip"),
     ({"eta": 2}, "--eta must be in [0, 1]"),
 ]
 
