@@ -10,8 +10,11 @@
    random ResNet-50 feature space (core.metrics, input 128 px), wall time per image.
 4. Severity against the target class l (w fixed) and the scale w (l fixed), as in Figure 3, with a plot.
 
+5. Issue 6: self-guided and Boost-and-Skip beside minority guidance on the same seeds: a small sweep of
+   each (at --sweep-n), then the chosen setting at --n, in one table (docs/results/methods_table.md).
+
 Usage: python benchmarks/validate_demo.py [--bundle assets/mri-atrophy] [--n 256] [--steps 50]
-Writes docs/results/validate_demo.json, docs/results/demo_severity.png and docs/results/demo_samples.png.
+Writes docs/results/validate_demo.json, methods_table.md, demo_severity.png and demo_samples.png.
 """
 from __future__ import annotations
 
@@ -26,9 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.bundle import load_bundle  # noqa: E402
-from core.guidance import ClassifierGuidance, combine  # noqa: E402
+from core.guidance import ClassifierGuidance, SelfGuidance, combine  # noqa: E402
 from core.metrics import avg_knn, extract_features, lof, make_extractor, precision_recall  # noqa: E402
-from core.sampling import sample, to_uint8  # noqa: E402
+from core.sampling import BoostSkip, sample, to_uint8  # noqa: E402
+from core.score import make_distance  # noqa: E402
 from core.severity import SeverityEstimator  # noqa: E402
 
 
@@ -38,12 +42,13 @@ def spearman(a, b) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def run_sampler(model, n, steps, sampler, guidance, seed, batch=64):
+def run_sampler(model, n, steps, sampler, guidance, seed, batch=64, init=None):
     out = []
     t0 = time.perf_counter()
     for k, s in enumerate(range(0, n, batch)):
         g = torch.Generator().manual_seed((seed * 1_000_003 + k) % (2 ** 63))
-        out.append(to_uint8(sample(model, min(batch, n - s), steps=steps, sampler=sampler, guidance=guidance, generator=g)))
+        out.append(to_uint8(sample(model, min(batch, n - s), steps=steps, sampler=sampler, guidance=guidance,
+                                   generator=g, init=init)))
     return np.concatenate(out), (time.perf_counter() - t0) / n
 
 
@@ -56,6 +61,10 @@ def main():
     p.add_argument("--scale", type=float, default=2.5, help="w of the main comparison")
     p.add_argument("--scales", default="1,2.5,5", help="w values at the rarest class")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--real-n", type=int, default=3000, help="real images in the feature-space reference set")
+    p.add_argument("--sweep-n", type=int, default=128, help="samples per setting in the training-free sweep")
+    p.add_argument("--sg-scales", default="1,2,4", help="self-guided scales swept (interval 5, p 0.8)")
+    p.add_argument("--gammas", default="2,3,4", help="Boost-and-Skip gammas swept (skip 3)")
     p.add_argument("--feature-size", type=int, default=128, help="random ResNet-50 input size (antialiased resize)")
     p.add_argument("--out", default="docs/results")
     a = p.parse_args()
@@ -90,7 +99,7 @@ def main():
 
     extractor = make_extractor("resnet50-random", seed=a.seed, image_size=a.feature_size)
     res["features"] = extractor.info
-    sub = rng.choice(len(real.images), size=min(3000, len(real.images)), replace=False)
+    sub = rng.choice(len(real.images), size=min(a.real_n, len(real.images)), replace=False)
     real_f = extract_features(extractor, real.images[sub]).pooled
 
     def evaluate(name, images, sec):
@@ -131,8 +140,57 @@ def main():
     res["precision_drop"] = std["precision"] - sets[main_key][1]["precision"]
     print(f"share above p90: minority/standard = {res['share_ratio']:.2f}x (target >= 3); precision drop "
           f"{res['precision_drop']:+.3f} (target <= 0.1)", flush=True)
+    _training_free(a, b, sets, evaluate, res, out)
     (out / "validate_demo.json").write_text(json.dumps(res, indent=2) + "\n")
     _plots(out, sets, real_est, thr, L, a.scale)
+
+
+def _training_free(a, b, sets, evaluate, res, out):
+    """Issue 6: self-guided and Boost-and-Skip beside minority guidance, same seeds, one table. Each method's
+    setting is the one with the largest share above p90 whose precision stays within 0.1 of the standard
+    sampler's (minority guidance: over the w values already run at l = L-1; the others: a sweep at --sweep-n)."""
+    L = b.num_classes
+    std = sets["standard"][1]
+    floor = std["precision"] - 0.1
+
+    def best(rows):
+        ok = [r for r in rows if r[1]["precision"] >= floor] or rows
+        return max(ok, key=lambda r: r[1]["share_above_p90"])
+
+    distance = make_distance(b.manifest["score"]["distance"])
+    sweep = {"self-guided": [], "boost-skip": []}
+    for w in (float(v) for v in a.sg_scales.split(",")):
+        term = combine(SelfGuidance(b.model, w, distance, interval=5, seed=a.seed))
+        imgs, sec = run_sampler(b.model, a.sweep_n, a.steps, a.sampler, term, a.seed)
+        sweep["self-guided"].append(({"scale": w, "interval": 5, "p": 0.8}, evaluate(f"sweep self-guided w={w:g}", imgs, sec)))
+    for gamma in (float(v) for v in a.gammas.split(",")):
+        imgs, sec = run_sampler(b.model, a.sweep_n, a.steps, a.sampler, None, a.seed, init=BoostSkip(gamma, 3))
+        sweep["boost-skip"].append(({"gamma": gamma, "skip": 3}, evaluate(f"sweep boost-skip gamma={gamma:g}", imgs, sec)))
+    minority = [({"minority_class": L - 1, "scale": float(k.split("w=")[1])}, r) for k, (_, r) in sets.items()
+                if k.startswith(f"l={L - 1},")]
+    table = [("standard", {}, std)]
+    cfg, _ = best(minority)
+    table.append(("minority guidance", cfg, sets[f"l={L - 1},w={cfg['scale']:g}"][1]))
+    cfg, _ = best(sweep["self-guided"])
+    term = combine(SelfGuidance(b.model, cfg["scale"], distance, interval=cfg["interval"], seed=a.seed))
+    imgs, sec = run_sampler(b.model, a.n, a.steps, a.sampler, term, a.seed)
+    sets["self-guided"] = (imgs, evaluate(f"self-guided w={cfg['scale']:g}", imgs, sec))
+    table.append(("self-guided", cfg, sets["self-guided"][1]))
+    cfg, _ = best(sweep["boost-skip"])
+    imgs, sec = run_sampler(b.model, a.n, a.steps, a.sampler, None, a.seed, init=BoostSkip(cfg["gamma"], cfg["skip"]))
+    sets["boost-skip"] = (imgs, evaluate(f"boost-skip gamma={cfg['gamma']:g}", imgs, sec))
+    table.append(("Boost-and-Skip", cfg, sets["boost-skip"][1]))
+    res["training_free_sweep"] = {k: [{"setting": c, **{kk: vv for kk, vv in r.items() if kk != "severity"}}
+                                      for c, r in v] for k, v in sweep.items()}
+    res["methods"] = [{"method": m, "setting": c, **{k: v for k, v in r.items() if k != "severity"}} for m, c, r in table]
+    lines = [f"| method | setting | share > real p90 | mean severity | AvgkNN | LOF | precision | recall | s/image |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m, c, r in table:
+        setting = ", ".join(f"{k} {v:g}" for k, v in c.items()) or "-"
+        lines.append(f"| {m} | {setting} | {r['share_above_p90']:.3f} | {r['mean_severity']:.3f} | {r['avgknn']:.3f} | "
+                     f"{r['lof']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['s_per_image']:.3f} |")
+    (out / "methods_table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
 
 
 def _plots(out, sets, real_est, thr, L, scale):
@@ -166,7 +224,8 @@ def _plots(out, sets, real_est, thr, L, scale):
     fig.savefig(out / "demo_severity.png", dpi=110)
     plt.close(fig)
 
-    keys = ["standard"] + [k for k in sets if k.startswith(f"l={L - 1},w={scale:g}")] + [f"l=0,w={scale:g}"]
+    keys = ["standard"] + [k for k in sets if k.startswith(f"l={L - 1},w={scale:g}")] + [f"l=0,w={scale:g}"] \
+        + [k for k in ("self-guided", "boost-skip") if k in sets]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 4.3))
     for ax, key in zip(axes, keys):
         imgs = sets[key][0][:16, :, :, 0]
