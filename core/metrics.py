@@ -7,7 +7,6 @@ are taken in row chunks of at most ``CHUNK`` rows. Higher AvgkNN / LOF / Rarity 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from .errors import DataError, OfflineError
+from .score import _offline
 
 FEATURES = ("resnet50-random", "resnet50", "inception", "classifier")
 CHUNK = 1024  # rows of a distance block: CHUNK x N float64 at a time
@@ -43,10 +43,6 @@ class Features:
 
     pooled: np.ndarray
     spatial: np.ndarray
-
-
-def _offline() -> bool:
-    return any(os.environ.get(k, "0") not in ("0", "", "false", "False") for k in ("HF_HUB_OFFLINE", "MINORITY_OFFLINE"))
 
 
 def _imagenet_input(x: torch.Tensor, size: int) -> torch.Tensor:
