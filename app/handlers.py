@@ -30,6 +30,7 @@ DEFAULTS = {"steps": 25, "n": 16, "scale": 2.5, "seed": 0, "sampler": "DDIM", "m
             "gamma": 3.0, "skip": 3, "interval": 5}
 PREVIEW_SECONDS = 0.5  # at most one grid preview per this many seconds (the first comes after step 1)
 DISPLAY = 128  # gallery thumbnails are upscaled to this side
+KEEP_EXPORTS = 64  # download zips kept in the Studio's temp folder
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,8 @@ class Studio:
         self._standard_cache: dict = {}
         self._density = None
         self._severity = None
+        self._distance = None
+        self.export_dir = Path(tempfile.mkdtemp(prefix="minority-studio-"))
         self.warm_seconds: Optional[float] = None
         self.steps_done = 0  # sampler steps run by this process (a Stop must freeze it)
 
@@ -165,8 +168,10 @@ class Studio:
         t0 = time.perf_counter()
         self.density_model()
         self.severity_estimator()
-        self.generate_all(GenerateRequest(0, 0.0, steps=LIMITS["steps"][0], n=1))  # first-call JIT/alloc costs
-        self._standard_cache.clear()
+        warm = GenerateRequest(0, 0.0, steps=LIMITS["steps"][0], n=1)
+        self.generate_all(warm)  # first-call allocation costs, paid before the first visitor
+        with self._lock:
+            self._standard_cache.pop((warm.seed, warm.steps, warm.n, warm.sampler), None)
         self.warm_seconds = time.perf_counter() - t0
         return self
 
@@ -174,13 +179,12 @@ class Studio:
     def guidance(self, req: GenerateRequest):
         """The guidance term of the request's method (None for standard and Boost-and-Skip)."""
         from core.guidance import ClassifierGuidance, SelfGuidance, combine
-        from core.score import make_distance
 
         if req.method == "minority guidance":
             return combine(ClassifierGuidance(self.bundle.classifier.net, req.minority_class, req.scale))
         if req.method == "self-guided":  # the bundle's score distance: it works offline
-            d = make_distance(self.bundle.manifest["score"]["distance"], self.device)
-            return combine(SelfGuidance(self.bundle.model, req.scale, d, interval=req.interval, seed=req.seed))
+            return combine(SelfGuidance(self.bundle.model, req.scale, self.distance(), interval=req.interval,
+                                        seed=req.seed))
         return None
 
     @staticmethod
@@ -214,7 +218,16 @@ class Studio:
                                  clip=bool(s.get("clip", True)))
         x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
         idx = torch.arange(len(images)) + seed * 1000
-        return minority_scores(self.bundle.model, x, idx, settings, make_distance(settings.distance, self.device))
+        return minority_scores(self.bundle.model, x, idx, settings, self.distance())
+
+    def distance(self):
+        """The bundle's score distance, with its seed (lpips-rand's random trunk depends on it); built once."""
+        from core.score import make_distance
+
+        if self._distance is None:
+            s = self.bundle.manifest["score"]
+            self._distance = make_distance(s["distance"], self.device, seed=int(s["seed"]))
+        return self._distance
 
     def generate(self, req: GenerateRequest, stop: Optional[threading.Event] = None) -> Iterator[Update]:
         """Guided grid first (with previews of x0_hat), then the standard grid with the same seed (cached:
@@ -238,12 +251,16 @@ class Studio:
                     return f
 
                 guided = self._sample(req, self.guidance(req), on_step("guided"), stop, self.init(req))
-                q.put(Update("guided", req.steps, req.steps, guided=guided))
-                if key not in self._standard_cache:
+                kept = req.steps - (req.skip if req.method == "Boost-and-Skip" else 0)
+                q.put(Update("guided", kept, kept, guided=guided))
+                with self._lock:
+                    cached = self._standard_cache.get(key)
+                if cached is None:
                     std = self._sample(req, None, on_step("standard"), stop)
-                    std_score = self.score(std, req.seed)
-                    self._standard_cache = {**dict(list(self._standard_cache.items())[-7:]), key: (std, std_score)}
-                std, std_score = self._standard_cache[key]
+                    cached = (std, self.score(std, req.seed))
+                    with self._lock:  # keep the 8 newest grids
+                        self._standard_cache = {**dict(list(self._standard_cache.items())[-7:]), key: cached}
+                std, std_score = cached
                 run = Run(req, guided, self.score(guided, req.seed), std, std_score, time.perf_counter() - t0)
                 q.put(Update("done", req.steps, req.steps, guided=guided, standard=std, run=run))
             except Stopped:
@@ -374,8 +391,11 @@ def export_run(run: Run, folder: Optional[str | Path] = None) -> Path:
     from PIL import Image
 
     folder = Path(folder or tempfile.mkdtemp(prefix="minority-"))
+    old = sorted(folder.glob("*.zip"), key=lambda f: f.stat().st_mtime)
+    for f in old[:-(KEEP_EXPORTS - 1)] if len(old) >= KEEP_EXPORTS else []:
+        f.unlink(missing_ok=True)  # a long-lived Space keeps only the newest downloads
     r = run.request
-    name = f"minority_l{r.minority_class}_w{r.scale:g}_seed{r.seed}.zip"
+    name = f"{r.method.replace(' ', '-')}_l{r.minority_class}_w{r.scale:g}_seed{r.seed}_{time.time_ns() % 10**9}.zip"
     rows = io.StringIO()
     w = csv.writer(rows, lineterminator="\n")
     w.writerow(["file", "grid", "index", "seed", "minority_class", "scale", "steps", "method", "sampler", "gamma",
@@ -447,7 +467,7 @@ def on_generate(studio: Studio, minority_class, scale, steps, n, seed, sampler, 
             standard_items = captions(u.standard, u.run.standard_score if u.run else None)
         if u.stage == "done":
             visit.add(u.run)
-            path = str(export_run(u.run))
+            path = str(export_run(u.run, studio.export_dir))
             g, s = u.run.guided_score.mean(), u.run.standard_score.mean()
             status = (f"Done in {u.elapsed:.1f} s: {req.n} images, {req.steps} {req.sampler} steps, "
                       f"{method_summary(req, L)}. Mean minority score: {req.method} {g:.4f}, standard {s:.4f}.")

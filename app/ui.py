@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 
 import gradio as gr
 
 from core.errors import MinorityError
 
 from . import handlers as h
+
+log = logging.getLogger("minority-studio")
 
 QUEUE_SIZE = 8  # pending requests beyond this get a clean "queue full" error
 MAX_FILE_SIZE = "1mb"  # the app takes no uploads; anything larger is refused with 413
@@ -26,7 +29,8 @@ def _readable(fn):
             return e
         if isinstance(e, MinorityError):
             return gr.Error(str(e))
-        return gr.Error(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected error'}")
+        log.error("unexpected error in %s", fn.__name__, exc_info=e)  # details stay in the server log
+        return gr.Error(f"Unexpected error ({type(e).__name__}); the details are in the server log.")
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)

@@ -474,7 +474,8 @@ def cmd_sample(a) -> int:
             raise ValueError(f"the model is class-conditional: --class-label must be in [0, {model.num_classes})")
     guidance = build_guidance(a, model, acc.device)
     chunks = [(k, min(a.batch_size, a.n - s)) for k, s in enumerate(range(0, a.n, a.batch_size))]
-    bar = _bar(len(chunks) * a.steps, f"sample ({a.method}, {a.sampler})", enabled=acc.is_main_process)
+    steps_run = a.steps - (init.skip if init is not None else 0)
+    bar = _bar(len(chunks) * steps_run, f"sample ({a.method}, {a.sampler})", enabled=acc.is_main_process)
     results = []
     with acc.split_between_processes(chunks) as mine:
         for k, size in mine:
@@ -492,8 +493,11 @@ def cmd_sample(a) -> int:
                 "sampler": a.sampler, "method": a.method, "eta": a.eta, "n": a.n, "batch_size": a.batch_size,
                 "model": str(a.model), "classifier": str(a.classifier or ""), "class_label": a.class_label,
                 "extra_classifier": str(a.extra_classifier or ""), "extra_class": a.extra_class,
-                "extra_scale": a.extra_scale, "p": a.p, "interval": a.interval, "sg_distance": a.sg_distance,
-                "gamma": a.gamma, "skip": a.skip}
+                "extra_scale": a.extra_scale}
+    if a.method == "self-guided":
+        settings.update(p=a.p, interval=a.interval, sg_distance=a.sg_distance)
+    if a.method == "boost-skip":
+        settings.update(gamma=a.gamma, skip=a.skip)
     buf = io.BytesIO()
     np.savez(buf, images=images, settings_json=np.array(json.dumps(settings)),
              **{k: np.array(v if v is not None else -1) for k, v in settings.items() if k in
@@ -739,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="AvgkNN, LOF, Rarity, FID, sFID, precision/recall: report.json/.md, density.png")
     e.add_argument("--real", required=True, help="a bundle, an image/NIfTI folder, or a .npz of real images")
-    e.add_argument("--generated", required=True, nargs="+", help="one or more .npz written by sample (or folders)")
+    e.add_argument("--generated", required=True, nargs="+", help="one or more .npz written by sample")
     e.add_argument("--out", required=True, help="report folder")
     e.add_argument("--features", default="resnet50-random",
                    help="resnet50-random (default, offline) | resnet50 | inception | classifier")

@@ -2,8 +2,8 @@
 
 A term never touches the sampler loop: the sampler turns the returned gradient into a mean
 shift (ancestral DDPM, ADM ``condition_mean``) or an eps shift (DDIM, ADM ``condition_score``).
-Terms compose by summation (Appendix D.9). Gradients flow through the classifier only, never
-through the diffusion backbone.
+Terms compose by summation (Appendix D.9). Classifier terms backpropagate through the classifier
+only; the self-guided term (no classifier) backpropagates through the diffusion backbone's x0_hat.
 """
 from __future__ import annotations
 

@@ -45,15 +45,18 @@ class Features:
     spatial: np.ndarray
 
 
-def _imagenet_input(x: torch.Tensor, size: int) -> torch.Tensor:
-    """[-1, 1] (N, 1|3, H, W) -> ImageNet-normalised (N, 3, size, size): grey repeated to 3 channels,
-    bicubic antialiased resize (as clean-fid argues: no aliasing when downsampling)."""
+def _imagenet_input(x: torch.Tensor, size: int, inception: bool = False) -> torch.Tensor:
+    """[-1, 1] (N, 1|3, H, W) -> (N, 3, size, size): grey repeated to 3 channels, bicubic antialiased resize
+    (as clean-fid argues: no aliasing when downsampling), then ImageNet mean/std normalisation, or for
+    Inception-v3's ported TF weights the (x - 0.5) / 0.5 they were trained with (torchvision's transform_input)."""
     x = (x.float() + 1) / 2
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     if x.shape[-1] != size or x.shape[-2] != size:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     x = x.clamp(0, 1)
+    if inception:
+        return (x - 0.5) / 0.5
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -95,17 +98,21 @@ def _resnet50(pretrained: bool, seed: int, size: int, device) -> FeatureExtracto
                              "weights": "IMAGENET1K_V1" if pretrained else "random (kaiming init)"})
 
 
-def _inception(size: int, device) -> FeatureExtractor:
+def _inception(size: int, device, pretrained: bool = True) -> FeatureExtractor:
+    """torchvision Inception-v3 (``pretrained=False``: seeded random weights, for tests of the input path)."""
     from torchvision.models import Inception_V3_Weights, inception_v3
 
-    net = inception_v3(weights=None, aux_logits=True, init_weights=False)
-    net.load_state_dict(_pretrained(Inception_V3_Weights.IMAGENET1K_V1, "inception"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = inception_v3(weights=None, aux_logits=True, init_weights=not pretrained)
+    if pretrained:
+        net.load_state_dict(_pretrained(Inception_V3_Weights.IMAGENET1K_V1, "inception"))
     net = net.to(device).eval().requires_grad_(False)
     names = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
              "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"]
 
     def fn(x):
-        h = _imagenet_input(x, size)
+        h = _imagenet_input(x, size, inception=True)
         for n in names:
             h = getattr(net, n)(h)
         mid = h  # Mixed_6e, 768 x 17 x 17 at 299 px: the sFID layer

@@ -152,6 +152,33 @@ def test_pretrained_features_offline_name_the_fallback(tmp_path, monkeypatch):
         make_extractor("vgg")
 
 
+def _trunk(net, h):
+    for n in ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+              "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"]:
+        h = getattr(net, n)(h)
+    return h
+
+
+def test_inception_input_matches_torchvisions_own_transform():
+    """Inception's ported weights expect (x - 0.5) / 0.5: our layer-by-layer path must equal torchvision's
+    forward with transform_input=True (which takes ImageNet-normalised input and converts it)."""
+    from core.metrics import IMAGENET_MEAN, IMAGENET_STD, _inception
+
+    ex = _inception(96, "cpu", pretrained=False)
+    net = ex.fn.__closure__[[c.cell_contents.__class__.__name__ for c in ex.fn.__closure__].index("Inception3")].cell_contents
+    net.transform_input = True
+    x = torch.rand(2, 3, 96, 96)
+    pooled, _ = ex.fn(x * 2 - 1)
+    z = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ours, theirs = net.fc(pooled), net(z)
+    scale = float(theirs.abs().max())  # random weights give huge logits: compare relative to their size
+    assert float((ours - theirs).abs().max()) < 1e-3 * scale
+    with torch.no_grad():  # the ImageNet normalisation would be far off: the check can fail
+        wrong = net.fc(torch.flatten(net.avgpool(net.Mixed_7c(net.Mixed_7b(net.Mixed_7a(_trunk(net, z))))), 1))
+    assert float((wrong - theirs).abs().max()) > 1e-2 * scale
+
+
 def test_classifier_features():
     from core.models import ClassifierConfig, LoadedClassifier, NoiseConditionedClassifier
 
