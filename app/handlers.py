@@ -444,7 +444,9 @@ def method_summary(req: GenerateRequest, num_classes: int) -> str:
     if req.method == "self-guided":
         return f"self-guided, w = {req.scale:g}, every {req.interval} steps"
     if req.method == "Boost-and-Skip":
-        return f"Boost-and-Skip, gamma = {req.gamma:g}, skip = {req.skip}"
+        warn = " (meant for the ancestral sampler: with DDIM the boosted variance is never removed)" \
+            if req.sampler == "DDIM" and req.gamma != 1 else ""
+        return f"Boost-and-Skip, gamma = {req.gamma:g}, skip = {req.skip}{warn}"
     return "standard sampler"
 
 

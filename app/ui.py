@@ -50,6 +50,14 @@ def _readable(fn):
     return plain
 
 
+def _method_controls(method: str) -> tuple:
+    """Show the chosen method's own controls; Boost-and-Skip switches to the ancestral sampler, whose fresh
+    noise contracts the boosted variance (with DDIM the images saturate: docs/RESULTS.md)."""
+    boost = method == "Boost-and-Skip"
+    return (gr.update(visible=boost), gr.update(visible=method == "self-guided"),
+            gr.update(value="ancestral (DDPM)") if boost else gr.update())
+
+
 def build_ui(studio: h.Studio) -> gr.Blocks:
     """The Blocks app over one Studio; builds the layout from the manifest alone (no weights loaded)."""
     manifest = studio.manifest()
@@ -116,8 +124,8 @@ def build_ui(studio: h.Studio) -> gr.Blocks:
 
         # ---- wiring -----------------------------------------------------------------------------
         l_slider.change(lambda v: h.rarity_label(int(v), L), l_slider, l_words, queue=False, api_visibility="private")
-        method.change(lambda m: (gr.update(visible=m == "Boost-and-Skip"), gr.update(visible=m == "self-guided")),
-                      method, [boost_box, self_box], queue=False, api_visibility="private")
+        method.change(_method_controls, method, [boost_box, self_box, sampler], queue=False,
+                      api_visibility="private")
         gen = run_btn.click(_readable(functools.partial(h.on_generate, studio)),
                             [l_slider, w_slider, steps, n, seed, sampler, method, gamma, skip, interval, visit],
                             [guided, standard, status, download, visit],

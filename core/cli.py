@@ -465,6 +465,9 @@ def cmd_sample(a) -> int:
     if a.method is None:
         a.method = "minority" if a.classifier else "standard"
     init = build_init(a)
+    if init is not None and a.sampler == "ddim" and a.gamma != 1:
+        print("warning: Boost-and-Skip is meant for --sampler ddpm; with deterministic DDIM the boosted variance "
+              "is never removed and images saturate", file=sys.stderr)
     acc = _accelerator()
     model = load_diffusion(a.model, acc.device)
     if a.steps > model.schedule.T:
