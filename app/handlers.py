@@ -28,8 +28,9 @@ LIMITS = {"steps": (5, 100), "n": (1, 16), "scale": (0.0, 10.0), "seed": (0, 2 *
           "skip": (0, 10), "interval": (1, 10)}
 DEFAULTS = {"steps": 25, "n": 16, "scale": 2.5, "seed": 0, "sampler": "DDIM", "method": "minority guidance",
             "gamma": 3.0, "skip": 3, "interval": 5}
-PREVIEW_SECONDS = 0.5  # at most one grid preview per this many seconds (the first comes after step 1)
-DISPLAY = 128  # gallery thumbnails are upscaled to this side
+PREVIEW_SECONDS = 1.0  # at most one grid preview per this many seconds (the first comes after step 1)
+DISPLAY = 64  # gallery thumbnails are upscaled to this side (the browser scales them further)
+UNCHANGED = object()  # an output a handler leaves as it is (the UI turns it into gr.skip())
 KEEP_EXPORTS = 64  # download zips kept in the Studio's temp folder
 
 
@@ -245,7 +246,7 @@ class Studio:
                 def on_step(stage):
                     def f(step):
                         now = time.perf_counter()
-                        if step.index == 0 or now - last[0] >= PREVIEW_SECONDS or step.index == step.total - 1:
+                        if step.index == 0 or (now - last[0] >= PREVIEW_SECONDS and step.index < step.total - 1):
                             last[0] = now
                             q.put(Update(stage, step.index + 1, step.total, **{stage: _u8(step.x0_hat)}))
                     return f
@@ -458,15 +459,16 @@ def on_generate(studio: Studio, minority_class, scale, steps, n, seed, sampler, 
     req = GenerateRequest(minority_class, scale, steps, n, seed, sampler, method, gamma, skip, interval).check(
         studio.bundle.num_classes)
     L = studio.bundle.num_classes
-    guided_items, standard_items = [], []
+    first = True
     for u in studio.generate(req, stop):
         if u.stage == "stopped":
-            yield guided_items, standard_items, f"Stopped after {u.elapsed:.1f} s.", None, visit
+            yield UNCHANGED, UNCHANGED, f"Stopped after {u.elapsed:.1f} s.", None, visit
             return
-        if u.guided is not None:
-            guided_items = captions(u.guided, u.run.guided_score if u.run else None)
-        if u.standard is not None:
-            standard_items = captions(u.standard, u.run.standard_score if u.run else None)
+        # only the grid that changed is sent; the first update also clears the other grid
+        guided_items = captions(u.guided, u.run.guided_score if u.run else None) if u.guided is not None else UNCHANGED
+        standard_items = captions(u.standard, u.run.standard_score if u.run else None) \
+            if u.standard is not None else ([] if first else UNCHANGED)
+        first = False
         if u.stage == "done":
             visit.add(u.run)
             path = str(export_run(u.run, studio.export_dir))

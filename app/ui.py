@@ -32,11 +32,17 @@ def _readable(fn):
         log.error("unexpected error in %s", fn.__name__, exc_info=e)  # details stay in the server log
         return gr.Error(f"Unexpected error ({type(e).__name__}); the details are in the server log.")
 
+    def skip_unchanged(out):
+        if isinstance(out, tuple):
+            return tuple(gr.skip() if v is h.UNCHANGED else v for v in out)
+        return gr.skip() if out is h.UNCHANGED else out
+
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen(*a):
             try:
-                yield from fn(*a)
+                for out in fn(*a):
+                    yield skip_unchanged(out)
             except Exception as e:  # noqa: BLE001
                 raise convert(e) from None
         return gen
@@ -44,7 +50,7 @@ def _readable(fn):
     @functools.wraps(fn)
     def plain(*a):
         try:
-            return fn(*a)
+            return skip_unchanged(fn(*a))
         except Exception as e:  # noqa: BLE001
             raise convert(e) from None
     return plain
@@ -91,7 +97,8 @@ def build_ui(studio: h.Studio) -> gr.Blocks:
                     sampler = gr.Radio(list(h.SAMPLERS), value=d["sampler"], label="Sampler")
                     steps = gr.Slider(*h.LIMITS["steps"], value=d["steps"], step=1, label="Steps", elem_id="steps")
                     n = gr.Slider(*h.LIMITS["n"], value=d["n"], step=1, label="Number of images", elem_id="n")
-                    seed = gr.Number(d["seed"], precision=0, label="Seed", minimum=0, maximum=h.LIMITS["seed"][1])
+                    seed = gr.Number(d["seed"], precision=0, label="Seed", minimum=0, maximum=h.LIMITS["seed"][1],
+                                     elem_id="seed")
                     with gr.Row():
                         run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                         stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")

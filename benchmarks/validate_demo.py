@@ -240,7 +240,7 @@ def _plots(out, sets, real_est, thr, L, scale):
         ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
         ax.set_title(key if key != "standard" else "standard sampler", fontsize=10)
         ax.axis("off")
-    fig.suptitle("Same seeds, same backbone: standard vs minority guidance")
+    fig.suptitle("Same seeds, same backbone: standard sampler vs minority samplers")
     fig.tight_layout()
     fig.savefig(out / "demo_samples.png", dpi=110)
     plt.close(fig)
