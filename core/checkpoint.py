@@ -69,20 +69,35 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 
 
 def save_weights_and_config(folder: str | os.PathLike, stem: str, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """STEM.safetensors then STEM.json, the JSON carrying the weights' sha256: a pair torn by a crash
-    between the two renames is detected on load instead of pairing new weights with an old config."""
+    """Commit a weights + config pair so that a crash at any moment leaves a loadable pair:
+    STEM.pending.safetensors, then STEM.json (carrying the new weights' sha256), then the rename of the
+    pending file to STEM.safetensors. A crash before the JSON keeps the old pair; a crash between the JSON
+    and the rename is rolled forward by the loader (the pending file is the one the JSON names)."""
     folder = Path(folder)
-    digest = save_tensors(folder / f"{stem}.safetensors", tensors)
+    pending = folder / f"{stem}.pending.safetensors"
+    digest = save_tensors(pending, tensors)
     atomic_write_json(folder / f"{stem}.json", {**config, "weights_sha256": digest})
+    os.replace(pending, folder / f"{stem}.safetensors")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load_weights_for(module: torch.nn.Module, folder: str | os.PathLike, stem: str, config: dict) -> torch.nn.Module:
     """Load STEM.safetensors into ``module`` after checking it is the file STEM.json was written with."""
     path = Path(folder) / f"{stem}.safetensors"
+    expected = config.get("weights_sha256")
+    pending = Path(folder) / f"{stem}.pending.safetensors"
+    if expected is not None and pending.is_file() and (not path.is_file() or _sha256(path) != expected) \
+            and _sha256(pending) == expected:
+        try:  # a save interrupted between its JSON and its rename: finish it
+            os.replace(pending, path)
+        except OSError:
+            path = pending  # a read-only folder: load the committed weights where they are
     state = load_tensors(path)
     check_state_dict(module, state, str(path))  # first, so a damaged file names its bad key
-    expected = config.get("weights_sha256")
-    if expected is not None and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+    if expected is not None and _sha256(path) != expected:
         raise CheckpointError(f"{path} does not match {stem}.json (an interrupted save?); save again or restore both files")
     module.load_state_dict(state, strict=True)
     return module

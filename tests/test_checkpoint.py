@@ -517,3 +517,40 @@ def test_written_files_have_ordinary_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644
+
+
+def test_weight_config_pair_survives_a_crash_at_each_step(tmp_path, monkeypatch):
+    """save_weights_and_config commits pending weights, then the JSON, then a rename: a crash before the
+    JSON keeps the old pair, a crash before the rename is rolled forward on load."""
+    import json as _json
+
+    from core import checkpoint as ck
+
+    def pair(value):
+        m = torch.nn.Linear(2, 2)
+        torch.nn.init.constant_(m.weight, value)
+        return m
+
+    def load():
+        m = torch.nn.Linear(2, 2)
+        cfg = _json.loads((tmp_path / "w.json").read_text())
+        return float(ck.load_weights_for(m, tmp_path, "w", cfg).weight[0, 0])
+
+    ck.save_weights_and_config(tmp_path, "w", pair(1.0).state_dict(), {"v": 1})
+    assert load() == 1.0 and not (tmp_path / "w.pending.safetensors").exists()
+
+    def boom(*a, **k):
+        raise RuntimeError("crash")
+
+    with monkeypatch.context() as m:  # crash before the JSON: the old pair stays
+        m.setattr(ck, "atomic_write_json", boom)
+        with pytest.raises(RuntimeError):
+            ck.save_weights_and_config(tmp_path, "w", pair(2.0).state_dict(), {"v": 2})
+    assert load() == 1.0
+
+    real_replace = os.replace
+    with monkeypatch.context() as m:  # crash between the JSON and the rename: rolled forward
+        m.setattr(ck.os, "replace", lambda a, b: boom() if str(a).endswith("w.pending.safetensors") else real_replace(a, b))
+        with pytest.raises(RuntimeError):
+            ck.save_weights_and_config(tmp_path, "w", pair(3.0).state_dict(), {"v": 3})
+    assert load() == 3.0 and not (tmp_path / "w.pending.safetensors").exists()
