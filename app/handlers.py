@@ -141,6 +141,7 @@ class Studio:
         self._standard_cache: dict = {}
         self._density = None
         self._severity = None
+        self._real_severity = None  # the estimator applied to the real images (N,)
         self._distance = None
         self.export_dir = Path(tempfile.mkdtemp(prefix="minority-studio-"))
         self.warm_seconds: Optional[float] = None
@@ -319,6 +320,7 @@ class Studio:
             from core.severity import SeverityEstimator
 
             self._severity = SeverityEstimator().fit(self.bundle.real.images, sev)
+            self._real_severity = self._severity(self.bundle.real.images)
         return self._severity
 
     def density_values(self, visit: Visit) -> dict:
@@ -327,7 +329,7 @@ class Studio:
         est = self.severity_estimator()
         out = {"real data": {"AvgkNN": np.asarray(knn.decision_scores_), "LOF": np.asarray(lof.decision_scores_)}}
         if est is not None:
-            out["real data"]["severity"] = est(self.bundle.real.images)
+            out["real data"]["severity"] = self._real_severity  # estimated once, with the estimator
         for name, sets in visit.samples.items():
             if sets:
                 images = np.concatenate(sets)

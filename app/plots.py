@@ -20,27 +20,12 @@ def _plt():
 def density_figure(values: dict, feature_space: str = "minority classifier features"):
     """Density curves (Figure 3 style) of AvgkNN and LOF, plus estimated severity when present.
     ``values``: {series: {'AvgkNN': (N,), 'LOF': (N,), ['severity': (N,)]}}."""
-    from core.evaluate import _kde_curve
+    from core.evaluate import density_curves
 
-    plt = _plt()
-    keys = ["AvgkNN", "LOF"] + (["severity"] if "severity" in values.get("real data", {}) else [])
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), dpi=100)
-    for ax, key in zip(np.atleast_1d(axes), keys):
-        allv = np.concatenate([v[key][np.isfinite(v[key])] for v in values.values()])
-        lo, hi = np.quantile(allv, [0.002, 0.995])
-        grid = np.linspace(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo), 300)
-        for name, v in values.items():
-            n = len(v[key])
-            ax.plot(grid, _kde_curve(np.asarray(v[key]), grid), color=COLOURS.get(name), linewidth=2,
-                    linestyle="--" if name == "real data" else "-", label=f"{name} (n={n})")
-        ax.set_xlabel({"AvgkNN": "AvgkNN (k=5): higher = rarer", "LOF": "LOF (k=20): higher = rarer",
-                       "severity": "estimated atrophy severity"}[key])
-        ax.set_ylabel("density")
-        ax.grid(alpha=0.3)
-    np.atleast_1d(axes)[0].legend(fontsize=8)
-    fig.suptitle(f"Density in the bundle's feature space ({feature_space})", fontsize=10)
-    fig.tight_layout()
-    return fig
+    panels = [("AvgkNN", "AvgkNN (k=5): higher = rarer"), ("LOF", "LOF (k=20): higher = rarer")]
+    if "severity" in values.get("real data", {}):
+        panels.append(("severity", "estimated atrophy severity"))
+    return density_curves(values, panels, f"Density in the bundle's feature space ({feature_space})", COLOURS)
 
 
 def map_figure(points: dict):

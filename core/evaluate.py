@@ -164,7 +164,8 @@ def report_markdown(report: Report, extra: Optional[dict] = None) -> str:
     return "\n".join(lines)
 
 
-def _kde_curve(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
+def kde_curve(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Gaussian KDE of the finite values (N,) on ``grid`` (G,); zeros when there is nothing to estimate."""
     from scipy.stats import gaussian_kde
 
     v = values[np.isfinite(values)]
@@ -173,30 +174,45 @@ def _kde_curve(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
     return gaussian_kde(v)(grid)
 
 
-def density_figure(report: Report) -> bytes:
-    """PNG: density curves of AvgkNN and LOF for the real data and each generated set (Figures 3 and 6)."""
+def density_curves(values: dict, panels: list, title: Optional[str] = None, colours: Optional[dict] = None,
+                   reference: str = "real data"):
+    """A matplotlib figure of density curves (Figures 3 and 6): one panel per (key, x label) in ``panels``,
+    one curve per series of ``values`` = {series: {key: (N,)}}; the ``reference`` series is dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
-    for ax, key, title in ((axes[0], "avgknn", "AvgkNN (k = %d)" % report.settings["k_knn"]),
-                           (axes[1], "lof", "LOF (k = %d)" % report.settings["k_lof"])):
-        real = report.real_avgknn if key == "avgknn" else report.real_lof
-        series = [("real data", real)] + [(s.name, getattr(s, key)) for s in report.sets]
-        allv = np.concatenate([v[np.isfinite(v)] for _, v in series])
+    colours = colours or {}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels) + 1, 4.0), dpi=105)
+    for ax, (key, label) in zip(np.atleast_1d(axes), panels):
+        allv = np.concatenate([np.asarray(v[key])[np.isfinite(v[key])] for v in values.values()])
         lo, hi = np.quantile(allv, [0.001, 0.995])
         grid = np.linspace(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo), 400)
-        for i, (name, v) in enumerate(series):
-            ax.plot(grid, _kde_curve(v, grid), label=f"{name} (mean {np.nanmean(v):.3g})",
-                    color="black" if i == 0 else None, linestyle="--" if i == 0 else "-", linewidth=2)
-        ax.set_title(title + ": higher = rarer")
-        ax.set_xlabel(f"{title.split(' ')[0]} in {report.settings['features']} feature space")
+        for name, v in values.items():
+            x = np.asarray(v[key], np.float64)
+            ref = name == reference
+            ax.plot(grid, kde_curve(x, grid), color=colours.get(name, "black" if ref else None), linewidth=2,
+                    linestyle="--" if ref else "-", label=f"{name} (n={len(x)}, mean {np.nanmean(x):.3g})")
+        ax.set_xlabel(label)
         ax.set_ylabel("density")
-        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def density_figure(report: Report) -> bytes:
+    """PNG: density curves of AvgkNN and LOF for the real data and each generated set (Figures 3 and 6)."""
+    import matplotlib.pyplot as plt
+
+    values = {"real data": {"avgknn": report.real_avgknn, "lof": report.real_lof},
+              **{s.name: {"avgknn": s.avgknn, "lof": s.lof} for s in report.sets}}
+    fig = density_curves(values, [("avgknn", f"AvgkNN (k = {report.settings['k_knn']}): higher = rarer"),
+                                  ("lof", f"LOF (k = {report.settings['k_lof']}): higher = rarer")],
+                         f"Density against the real data in {report.settings['features']} feature space")
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)

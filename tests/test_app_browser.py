@@ -10,7 +10,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
     pytest.skip("Chromium is not installed (apt-get install -y chromium; .ci/run does this)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -r requirements.txt)")
+from playwright import sync_api  # noqa: E402  (a requirement: a missing install fails, it is not skipped)
 
 from app import handlers as h  # noqa: E402
 from app.ui import build_ui, launch  # noqa: E402

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-gr = pytest.importorskip("gradio")
 from gradio_client import Client  # noqa: E402
 
 from app import handlers as h  # noqa: E402
