@@ -367,7 +367,9 @@ def cmd_train_classifier(a) -> int:
 
     print(f"classifier ({param_count(NoiseConditionedClassifier(net_cfg))/1e6:.2f}M params) -> {a.out}; held-out "
           f"acc {m.get('val_acc', float('nan')):.3f} (chance {1/a.classes:.3f}), mean |class error| "
-          f"{m.get('val_mae', float('nan')):.2f}", file=sys.stderr)
+          f"{m.get('val_mae', float('nan')):.2f}; with t < T/4: acc {m.get('val_acc_low_t', float('nan')):.3f}, "
+          f"mean |class error| {m.get('val_mae_low_t', float('nan')):.2f}; Spearman(expected class, class) "
+          f"{m.get('val_rank_corr', float('nan')):+.3f}", file=sys.stderr)
     return 0
 
 
@@ -645,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--diffusion-steps", type=int, default=8000)
     bd.add_argument("--widths", default="32,64,64")
     bd.add_argument("--sweep-n", type=int, default=600)
-    bd.add_argument("--draws", type=int, default=5)
+    bd.add_argument("--draws", type=int, default=20, help="noise draws per image for the final score")
     bd.add_argument("--classes", type=int, default=50)
     bd.add_argument("--clf-steps", type=int, default=3000)
     bd.add_argument("--clf-base-channels", type=int, default=16)

@@ -18,9 +18,13 @@ from typing import Callable, Optional
 import numpy as np
 
 Z_BAND = (80, 100)  # axial slices (voxel index) around the bodies of the lateral ventricles
-MAX_VENTRICLE_MM = 6.0  # dilation of the ventricles at severity 1
-MAX_SULCUS_MM = 3.0  # widening of sulcal CSF into cortex at severity 1
-MAX_THINNING_MM = 4.0  # cortex lost from the outer surface at severity 1
+# Atrophy at severity 1 (end-stage: ventricles about three times their volume, knife-blade gyri, a wide CSF
+# rim). At 32x32 one pixel is ~7 mm, so with the smaller magnitudes of earlier builds (6/3/4 mm) mild atrophy
+# (severity < 0.25, 83 % of the slices) changed the image by well under a pixel and could not be ranked at all
+# (docs/RESULTS.md, issue 3, "phantom v3").
+MAX_VENTRICLE_MM = 9.0  # dilation of the ventricles at severity 1
+MAX_SULCUS_MM = 7.0  # widening of sulcal CSF into cortex at severity 1
+MAX_THINNING_MM = 10.0  # cortex lost from the outer surface at severity 1
 CSF_LEVEL = 0.12  # T1 intensity of CSF relative to white matter ~1
 MAX_ROTATION_DEG = 3.0  # residual rotation after affine registration to MNI (as preprocessed ADNI)
 MAX_SHIFT_MM = 2.0  # residual translation after registration

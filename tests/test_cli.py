@@ -70,7 +70,8 @@ def test_pipeline_outputs(pipeline):
     assert len(meta["thresholds"]) == 4 and meta["num_classes"] == 4
     assert meta["skipped"][0][0] == "broken.png"
     clf = json.loads((run / "classifier" / "classifier.json").read_text())
-    assert set(clf["metrics"]) == {"val_loss", "val_acc", "val_mae"} and clf["num_val"] == 3
+    assert {"val_loss", "val_acc", "val_mae", "val_rank_corr"} <= set(clf["metrics"]) and clf["num_val"] == 3
+    assert set(clf["metrics"]) <= {"val_loss", "val_acc", "val_mae", "val_rank_corr", "val_acc_low_t", "val_mae_low_t"}
     assert clf["thresholds"] == meta["thresholds"]
     log = [json.loads(l) for l in (run / "classifier" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [10, 20]

@@ -98,3 +98,35 @@ def load_state_step(run):
 
     with safe_open(str(run / "train_state.safetensors"), framework="pt") as f:
         return json.loads(f.metadata()["state"])["step"]
+
+
+class _MeanOracle(torch.nn.Module):
+    """Reads the class from the image mean, undoing Eq. 1's scaling with the known abar_t."""
+
+    def __init__(self, schedule, num_classes):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.abar, self.L = schedule.abar, num_classes
+
+    def forward(self, x_t, t, cls=None):
+        x0_mean = x_t.mean((1, 2, 3)) / self.abar[t].sqrt()  # noise averages out over the pixels
+        level = ((x0_mean + 1) / 2 * (self.L - 1)).round().clamp(0, self.L - 1).long()
+        return torch.nn.functional.one_hot(level, self.L).float() * 20
+
+
+def test_classifier_metrics_oracle_and_constant():
+    from core.schedule import make_schedule
+    from core.train import evaluate_classifier
+
+    schedule = make_schedule("linear", 1000)
+    L = 5
+    labels = torch.arange(200) % L
+    images = (labels.float() / (L - 1) * 255).round().to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 32, 32).clone()
+    m = evaluate_classifier(_MeanOracle(schedule, L), schedule, images, labels, None, seed=0)
+    assert m["val_acc_low_t"] == 1.0 and m["val_mae_low_t"] == 0.0  # little noise: the oracle is exact
+    assert m["val_rank_corr"] > 0.5 and m["val_acc"] < 1.0  # at large t even the oracle guesses
+    const = torch.nn.Linear(1, 1)
+    const.forward = lambda x_t, t, cls=None: torch.zeros(len(x_t), L).index_fill_(1, torch.tensor([2]), 1.0)
+    c = evaluate_classifier(const, schedule, images, labels, None, seed=0)
+    assert c["val_acc"] == pytest.approx(1 / L) and c["val_rank_corr"] == 0.0
+    assert c["val_mae"] == pytest.approx((2 + 1 + 0 + 1 + 2) / L)
