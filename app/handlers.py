@@ -26,7 +26,7 @@ METHODS = ("minority guidance", "self-guided", "Boost-and-Skip", "standard")
 SAMPLERS = {"DDIM": "ddim", "ancestral (DDPM)": "ddpm"}
 LIMITS = {"steps": (5, 100), "n": (1, 16), "scale": (0.0, 10.0), "seed": (0, 2 ** 31 - 1), "gamma": (1.0, 5.0),
           "skip": (0, 10), "interval": (1, 10)}
-DEFAULTS = {"steps": 25, "n": 16, "scale": 2.5, "seed": 0, "sampler": "DDIM", "method": "minority guidance",
+DEFAULTS = {"steps": 25, "n": 16, "scale": 1.5, "seed": 0, "sampler": "DDIM", "method": "minority guidance",
             "gamma": 3.0, "skip": 3, "interval": 5}
 PREVIEW_SECONDS = 1.0  # at most one grid preview per this many seconds (the first comes after step 1)
 DISPLAY = 64  # gallery thumbnails are upscaled to this side (the browser scales them further)
