@@ -67,6 +67,8 @@ def main():
     p.add_argument("--sweep-n", type=int, default=128, help="samples per setting in the training-free sweep")
     p.add_argument("--sg-scales", default="1,2,4", help="self-guided scales swept (interval 5, p 0.8)")
     p.add_argument("--gammas", default="1.5,2,3", help="Boost-and-Skip gammas swept (skip 3, ancestral sampler)")
+    p.add_argument("--halves", type=int, default=8,
+                   help="random halves of the reference set over which precision's spread is reported")
     p.add_argument("--feature-size", type=int, default=128, help="random ResNet-50 input size (antialiased resize)")
     p.add_argument("--out", default="docs/results")
     a = p.parse_args()
@@ -111,17 +113,23 @@ def main():
            else rng.choice(len(real.images), size=a.real_n, replace=False))
     res["real_reference_n"] = len(sub)
     real_f = extract_features(extractor, real.images[sub]).pooled
+    # improved precision depends on its reference set: also measure it against random halves of it (the
+    # same halves for every row, so differences between rows are paired)
+    halves = [np.random.default_rng(a.seed + 1 + h).choice(len(real_f), len(real_f) // 2, replace=False)
+              for h in range(a.halves)]
 
     def evaluate(name, images, sec):
         sev = est(images)
         gen_f = extract_features(extractor, images).pooled
         prec, rec = precision_recall(real_f, gen_f)
+        prec_h = [precision_recall(real_f[h], gen_f)[0] for h in halves]
         knn, lf = avg_knn(real_f, gen_f)[1], lof(real_f, gen_f)[1]
         row = {"set": name, "mean_severity": float(sev.mean()), "share_above_p90": float((sev > thr).mean()),
-               "precision": prec, "recall": rec, "avgknn": float(knn.mean()), "lof": float(lf.mean()),
-               "s_per_image": sec, "severity": sev.tolist()}
+               "precision": prec, "precision_halves": prec_h, "recall": rec, "avgknn": float(knn.mean()),
+               "lof": float(lf.mean()), "s_per_image": sec, "severity": sev.tolist()}
+        spread = f" (halves {np.mean(prec_h):.3f} +- {np.std(prec_h):.3f})" if prec_h else ""
         print(f"{name:28s} severity {row['mean_severity']:.3f}  >p90 {row['share_above_p90']:.3f}  "
-              f"precision {prec:.3f} recall {rec:.3f}  AvgkNN {row['avgknn']:.3f} LOF {row['lof']:.3f}  "
+              f"precision {prec:.3f}{spread} recall {rec:.3f}  AvgkNN {row['avgknn']:.3f} LOF {row['lof']:.3f}  "
               f"{sec * 1000:.0f} ms/img", flush=True)
         return row
 
@@ -150,6 +158,17 @@ def main():
     res["precision_drop"] = std["precision"] - sets[main_key][1]["precision"]
     print(f"share above p90: minority/standard = {res['share_ratio']:.2f}x (target >= 3); precision drop "
           f"{res['precision_drop']:+.3f} (target <= 0.1)", flush=True)
+    res["precision_drop_by_w"] = {}
+    for key, (_, r) in sets.items():  # paired drops: the same reference half for standard and guided
+        if key.startswith(f"l={L - 1},"):
+            d = np.subtract(std["precision_halves"], r["precision_halves"])
+            res["precision_drop_by_w"][key.split("w=")[1]] = {
+                "full": std["precision"] - r["precision"], "halves_mean": float(d.mean()) if len(d) else None,
+                "halves_min": float(d.min()) if len(d) else None, "halves_max": float(d.max()) if len(d) else None}
+    for w, d in sorted(res["precision_drop_by_w"].items(), key=lambda kv: float(kv[0])):
+        print(f"  precision drop at w={w}: {d['full']:+.3f} against all real slices"
+              + (f", {d['halves_mean']:+.3f} ({d['halves_min']:+.3f} .. {d['halves_max']:+.3f}) over halves"
+                 if d["halves_mean"] is not None else ""), flush=True)
     _training_free(a, b, sets, evaluate, res, out)
     (out / "validate_demo.json").write_text(json.dumps(res, indent=2) + "\n")
     _plots(out, sets, real_est, thr, L, a.scale)
@@ -200,15 +219,13 @@ def _classifier_heldout(b, res):
 
 def _training_free(a, b, sets, evaluate, res, out):
     """Issue 6: self-guided and Boost-and-Skip beside minority guidance, same seeds, one table. Each method's
-    setting is the one with the largest share above p90 whose precision stays within 0.1 of the standard
-    sampler's, or, when none does, the one with the highest precision (minority guidance: over the w values
-    already run at l = L-1; the others: a sweep at --sweep-n)."""
+    setting is the one with the largest share above p90 whose precision (fidelity) and recall (diversity)
+    both stay within 0.1 of the standard sampler's, or, when none does, the one with the highest precision
+    (minority guidance: over the w values already run at l = L-1; the others: a sweep at --sweep-n)."""
     L = b.num_classes
     std = sets["standard"][1]
-    floor = std["precision"] - 0.1
-
-    def best(rows, floor=floor):
-        ok = [r for r in rows if r[1]["precision"] >= floor]
+    def best(rows, ref=std):
+        ok = [r for r in rows if r[1]["precision"] >= ref["precision"] - 0.1 and r[1]["recall"] >= ref["recall"] - 0.1]
         if not ok:  # nothing keeps fidelity: the most faithful setting, not the most extreme one
             return max(rows, key=lambda r: r[1]["precision"])
         return max(ok, key=lambda r: r[1]["share_above_p90"])
@@ -238,7 +255,7 @@ def _training_free(a, b, sets, evaluate, res, out):
     imgs, sec = run_sampler(b.model, a.n, a.steps, a.sampler, term, a.seed)
     sets["self-guided"] = (imgs, evaluate(f"self-guided w={cfg['scale']:g}", imgs, sec))
     table.append(("self-guided", cfg, sets["self-guided"][1]))
-    cfg, _ = best(sweep["boost-skip"], sets["standard-ddpm"][1]["precision"] - 0.1)
+    cfg, _ = best(sweep["boost-skip"], sets["standard-ddpm"][1])
     imgs, sec = run_sampler(b.model, a.n, a.steps, "ddpm", None, a.seed, init=BoostSkip(cfg["gamma"], cfg["skip"]))
     sets["boost-skip"] = (imgs, evaluate(f"boost-skip gamma={cfg['gamma']:g} (ddpm)", imgs, sec))
     table.append(("standard (ddpm)", {}, sets["standard-ddpm"][1]))
