@@ -99,9 +99,8 @@ def main():
             key = f"{ts[lo]}-{ts[hi]}"
             combos[key] = spearman(np.mean([ranks[t] for t in ts[lo:hi + 1]], axis=0), sev)
     res["multi_t_rank_average"] = combos
-    best = max(combos, key=combos.get)
-    print(f"multi-t rank average, best {best}: {combos[best]:+.3f}; brightness vs severity "
-          f"{res['brightness_vs_severity']:+.3f}", flush=True)
+    best = f"best {max(combos, key=combos.get)}: {max(combos.values()):+.3f}" if combos else "n/a (one t)"
+    print(f"multi-t rank average, {best}; brightness vs severity {res['brightness_vs_severity']:+.3f}", flush=True)
     if a.phantom:
         with open(Path(a.phantom) / "metadata.csv") as f:
             meta = {r["path"]: r for r in csv.DictReader(f)}
