@@ -224,6 +224,7 @@ def _training_free(a, b, sets, evaluate, res, out):
     (minority guidance: over the w values already run at l = L-1; the others: a sweep at --sweep-n)."""
     L = b.num_classes
     std = sets["standard"][1]
+
     def best(rows, ref=std):
         ok = [r for r in rows if r[1]["precision"] >= ref["precision"] - 0.1 and r[1]["recall"] >= ref["recall"] - 0.1]
         if not ok:  # nothing keeps fidelity: the most faithful setting, not the most extreme one
