@@ -30,17 +30,13 @@ from _common import machine, write  # noqa: E402
 from core.bundle import load_bundle  # noqa: E402
 from core.data import to_model_range  # noqa: E402
 from core.score import sample_noise  # noqa: E402
-
-
-def spearman(a, b) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a, b).statistic)
+from validate_demo import spearman  # noqa: E402
 
 
 @torch.no_grad()
 def per_draw_errors(model, x0, indices, t, draws, seed, batch=256):
-    """Per-draw L2 (clipped, unclipped) for x0 (N, C, H, W) in [-1, 1]: two arrays (draws, N)."""
+    """Per-draw L2 (clipped, unclipped) for x0 (N, C, H, W) in [-1, 1]: two arrays (draws, N).
+    Eq. 7 as core.score.minority_score_batch computes it, kept per draw (that function returns the mean)."""
     clipped, raw = np.empty((draws, len(x0))), np.empty((draws, len(x0)))
     for s in range(0, len(x0), batch):
         xb, ib = x0[s:s + batch], indices[s:s + batch]
