@@ -9,8 +9,8 @@ several timesteps (Eq. 7 with the bundle's backbone), and from them:
   build's seed): Spearman of the score with each nuisance parameter.
 
 Usage: python benchmarks/score_variants.py [--bundle assets/mri-atrophy] [--n 1500] [--draws 8]
-       [--ts 300,400,500,600,700,800] [--phantom DIR]
-Writes benchmarks/results/score_variants.json.
+       [--ts 300,400,500,600,700,800] [--phantom DIR] [--save runs/per_draw.npz]
+Writes benchmarks/results/score_variants.json (and, with --save, the per-draw errors).
 """
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--phantom", default=None, help="folder of the rebuilt phantom (metadata.csv) for nuisances")
     p.add_argument("--out", default="benchmarks/results/score_variants.json")
+    p.add_argument("--save", default=None, help="also write the per-draw clipped L2 errors (draws, N) per t to this .npz")
     a = p.parse_args()
     torch.manual_seed(a.seed)
     b = load_bundle(a.bundle)
@@ -72,11 +73,12 @@ def main():
     ts = [int(v) for v in a.ts.split(",")]
     res = {"bundle": a.bundle, "n": len(sub), "draws": a.draws, "ts": ts, "machine": machine(), "per_t": {}}
     brightness = ((x0 + 1) / 2).pow(2).flatten(1).mean(1).numpy()
-    ranks = {}
+    ranks, per_draw = {}, {}
     t0 = time.perf_counter()
     for t in ts:
         clipped, raw = per_draw_errors(b.model, x0, torch.from_numpy(sub), t, a.draws, a.seed)
         row = {f"draws{k}": spearman(clipped[:k].mean(0), sev) for k in sorted({2 ** i for i in range(a.draws.bit_length())} | {a.draws})}
+        per_draw[f"t{t}"] = clipped.astype(np.float32)
         score = clipped.mean(0)
         half = a.draws // 2
         row["retest_halves"] = spearman(clipped[:half].mean(0), clipped[half:].mean(0)) if half else None
@@ -115,6 +117,9 @@ def main():
         print(f"score (t={t_n}) vs nuisance: " + ", ".join(f"{k} {v:+.3f}" for k, v in nuis.items()), flush=True)
     res["seconds"] = time.perf_counter() - t0
     write(Path(a.out), res)
+    if a.save:
+        Path(a.save).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(a.save, indices=sub, severity=sev, **per_draw)
 
 
 if __name__ == "__main__":

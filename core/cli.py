@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import DataError, MinorityError
+from .score import DISTANCES
 
 EXIT_USER_ERROR = 2
 
@@ -144,13 +145,9 @@ def _load_data(root: str, size: int, channels: int, quiet: bool = False, band: s
 # score
 # ----------------------------------------------------------------------------------------------
 def _resolve_t(t_arg: Optional[float], schedule) -> int:
-    if t_arg is None:
-        return schedule.default_score_t()
-    if 0 < t_arg < 1:
-        return min(schedule.T - 1, int(round(t_arg * schedule.T)))
-    if float(t_arg).is_integer() and 0 <= t_arg < schedule.T:
-        return int(t_arg)
-    raise ValueError(f"--t must be a fraction in (0, 1) or an integer timestep in [0, {schedule.T}), got {t_arg}")
+    from .score import resolve_t
+
+    return schedule.default_score_t() if t_arg is None else resolve_t(t_arg, schedule.T)
 
 
 def _sidecar(csv_path: str | Path) -> Path:
@@ -595,7 +592,12 @@ def cmd_build_demo(a) -> int:
     _positive("classes", a.classes, 2)
     cfg = DemoConfig(n=a.n, size=a.size, seed=a.seed, diffusion_steps=a.diffusion_steps, widths=_widths(a.widths),
                      sweep_n=a.sweep_n, draws=a.draws, classes=a.classes, clf_steps=a.clf_steps,
-                     clf_base_channels=a.clf_base_channels, map_method=a.map)
+                     clf_base_channels=a.clf_base_channels, map_method=a.map, score_distance=a.score_distance,
+                     score_t=a.score_t)
+    if a.score_t is not None:
+        from .score import resolve_t
+
+        resolve_t(a.score_t, 1000, "--score-t")  # fail before hours of work, not after (build-demo trains with T = 1000)
     work = a.work or f"{a.out.rstrip('/')}.work"
     bars: dict = {}
 
@@ -648,6 +650,10 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--widths", default="32,64,64")
     bd.add_argument("--sweep-n", type=int, default=600)
     bd.add_argument("--draws", type=int, default=20, help="noise draws per image for the final score")
+    bd.add_argument("--score-distance", choices=list(DISTANCES), default=None,
+                    help="distance of the final score (default: the sweep's best)")
+    bd.add_argument("--score-t", type=float, default=None,
+                    help="timestep of the final score, a fraction of T or an integer step (default: the sweep's best)")
     bd.add_argument("--classes", type=int, default=50)
     bd.add_argument("--clf-steps", type=int, default=3000)
     bd.add_argument("--clf-base-channels", type=int, default=16)
@@ -680,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     s.add_argument("--slice-band", default="0.4,0.6", help="NIfTI volumes: axial slices from this z fraction LO,HI")
     s.add_argument("--out", required=True, help="scores.csv (a .json sidecar is written beside it)")
-    s.add_argument("--distance", choices=["lpips", "lpips-rand", "ssim", "l2", "l1"], default="lpips")
+    s.add_argument("--distance", choices=list(DISTANCES), default="lpips")
     s.add_argument("--t", type=float, default=None, help="fraction of T in (0,1) or integer timestep; default 0.9T cosine, 0.6T linear")
     s.add_argument("--draws", type=int, default=5)
     s.add_argument("--seed", type=int, default=0)

@@ -35,6 +35,8 @@ class DemoConfig:
     sweep_distances: tuple = ("l2", "l1", "ssim", "lpips-rand")
     sweep_t: tuple = (0.2, 0.4, 0.6, 0.8)  # fractions of T
     draws: int = 20  # noise draws for the final score (5 draws gave a test-retest Spearman of only ~0.6)
+    score_distance: Optional[str] = None  # final score's distance; None = the sweep's best
+    score_t: Optional[float] = None  # final score's t: fraction of T in (0, 1) or an integer step; None = the sweep's best
     classes: int = 50  # L (paper's MRI setting)
     clf_steps: int = 3000
     clf_base_channels: int = 16
@@ -78,7 +80,7 @@ def build_demo(out: str | Path, work: str | Path, cfg: DemoConfig, log: Log, pro
     from .data import load_image_folder
     from .models import ClassifierConfig, UNetConfig, load_classifier, load_diffusion
     from .phantom import build_mri_phantom
-    from .score import ScoreSettings, make_distance, minority_scores
+    from .score import ScoreSettings, make_distance, minority_scores, resolve_t
     from .train import ClassifierTrainConfig, DiffusionTrainConfig, train_classifier, train_diffusion
 
     out, work = Path(out), Path(work)
@@ -121,8 +123,12 @@ def build_demo(out: str | Path, work: str | Path, cfg: DemoConfig, log: Log, pro
     sweep = json.loads(sweep_path.read_text())
     best = max(sweep["rows"], key=lambda r: r["spearman"])
 
-    scores_path = work / "scores.npy"
-    settings = ScoreSettings(distance=best["distance"], t=int(best["t"]), draws=cfg.draws, seed=cfg.seed)
+    scores_path, scores_meta = work / "scores.npy", work / "scores.json"
+    t_final = int(best["t"]) if cfg.score_t is None else resolve_t(cfg.score_t, model.schedule.T, "--score-t")
+    settings = ScoreSettings(distance=cfg.score_distance or best["distance"], t=t_final, draws=cfg.draws, seed=cfg.seed)
+    if scores_meta.is_file() and json.loads(scores_meta.read_text()) != settings.to_dict():
+        log("   score settings changed since the last run: rescoring")
+        scores_path.unlink(missing_ok=True)
     if not scores_path.is_file():
         log(f"4/6 minority score of {len(data)} images: {settings.distance}, t={settings.t}, {settings.draws} draws")
         scores = minority_scores(model, data.images, torch.arange(len(data)), settings,
@@ -131,12 +137,19 @@ def build_demo(out: str | Path, work: str | Path, cfg: DemoConfig, log: Log, pro
         buf = io.BytesIO()
         np.save(buf, scores, allow_pickle=False)
         atomic_write_bytes(scores_path, buf.getvalue())
+        atomic_write_json(scores_meta, settings.to_dict())
     scores = np.load(scores_path, allow_pickle=False)
     thresholds, labels = fit_labels(scores, cfg.classes)
     rho_full = spearman(scores, severity)
     log(f"   Spearman(score, severity) on all {len(data)} images: {rho_full:+.3f}")
 
     clf_dir = work / "classifier"
+    if (clf_dir / "classifier.json").is_file():
+        info = json.loads((clf_dir / "classifier.json").read_text())
+        if (info.get("score_settings"), info.get("steps"), info.get("config", {}).get("base_channels")) != (
+                settings.to_dict(), cfg.clf_steps, cfg.clf_base_channels):
+            log("   classifier was trained for other labels or settings: retraining")
+            (clf_dir / "classifier.json").unlink()
     if not (clf_dir / "classifier.json").is_file():
         log(f"5/6 minority classifier: L={cfg.classes}, {cfg.clf_steps} steps")
         ccfg = ClassifierTrainConfig(steps=cfg.clf_steps, batch_size=cfg.clf_batch, seed=cfg.seed, eval_every=250,

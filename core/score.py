@@ -125,6 +125,15 @@ def make_distance(name: str, device: str | torch.device = "cpu", seed: int = 0) 
     raise ValueError(f"unknown distance {name!r}; allowed: {', '.join(DISTANCES)}")
 
 
+def resolve_t(t: float, T: int, flag: str = "--t") -> int:
+    """A timestep given as a fraction of T in (0, 1) or as an integer in [0, T); ValueError naming ``flag``."""
+    if 0 < t < 1:
+        return min(T - 1, int(round(t * T)))
+    if float(t).is_integer() and 0 <= t < T:
+        return int(t)
+    raise ValueError(f"{flag} must be a fraction in (0, 1) or an integer timestep in [0, {T}), got {t}")
+
+
 def sample_noise(indices: torch.Tensor, draws: int, shape: tuple, seed: int) -> torch.Tensor:
     """Noise (draws, N, *shape) where image ``indices[n]`` always gets the same draws for a seed."""
     out = torch.empty((draws, len(indices), *shape))

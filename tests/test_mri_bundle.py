@@ -101,6 +101,27 @@ def test_build_demo_bundle_loads_in_one_call(bundle, tmp_path):
     assert np.load(tmp_path / "s.npz")["images"].shape == (2, 16, 16, 1)
 
 
+def test_build_demo_rescores_and_retrains_when_score_settings_change(bundle, tmp_path, capsys):
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(f"{bundle}.work", work)
+    old = json.loads((work / "scores.json").read_text())
+    args = ["build-demo", "--out", str(tmp_path / "b2"), "--work", str(work), "--n", "60", "--size", "16", "--widths", "8,16",
+            "--diffusion-steps", "4", "--sweep-n", "20", "--draws", "1", "--classes", "4", "--clf-steps", "4",
+            "--clf-base-channels", "8", "--map", "pca", "--score-distance", "l1", "--score-t", "0.3"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "rescoring" in err and "retraining" in err
+    m = json.loads((tmp_path / "b2" / "manifest.json").read_text())
+    assert (m["score"]["distance"], m["score"]["t"]) == ("l1", 300) != (old["distance"], old["t"])
+    clf = json.loads((tmp_path / "b2" / "classifier.json").read_text())
+    assert clf["score_settings"]["t"] == 300
+    assert main(args) == 0  # same settings again: both cached
+    err = capsys.readouterr().err
+    assert "rescoring" not in err and "retraining" not in err
+
+
 def test_damaged_bundles_are_refused(bundle, tmp_path, capsys):
     import shutil
 
