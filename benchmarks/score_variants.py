@@ -51,6 +51,10 @@ def per_draw_errors(model, x0, indices, t, draws, seed, batch=256):
     return clipped, raw
 
 
+def zscore(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean()) / x.std()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--bundle", default="assets/mri-atrophy")
@@ -61,6 +65,8 @@ def main():
     p.add_argument("--phantom", default=None, help="folder of the rebuilt phantom (metadata.csv) for nuisances")
     p.add_argument("--out", default="benchmarks/results/score_variants.json")
     p.add_argument("--save", default=None, help="also write the per-draw clipped L2 errors (draws, N) per t to this .npz")
+    p.add_argument("--load", default=None, help="analyse the per-draw errors a --save run wrote instead of recomputing "
+                   "them (same --n and --seed; no unclipped variant)")
     a = p.parse_args()
     torch.manual_seed(a.seed)
     b = load_bundle(a.bundle)
@@ -74,22 +80,38 @@ def main():
     res = {"bundle": a.bundle, "n": len(sub), "draws": a.draws, "ts": ts, "machine": machine(), "per_t": {}}
     brightness = ((x0 + 1) / 2).pow(2).flatten(1).mean(1).numpy()
     ranks, per_draw = {}, {}
+    saved = np.load(a.load) if a.load else None
+    if saved is not None and not np.array_equal(saved["indices"], sub):
+        sys.exit(f"error: {a.load} holds other slices than --n {a.n} --seed {a.seed}")
     t0 = time.perf_counter()
     for t in ts:
-        clipped, raw = per_draw_errors(b.model, x0, torch.from_numpy(sub), t, a.draws, a.seed)
+        if saved is not None:
+            clipped, raw = saved[f"t{t}"][:a.draws].astype(np.float64), None
+        else:
+            clipped, raw = per_draw_errors(b.model, x0, torch.from_numpy(sub), t, a.draws, a.seed)
         row = {f"draws{k}": spearman(clipped[:k].mean(0), sev) for k in sorted({2 ** i for i in range(a.draws.bit_length())} | {a.draws})}
         per_draw[f"t{t}"] = clipped.astype(np.float32)
         score = clipped.mean(0)
         half = a.draws // 2
         row["retest_halves"] = spearman(clipped[:half].mean(0), clipped[half:].mean(0)) if half else None
-        row["unclipped"] = spearman(raw.mean(0), sev)
+        row["unclipped"] = spearman(raw.mean(0), sev) if raw is not None else None
         row["per_brightness"] = spearman(score / brightness, sev)
         row["mild_lt_0.25"] = spearman(score[sev < 0.25], sev[sev < 0.25])
         row["tail_ge_0.25"] = spearman(score[sev >= 0.25], sev[sev >= 0.25])
+        row["top2pct_mean_severity"] = float(sev[np.argsort(-score)[:max(1, len(sub) // 50)]].mean())
+        # the bundle's own score (its t and draws) z-averaged with this t: a two-timestep variant
+        both = zscore(score) + zscore(real.score[sub].astype(np.float64))
+        row["zavg_with_bundle_score"] = spearman(both, sev)
+        row["zavg_mild_lt_0.25"] = spearman(both[sev < 0.25], sev[sev < 0.25])
+        row["zavg_tail_ge_0.25"] = spearman(both[sev >= 0.25], sev[sev >= 0.25])
+        row["zavg_top2pct_mean_severity"] = float(sev[np.argsort(-both)[:max(1, len(sub) // 50)]].mean())
         res["per_t"][t] = row
         ranks[t] = np.argsort(np.argsort(score))
         print(f"t={t}: " + ", ".join(f"{k} {v:+.3f}" for k, v in row.items() if v is not None)
               + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    bs = real.score[sub]
+    res["bundle_score"] = {"t": b.manifest["score"]["t"], "draws": b.manifest["score"]["draws"], "all": spearman(bs, sev),
+                           "top2pct_mean_severity": float(sev[np.argsort(-bs)[:max(1, len(sub) // 50)]].mean())}
     res["brightness_vs_severity"] = spearman(brightness, sev)
     combos = {}
     for lo in range(len(ts)):
