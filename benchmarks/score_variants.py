@@ -29,6 +29,7 @@ from _common import machine, write  # noqa: E402
 
 from core.bundle import load_bundle  # noqa: E402
 from core.data import to_model_range  # noqa: E402
+from core.models import load_diffusion  # noqa: E402
 from core.score import sample_noise  # noqa: E402
 from validate_demo import spearman  # noqa: E402
 
@@ -58,6 +59,8 @@ def zscore(x: np.ndarray) -> np.ndarray:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--bundle", default="assets/mri-atrophy")
+    p.add_argument("--model", default=None, help="score with this run folder's diffusion model instead of the "
+                   "bundle's (e.g. an earlier checkpoint of the same training; the real slices stay the bundle's)")
     p.add_argument("--n", type=int, default=1500)
     p.add_argument("--draws", type=int, default=8)
     p.add_argument("--ts", default="300,400,500,600,700,800")
@@ -70,6 +73,7 @@ def main():
     a = p.parse_args()
     torch.manual_seed(a.seed)
     b = load_bundle(a.bundle)
+    model = load_diffusion(a.model) if a.model else b.model
     real = b.real
     sub = np.sort(np.random.default_rng(a.seed).choice(len(real.images), size=min(a.n, len(real.images)),
                                                         replace=False))
@@ -77,7 +81,7 @@ def main():
     x0 = to_model_range(imgs)
     sev = real.severity[sub]
     ts = [int(v) for v in a.ts.split(",")]
-    res = {"bundle": a.bundle, "n": len(sub), "draws": a.draws, "ts": ts, "machine": machine(), "per_t": {}}
+    res = {"bundle": a.bundle, "model": a.model or a.bundle, "n": len(sub), "draws": a.draws, "ts": ts, "machine": machine(), "per_t": {}}
     brightness = ((x0 + 1) / 2).pow(2).flatten(1).mean(1).numpy()
     ranks, per_draw = {}, {}
     saved = np.load(a.load) if a.load else None
@@ -88,7 +92,7 @@ def main():
         if saved is not None:
             clipped, raw = saved[f"t{t}"][:a.draws].astype(np.float64), None
         else:
-            clipped, raw = per_draw_errors(b.model, x0, torch.from_numpy(sub), t, a.draws, a.seed)
+            clipped, raw = per_draw_errors(model, x0, torch.from_numpy(sub), t, a.draws, a.seed)
         row = {f"draws{k}": spearman(clipped[:k].mean(0), sev) for k in sorted({2 ** i for i in range(a.draws.bit_length())} | {a.draws})}
         per_draw[f"t{t}"] = clipped.astype(np.float32)
         score = clipped.mean(0)
