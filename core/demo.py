@@ -146,8 +146,9 @@ def build_demo(out: str | Path, work: str | Path, cfg: DemoConfig, log: Log, pro
     clf_dir = work / "classifier"
     if (clf_dir / "classifier.json").is_file():
         info = json.loads((clf_dir / "classifier.json").read_text())
-        if (info.get("score_settings"), info.get("steps"), info.get("config", {}).get("base_channels")) != (
-                settings.to_dict(), cfg.clf_steps, cfg.clf_base_channels):
+        net = info.get("config", {})
+        if (info.get("score_settings"), info.get("steps"), net.get("base_channels"), net.get("num_outputs")) != (
+                settings.to_dict(), cfg.clf_steps, cfg.clf_base_channels, cfg.classes):
             log("   classifier was trained for other labels or settings: retraining")
             (clf_dir / "classifier.json").unlink()
     if not (clf_dir / "classifier.json").is_file():
