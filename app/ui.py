@@ -16,6 +16,10 @@ log = logging.getLogger("minority-studio")
 QUEUE_SIZE = 8  # pending requests beyond this get a clean "queue full" error
 MAX_FILE_SIZE = "1mb"  # the app takes no uploads; anything larger is refused with 413
 
+# "l2" in a code font reads as "12": the header names the distance in words
+DISTANCE_NAMES = {"l2": "L2 (mean squared error)", "l1": "L1 (mean absolute error)", "ssim": "1 − SSIM",
+                  "lpips": "LPIPS (VGG)", "lpips-rand": "LPIPS with a random VGG"}
+
 INTRO = """# Minority guidance studio
 Steer a diffusion model toward **rare** samples (Um, Lee & Ye, ICLR 2024). Pick the target rarity class
 **l** (0 = most common, L-1 = rarest) and the classifier scale **w**, then press **Generate**. The left
@@ -71,9 +75,10 @@ def build_ui(studio: h.Studio) -> gr.Blocks:
     d = h.DEFAULTS
 
     with gr.Blocks(title="Minority guidance studio") as demo:
+        sc = manifest["score"]
         gr.Markdown(INTRO + f"\n\nBundle: `{manifest.get('name', studio.path.name)}` · {L} classes · "
-                    f"{manifest['image_size']}x{manifest['image_size']} · score distance "
-                    f"`{manifest['score']['distance']}` at t = {manifest['score']['t']}")
+                    f"{manifest['image_size']}x{manifest['image_size']} · minority score: "
+                    f"{DISTANCE_NAMES.get(sc['distance'], sc['distance'])} at t = {sc['t']}, {sc['draws']} noise draws")
         visit = gr.State(None)
         with gr.Tab("Generate"):
             with gr.Row():
@@ -105,7 +110,8 @@ def build_ui(studio: h.Studio) -> gr.Blocks:
                     download = gr.DownloadButton("Download PNGs + CSV", value=None, elem_id="download")
                 with gr.Column(scale=3):
                     status = gr.Markdown("Press **Generate**.", elem_id="status")
-                    gr.Markdown("Captions: each image's minority score (Eq. 7, the bundle's distance and timestep; "
+                    gr.Markdown("Captions: each image's minority score (Eq. 7, the bundle's distance and timestep, "
+                                f"{min(int(manifest['score']['draws']), h.CAPTION_DRAWS)} noise draws; "
                                 "higher = more unique). While sampling runs, the grids preview the current denoised estimate "
                                 "(Tweedie x0_hat).")
                     with gr.Row():
