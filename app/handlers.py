@@ -36,6 +36,11 @@ CAPTION_DRAWS = 5  # noise draws of a generated image's caption score: same expe
 # (20-draw) score, a quarter of its cost; 20 draws made a finished 4x4 pair 4 s slower (session 5)
 
 
+def caption_draws(score_settings: dict) -> int:
+    """Noise draws of a generated image's caption score: the bundle's (manifest["score"]), at most CAPTION_DRAWS."""
+    return min(int(score_settings["draws"]), CAPTION_DRAWS)
+
+
 @dataclass(frozen=True)
 class GenerateRequest:
     """One press of Generate: target class l in [0, L), scale w in [0, 10], and the sampler settings."""
@@ -219,7 +224,7 @@ class Studio:
         from core.score import ScoreSettings, minority_scores
 
         s = self.bundle.manifest["score"]
-        settings = ScoreSettings(distance=s["distance"], t=int(s["t"]), draws=min(int(s["draws"]), CAPTION_DRAWS),
+        settings = ScoreSettings(distance=s["distance"], t=int(s["t"]), draws=caption_draws(s),
                                  seed=int(s["seed"]), clip=bool(s.get("clip", True)))
         x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
         idx = torch.arange(len(images)) + seed * 1000

@@ -111,7 +111,7 @@ def build_ui(studio: h.Studio) -> gr.Blocks:
                 with gr.Column(scale=3):
                     status = gr.Markdown("Press **Generate**.", elem_id="status")
                     gr.Markdown("Captions: each image's minority score (Eq. 7, the bundle's distance and timestep, "
-                                f"{min(int(manifest['score']['draws']), h.CAPTION_DRAWS)} noise draws; "
+                                f"{h.caption_draws(manifest['score'])} noise draws; "
                                 "higher = more unique). While sampling runs, the grids preview the current denoised estimate "
                                 "(Tweedie x0_hat).")
                     with gr.Row():

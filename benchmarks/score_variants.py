@@ -5,12 +5,15 @@ several timesteps (Eq. 7 with the bundle's backbone), and from them:
 - Spearman(score, severity) per t with 1, 2, 4, ... draws (how much is draw noise),
 - the rank-average of several timesteps (a multi-t variant the paper does not use),
 - L2 without clipping x0_hat, and L2 divided by the image's mean squared intensity (brightness),
+- the mean true severity of the top 2 % by score, and the z-average of each t with the bundle's own score,
+- with ``--model RUN``, all of this for another diffusion model (e.g. the same training stopped earlier),
 - with ``--phantom DIR`` (the same phantom, rebuilt by ``python -m core data mri-phantom`` with the
   build's seed): Spearman of the score with each nuisance parameter.
 
 Usage: python benchmarks/score_variants.py [--bundle assets/mri-atrophy] [--n 1500] [--draws 8]
-       [--ts 300,400,500,600,700,800] [--phantom DIR] [--save runs/per_draw.npz]
-Writes benchmarks/results/score_variants.json (and, with --save, the per-draw errors).
+       [--ts 300,400,500,600,700,800] [--phantom DIR] [--model RUN] [--save F.npz | --load F.npz]
+Writes benchmarks/results/score_variants.json (and, with --save, the per-draw errors, which --load
+analyses again without the network).
 """
 from __future__ import annotations
 
@@ -54,6 +57,11 @@ def per_draw_errors(model, x0, indices, t, draws, seed, batch=256):
 
 def zscore(x: np.ndarray) -> np.ndarray:
     return (x - x.mean()) / x.std()
+
+
+def top_mean(score: np.ndarray, sev: np.ndarray) -> float:
+    """Mean true severity of the 2 % of slices a score ranks highest (what the rarest classes hold)."""
+    return float(sev[np.argsort(-score)[:max(1, len(score) // 50)]].mean())
 
 
 def main():
@@ -102,20 +110,20 @@ def main():
         row["per_brightness"] = spearman(score / brightness, sev)
         row["mild_lt_0.25"] = spearman(score[sev < 0.25], sev[sev < 0.25])
         row["tail_ge_0.25"] = spearman(score[sev >= 0.25], sev[sev >= 0.25])
-        row["top2pct_mean_severity"] = float(sev[np.argsort(-score)[:max(1, len(sub) // 50)]].mean())
+        row["top2pct_mean_severity"] = top_mean(score, sev)
         # the bundle's own score (its t and draws) z-averaged with this t: a two-timestep variant
         both = zscore(score) + zscore(real.score[sub].astype(np.float64))
         row["zavg_with_bundle_score"] = spearman(both, sev)
         row["zavg_mild_lt_0.25"] = spearman(both[sev < 0.25], sev[sev < 0.25])
         row["zavg_tail_ge_0.25"] = spearman(both[sev >= 0.25], sev[sev >= 0.25])
-        row["zavg_top2pct_mean_severity"] = float(sev[np.argsort(-both)[:max(1, len(sub) // 50)]].mean())
+        row["zavg_top2pct_mean_severity"] = top_mean(both, sev)
         res["per_t"][t] = row
         ranks[t] = np.argsort(np.argsort(score))
         print(f"t={t}: " + ", ".join(f"{k} {v:+.3f}" for k, v in row.items() if v is not None)
               + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     bs = real.score[sub]
     res["bundle_score"] = {"t": b.manifest["score"]["t"], "draws": b.manifest["score"]["draws"], "all": spearman(bs, sev),
-                           "top2pct_mean_severity": float(sev[np.argsort(-bs)[:max(1, len(sub) // 50)]].mean())}
+                           "top2pct_mean_severity": top_mean(bs, sev)}
     res["brightness_vs_severity"] = spearman(brightness, sev)
     combos = {}
     for lo in range(len(ts)):

@@ -53,6 +53,21 @@ def test_same_seed_same_images_other_seed_different(studio):
     assert not np.array_equal(a.guided, a.standard)  # guidance changed the images
 
 
+def test_caption_scores_are_the_bundles_score_at_caption_draws(studio):
+    import torch
+
+    from core.score import ScoreSettings, make_distance, minority_scores
+
+    b = studio.bundle
+    s = b.manifest["score"]
+    assert s["draws"] > h.CAPTION_DRAWS and h.caption_draws(s) == h.CAPTION_DRAWS
+    assert h.caption_draws({**s, "draws": 2}) == 2
+    imgs = b.real.images[:3]
+    want = minority_scores(b.model, torch.from_numpy(imgs.transpose(0, 3, 1, 2).copy()), torch.arange(3) + 7000,
+                           ScoreSettings(s["distance"], s["t"], h.CAPTION_DRAWS, s["seed"]), make_distance(s["distance"]))
+    np.testing.assert_allclose(studio.score(imgs, seed=7), want, rtol=1e-5)
+
+
 def test_scale_zero_is_the_standard_sampler(studio):
     run = studio.generate_all(h.GenerateRequest(49, 0.0, steps=5, n=2, seed=3))
     assert np.array_equal(run.guided, run.standard)
