@@ -6,6 +6,7 @@ several timesteps (Eq. 7 with the bundle's backbone), and from them:
 - the rank-average of several timesteps (a multi-t variant the paper does not use),
 - L2 without clipping x0_hat, and L2 divided by the image's mean squared intensity (brightness),
 - the mean true severity of the top 2 % by score, and the z-average of each t with the bundle's own score,
+- with ``--antithetic``, the same with noise drawn in pairs (eps, -eps),
 - with ``--model RUN``, all of this for another diffusion model (e.g. the same training stopped earlier),
 - with ``--phantom DIR`` (the same phantom, rebuilt by ``python -m core data mri-phantom`` with the
   build's seed): Spearman of the score with each nuisance parameter.
@@ -38,13 +39,18 @@ from validate_demo import spearman  # noqa: E402
 
 
 @torch.no_grad()
-def per_draw_errors(model, x0, indices, t, draws, seed, batch=256):
+def per_draw_errors(model, x0, indices, t, draws, seed, batch=256, antithetic=False):
     """Per-draw L2 (clipped, unclipped) for x0 (N, C, H, W) in [-1, 1]: two arrays (draws, N).
-    Eq. 7 as core.score.minority_score_batch computes it, kept per draw (that function returns the mean)."""
+    Eq. 7 as core.score.minority_score_batch computes it, kept per draw (that function returns the mean).
+    ``antithetic``: draws come in pairs eps, -eps (adjacent), a variance reduction the paper does not use."""
     clipped, raw = np.empty((draws, len(x0))), np.empty((draws, len(x0)))
     for s in range(0, len(x0), batch):
         xb, ib = x0[s:s + batch], indices[s:s + batch]
-        noise = sample_noise(ib, draws, tuple(xb.shape[1:]), seed)
+        if antithetic:
+            half = sample_noise(ib, (draws + 1) // 2, tuple(xb.shape[1:]), seed)
+            noise = torch.stack([half, -half], 1).flatten(0, 1)[:draws]
+        else:
+            noise = sample_noise(ib, draws, tuple(xb.shape[1:]), seed)
         tt = torch.full((len(xb),), t, dtype=torch.long)
         for d, eps in enumerate(noise):
             x_t = model.schedule.q_sample(xb, tt, eps)  # Eq. 1
@@ -76,6 +82,7 @@ def main():
     p.add_argument("--phantom", default=None, help="folder of the rebuilt phantom (metadata.csv) for nuisances")
     p.add_argument("--out", default="benchmarks/results/score_variants.json")
     p.add_argument("--save", default=None, help="also write the per-draw clipped L2 errors (draws, N) per t to this .npz")
+    p.add_argument("--antithetic", action="store_true", help="draw noise in pairs eps, -eps")
     p.add_argument("--load", default=None, help="analyse the per-draw errors a --save run wrote instead of recomputing "
                    "them (same --n and --seed; no unclipped variant)")
     a = p.parse_args()
@@ -89,7 +96,7 @@ def main():
     x0 = to_model_range(imgs)
     sev = real.severity[sub]
     ts = [int(v) for v in a.ts.split(",")]
-    res = {"bundle": a.bundle, "model": a.model or a.bundle, "n": len(sub), "draws": a.draws, "ts": ts, "machine": machine(), "per_t": {}}
+    res = {"bundle": a.bundle, "model": a.model or a.bundle, "n": len(sub), "draws": a.draws, "antithetic": a.antithetic, "ts": ts, "machine": machine(), "per_t": {}}
     brightness = ((x0 + 1) / 2).pow(2).flatten(1).mean(1).numpy()
     ranks, per_draw = {}, {}
     saved = np.load(a.load) if a.load else None
@@ -100,7 +107,8 @@ def main():
         if saved is not None:
             clipped, raw = saved[f"t{t}"][:a.draws].astype(np.float64), None
         else:
-            clipped, raw = per_draw_errors(model, x0, torch.from_numpy(sub), t, a.draws, a.seed)
+            clipped, raw = per_draw_errors(model, x0, torch.from_numpy(sub), t, a.draws, a.seed,
+                                           antithetic=a.antithetic)
         row = {f"draws{k}": spearman(clipped[:k].mean(0), sev) for k in sorted({2 ** i for i in range(a.draws.bit_length())} | {a.draws})}
         per_draw[f"t{t}"] = clipped.astype(np.float32)
         score = clipped.mean(0)
