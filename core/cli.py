@@ -598,6 +598,10 @@ def cmd_build_demo(a) -> int:
         from .score import resolve_t
 
         resolve_t(a.score_t, 1000, "--score-t")  # fail before hours of work, not after (build-demo trains with T = 1000)
+    if a.score_distance is not None:
+        from .score import make_distance
+
+        make_distance(a.score_distance)  # lpips without its VGG weights offline: fail now, not after training
     work = a.work or f"{a.out.rstrip('/')}.work"
     bars: dict = {}
 

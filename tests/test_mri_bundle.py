@@ -122,6 +122,16 @@ def test_build_demo_rescores_and_retrains_when_score_settings_change(bundle, tmp
     assert "rescoring" not in err and "retraining" not in err
 
 
+def test_build_demo_refuses_an_unusable_score_distance_before_any_work(tmp_path, monkeypatch, capsys):
+    import core.score
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(core.score, "lpips_weights_present", lambda: False)
+    assert main(["build-demo", "--out", str(tmp_path / "b"), "--score-distance", "lpips"]) == 2
+    assert "cannot be downloaded offline" in capsys.readouterr().err
+    assert not (tmp_path / "b.work").exists()
+
+
 def test_damaged_bundles_are_refused(bundle, tmp_path, capsys):
     import shutil
 
