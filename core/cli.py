@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import DataError, MinorityError
-from .score import DISTANCES
+from .score import DISTANCES, make_distance, resolve_t
 
 EXIT_USER_ERROR = 2
 
@@ -145,8 +145,6 @@ def _load_data(root: str, size: int, channels: int, quiet: bool = False, band: s
 # score
 # ----------------------------------------------------------------------------------------------
 def _resolve_t(t_arg: Optional[float], schedule) -> int:
-    from .score import resolve_t
-
     return schedule.default_score_t() if t_arg is None else resolve_t(t_arg, schedule.T)
 
 
@@ -211,7 +209,7 @@ def cmd_score(a) -> int:
 
     from .categorize import categorize, categorize_per_class, fit_labels
     from .models import load_diffusion
-    from .score import ScoreSettings, make_distance, minority_scores
+    from .score import ScoreSettings, minority_scores
 
     _positive("draws", a.draws)
     _positive("batch-size", a.batch_size)
@@ -378,7 +376,7 @@ METHODS = ("standard", "minority", "mixture", "self-guided", "boost-skip")
 
 def self_guided_distance(name: str, device):
     """--sg-distance auto: LPIPS when its VGG weights are present, else l2 (the cheapest fallback)."""
-    from .score import lpips_weights_present, make_distance
+    from .score import lpips_weights_present
 
     if name == "auto":
         name = "lpips" if lpips_weights_present() else "l2"
@@ -594,14 +592,13 @@ def cmd_build_demo(a) -> int:
                      sweep_n=a.sweep_n, draws=a.draws, classes=a.classes, clf_steps=a.clf_steps,
                      clf_base_channels=a.clf_base_channels, map_method=a.map, score_distance=a.score_distance,
                      score_t=a.score_t)
+    # fail before hours of work, not after: a bad timestep, or lpips without its VGG weights offline
     if a.score_t is not None:
-        from .score import resolve_t
+        from .train import DiffusionTrainConfig
 
-        resolve_t(a.score_t, 1000, "--score-t")  # fail before hours of work, not after (build-demo trains with T = 1000)
+        resolve_t(a.score_t, DiffusionTrainConfig().T, "--score-t")  # build-demo trains with the default T
     if a.score_distance is not None:
-        from .score import make_distance
-
-        make_distance(a.score_distance)  # lpips without its VGG weights offline: fail now, not after training
+        make_distance(a.score_distance)
     work = a.work or f"{a.out.rstrip('/')}.work"
     bars: dict = {}
 
