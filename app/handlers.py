@@ -236,7 +236,7 @@ class Studio:
 
         if self._distance is None:
             s = self.bundle.manifest["score"]
-            self._distance = make_distance(s["distance"], self.device, seed=int(s["seed"]))
+            self._distance = make_distance(s["distance"], self.device, seed=int(s["seed"]), model=self.bundle.model)
         return self._distance
 
     def generate(self, req: GenerateRequest, stop: Optional[threading.Event] = None) -> Iterator[Update]:

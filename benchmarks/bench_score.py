@@ -38,7 +38,7 @@ def main():
     rows = []
     sizes = [int(s) for s in a.sizes.split(",")]
     for dist_name in a.distances.split(","):
-        dist = make_distance(dist_name, device)
+        dist = make_distance(dist_name, device, model=model)
         for n in sizes if dist_name == "l2" else sizes[:1] + sizes[-1:]:
             images = torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
             settings = ScoreSettings(distance=dist_name, t=600, draws=a.draws, seed=0)

@@ -187,7 +187,7 @@ def _score_diagnostics(b, res, split=0.25):
     st = ScoreSettings(distance=m["distance"], t=int(m["t"]), draws=int(m["draws"]), seed=int(m["seed"]) + 1,
                        clip=bool(m.get("clip", True)))
     t0 = time.perf_counter()
-    retest = minority_scores(b.model, imgs, torch.arange(len(imgs)), st, make_distance(st.distance, seed=st.seed),
+    retest = minority_scores(b.model, imgs, torch.arange(len(imgs)), st, make_distance(st.distance, seed=st.seed, model=b.model),
                              batch_size=256)
     res["score_seconds"] = time.perf_counter() - t0
     res["score_retest_spearman"] = spearman(real.score, retest)
@@ -231,7 +231,7 @@ def _training_free(a, b, sets, evaluate, res, out):
             return max(rows, key=lambda r: r[1]["precision"])
         return max(ok, key=lambda r: r[1]["share_above_p90"])
 
-    distance = make_distance(b.manifest["score"]["distance"])
+    distance = make_distance(b.manifest["score"]["distance"], seed=int(b.manifest["score"]["seed"]), model=b.model)
     sweep = {"self-guided": [], "boost-skip": []}
     for w in (float(v) for v in a.sg_scales.split(",")):
         term = combine(SelfGuidance(b.model, w, distance, interval=5, seed=a.seed))

@@ -217,7 +217,7 @@ def cmd_score(a) -> int:
     model = load_diffusion(a.model, acc.device)
     settings = ScoreSettings(distance=a.distance, t=_resolve_t(a.t, model.schedule), draws=a.draws, seed=a.seed,
                              clip=not a.no_clip)
-    distance = make_distance(a.distance, acc.device, seed=a.seed)  # fails now, not mid-run
+    distance = make_distance(a.distance, acc.device, seed=a.seed, model=model)  # fails now, not mid-run
     data = _load_data(a.data, model.image_size, model.channels, quiet=not acc.is_main_process, band=a.slice_band)
     if model.num_classes and data.class_ids is None:
         raise DataError(f"the model is class-conditional ({model.num_classes} classes): --data needs one sub-folder per class")
@@ -374,13 +374,13 @@ def cmd_train_classifier(a) -> int:
 METHODS = ("standard", "minority", "mixture", "self-guided", "boost-skip")
 
 
-def self_guided_distance(name: str, device):
+def self_guided_distance(name: str, device, model=None):
     """--sg-distance auto: LPIPS when its VGG weights are present, else l2 (the cheapest fallback)."""
     from .score import lpips_weights_present
 
     if name == "auto":
         name = "lpips" if lpips_weights_present() else "l2"
-    return make_distance(name, device)
+    return make_distance(name, device, model=model)
 
 
 def build_init(a):
@@ -407,7 +407,7 @@ def build_guidance(a, model, device):
             raise ValueError(f"--p must be in (0, 1), got {a.p}")
         if a.interval < 1:
             raise ValueError(f"--interval must be >= 1, got {a.interval}")
-        terms.append(SelfGuidance(model, a.scale, self_guided_distance(a.sg_distance, device), p=a.p,
+        terms.append(SelfGuidance(model, a.scale, self_guided_distance(a.sg_distance, device, model), p=a.p,
                                   interval=a.interval, seed=a.seed,
                                   class_labels=a.class_label if model.num_classes else None))
     if a.method in ("minority", "mixture"):
@@ -597,7 +597,7 @@ def cmd_build_demo(a) -> int:
         from .train import DiffusionTrainConfig
 
         resolve_t(a.score_t, DiffusionTrainConfig().T, "--score-t")  # build-demo trains with the default T
-    if a.score_distance is not None:
+    if a.score_distance is not None and a.score_distance != "unet-feat":  # unet-feat needs only the model
         make_distance(a.score_distance)
     work = a.work or f"{a.out.rstrip('/')}.work"
     bars: dict = {}
@@ -656,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--score-t", type=float, default=None,
                     help="timestep of the final score, a fraction of T or an integer step (default: the sweep's best)")
     bd.add_argument("--classes", type=int, default=50)
-    bd.add_argument("--clf-steps", type=int, default=3000)
+    bd.add_argument("--clf-steps", type=int, default=6000)
     bd.add_argument("--clf-base-channels", type=int, default=16)
     bd.add_argument("--map", choices=["umap", "pca"], default="umap", help="2-D map of the real data")
     bd.set_defaults(func=cmd_build_demo)
@@ -747,7 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--p", type=float, default=0.8, help="self-guided: re-noising level t' = p T, in (0, 1)")
     m.add_argument("--interval", type=int, default=5, help="self-guided: guide every k-th step")
     m.add_argument("--sg-distance", default="auto", help="self-guided: auto (lpips if its weights are present, "
-                                                         "else l2) | lpips | lpips-rand | ssim | l2 | l1")
+                                                         "else l2) | lpips | lpips-rand | unet-feat | ssim | l2 | l1")
     m.add_argument("--gamma", type=float, default=3.0, help="boost-skip: initial noise scale gamma > 0")
     m.add_argument("--skip", type=int, default=3, help="boost-skip: sampler steps skipped at the noisy end")
     m.add_argument("--out", required=True, help="samples.npz")

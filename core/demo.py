@@ -32,13 +32,13 @@ class DemoConfig:
     diffusion_steps: int = 8000  # UNet optimiser steps (batch 32)
     widths: tuple = (32, 64, 64)  # UNet channels per level
     sweep_n: int = 600  # images in the distance / timestep sweep
-    sweep_distances: tuple = ("l2", "l1", "ssim", "lpips-rand")
+    sweep_distances: tuple = ("l2", "l1", "ssim", "lpips-rand", "unet-feat")
     sweep_t: tuple = (0.2, 0.4, 0.6, 0.8)  # fractions of T
     draws: int = 20  # noise draws for the final score (5 draws gave a test-retest Spearman of only ~0.6)
     score_distance: Optional[str] = None  # final score's distance; None = the sweep's best
     score_t: Optional[float] = None  # final score's t: fraction of T in (0, 1) or an integer step; None = the sweep's best
     classes: int = 50  # L (paper's MRI setting)
-    clf_steps: int = 3000
+    clf_steps: int = 6000
     clf_base_channels: int = 16
     clf_batch: int = 64
     map_method: str = "umap"  # umap (PCA 50 then UMAP) or pca (first two components; fast, for tests)
@@ -113,7 +113,7 @@ def build_demo(out: str | Path, work: str | Path, cfg: DemoConfig, log: Log, pro
         sub_t = torch.as_tensor(sub)
         rows = []
         for dist_name in cfg.sweep_distances:
-            dist = make_distance(dist_name, seed=cfg.seed)
+            dist = make_distance(dist_name, seed=cfg.seed, model=model)
             for frac in cfg.sweep_t:
                 st = ScoreSettings(distance=dist_name, t=int(round(frac * model.schedule.T)), draws=2, seed=cfg.seed)
                 s = minority_scores(model, data.images[sub_t], sub_t, st, dist, batch_size=128)
@@ -132,7 +132,7 @@ def build_demo(out: str | Path, work: str | Path, cfg: DemoConfig, log: Log, pro
     if not scores_path.is_file():
         log(f"4/6 minority score of {len(data)} images: {settings.distance}, t={settings.t}, {settings.draws} draws")
         scores = minority_scores(model, data.images, torch.arange(len(data)), settings,
-                                 make_distance(settings.distance, seed=cfg.seed), batch_size=128,
+                                 make_distance(settings.distance, seed=cfg.seed, model=model), batch_size=128,
                                  progress=report("score"))
         buf = io.BytesIO()
         np.save(buf, scores, allow_pickle=False)

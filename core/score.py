@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .errors import OfflineError
 
-DISTANCES = ("lpips", "lpips-rand", "ssim", "l2", "l1")
+DISTANCES = ("lpips", "lpips-rand", "unet-feat", "ssim", "l2", "l1")
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16, the trunk of LPIPS-VGG
 
@@ -57,7 +57,7 @@ def _lpips(pretrained: bool, seed: int, device) -> Distance:
         raise OfflineError(
             f"--distance lpips needs torchvision's pretrained VGG16 weights ({VGG16_FILE} in "
             f"{Path(torch.hub.get_dir()) / 'checkpoints'}), which are absent and cannot be downloaded offline; "
-            "choose --distance lpips-rand, ssim or l2")
+            "choose --distance unet-feat, lpips-rand, ssim or l2")
     try:
         with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")
@@ -67,7 +67,7 @@ def _lpips(pretrained: bool, seed: int, device) -> Distance:
             net = lpips.LPIPS(net="vgg", pretrained=pretrained, pnet_rand=not pretrained, verbose=False)
     except Exception as e:  # noqa: BLE001 - a failed download surfaces as many exception types
         raise OfflineError(f"--distance lpips: cannot load the pretrained VGG16 trunk ({type(e).__name__}: {e}); "
-                           "choose --distance lpips-rand, ssim or l2") from None
+                           "choose --distance unet-feat, lpips-rand, ssim or l2") from None
     net = net.to(device).eval().requires_grad_(False)
 
     def d(x0: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor:
@@ -110,8 +110,52 @@ def l1_distance(x0: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor:
     return (x0.float() - x0_hat.float()).abs().flatten(1).mean(1)
 
 
-def make_distance(name: str, device: str | torch.device = "cpu", seed: int = 0) -> Distance:
-    """Build d(x0, x0_hat) -> (N,); fails at once (not mid-run) when LPIPS weights cannot be had."""
+UNET_FEAT_BLOCKS = 2  # unet-feat compares the outputs of the backbone's first two down blocks
+UNET_FEAT_T_FRAC = 0.2  # ... computed with the timestep embedding of t_f = T / 5
+
+
+def unet_feature_distance(model, blocks: int = UNET_FEAT_BLOCKS, t_frac: float = UNET_FEAT_T_FRAC) -> Distance:
+    """LPIPS-style d in the diffusion model's own encoder features (our substitute for VGG, whose weights
+    cannot be had offline): activations of the first ``blocks`` down blocks of the UNet at timestep
+    t_f = t_frac * T, unit-normalised over channels at each position, squared difference summed over
+    channels, averaged over positions and blocks. x0, x0_hat (N, C, H, W) in [-1, 1] -> (N,)."""
+    from .models import autocast_for
+
+    net = getattr(model, "net", None)
+    if net is None or not all(hasattr(net, a) for a in ("conv_in", "time_proj", "time_embedding", "down_blocks")) \
+            or any(hasattr(b, "skip_conv") for b in net.down_blocks[:blocks]):
+        raise ValueError("--distance unet-feat needs a diffusers UNet2DModel backbone (down blocks without skip "
+                         "connections); choose --distance l2, l1, ssim or lpips")
+    t_f = min(model.schedule.T - 1, int(round(t_frac * model.schedule.T)))
+    cache: list = [None, None]  # x0's features, reused over the draws of one batch (same tensor object)
+
+    def features(x: torch.Tensor) -> list:
+        tt = torch.full((x.shape[0],), t_f, dtype=torch.long, device=x.device)
+        with autocast_for(x):
+            emb = net.time_embedding(net.time_proj(tt).to(net.dtype))
+            h, out = net.conv_in(x), []
+            for block in net.down_blocks[:blocks]:
+                h = block(hidden_states=h, temb=emb)[0]
+                f = h.float()
+                out.append(f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-8))
+        return out
+
+    def d(x0: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor:
+        if cache[0] is not x0:
+            cache[0], cache[1] = x0, features(x0)
+        per_block = [(a - b).pow(2).sum(1).flatten(1).mean(1) for a, b in zip(cache[1], features(x0_hat))]
+        return torch.stack(per_block).mean(0)
+
+    return d
+
+
+def make_distance(name: str, device: str | torch.device = "cpu", seed: int = 0, model=None) -> Distance:
+    """Build d(x0, x0_hat) -> (N,); fails at once (not mid-run) when LPIPS weights cannot be had.
+    ``model``: the diffusion model, needed by unet-feat (its features are the model's own)."""
+    if name == "unet-feat":
+        if model is None:
+            raise ValueError("--distance unet-feat needs the diffusion model (make_distance(..., model=...))")
+        return unet_feature_distance(model)
     if name == "lpips":
         return _lpips(True, seed, device)
     if name == "lpips-rand":

@@ -82,8 +82,48 @@ def test_lpips_without_weights_fails_at_once_naming_the_fallbacks(monkeypatch, t
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(OfflineError, match="lpips-rand, ssim or l2"):
         make_distance("lpips")
-    with pytest.raises(ValueError, match="allowed: lpips, lpips-rand, ssim, l2, l1"):
+    with pytest.raises(ValueError, match="allowed: lpips, lpips-rand, unet-feat, ssim, l2, l1"):
         make_distance("cosine")
+
+
+def test_unet_feat_is_the_models_own_down_block_activations():
+    """unet-feat = mean over the first 2 down blocks of sum_c (f/|f|_c - g/|g|_c)^2 averaged over positions, where
+    f, g are what the full UNet computes in those blocks for x0 and x0_hat at t_f = T/5 (read here by hooks)."""
+    model = tiny_model(size=16)
+    x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    y = (x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    grabbed = []
+    hooks = [b.register_forward_hook(lambda m, i, o: grabbed.append(o[0])) for b in model.net.down_blocks[:2]]
+    tf = torch.full((3,), model.schedule.T // 5)
+    feats = []
+    for z in (x, y):
+        grabbed.clear()
+        model(z, tf)
+        feats.append([f / f.pow(2).sum(1, keepdim=True).sqrt() for f in grabbed])
+    for h in hooks:
+        h.remove()
+    expected = torch.stack([(a - b).pow(2).sum(1).mean((1, 2)) for a, b in zip(*feats)]).mean(0)
+    d = make_distance("unet-feat", model=model)
+    torch.testing.assert_close(d(x, y), expected, rtol=1e-5, atol=1e-7)
+    assert d(x, y).shape == (3,) and torch.all(d(x, y) > 1e-4) and torch.all(d(y, y).abs() < 1e-6)
+
+
+def test_unet_feat_scores_do_not_depend_on_batching():
+    """unet-feat caches x0's features over the draws of one batch: the cache must not leak across batches."""
+    model = tiny_model()
+    images = torch.randint(0, 256, (7, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    s = ScoreSettings(distance="unet-feat", t=600, draws=3, seed=0)
+    a = minority_scores(model, images, torch.arange(7), s, make_distance("unet-feat", model=model), batch_size=7)
+    b = minority_scores(model, images, torch.arange(7), s, make_distance("unet-feat", model=model), batch_size=2)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_unet_feat_needs_a_unet_backbone():
+    with pytest.raises(ValueError, match="needs the diffusion model"):
+        make_distance("unet-feat")
+    mix = AnalyticMixture([[-0.5, 0.0], [0.5, 0.0]], [0.5, 0.5], std=0.1)
+    with pytest.raises(ValueError, match="UNet2DModel backbone"):
+        make_distance("unet-feat", model=mix)
 
 
 def test_quantile_binning_matches_the_official_rule():
