@@ -18,7 +18,8 @@ MAX_FILE_SIZE = "1mb"  # the app takes no uploads; anything larger is refused wi
 
 # "l2" in a code font reads as "12": the header names the distance in words
 DISTANCE_NAMES = {"l2": "L2 (mean squared error)", "l1": "L1 (mean absolute error)", "ssim": "1 − SSIM",
-                  "lpips": "LPIPS (VGG)", "lpips-rand": "LPIPS with a random VGG"}
+                  "lpips": "LPIPS (VGG)", "lpips-rand": "LPIPS with a random VGG",
+                  "unet-feat": "LPIPS-style distance in the model's own UNet features"}
 
 INTRO = """# Minority guidance studio
 Steer a diffusion model toward **rare** samples (Um, Lee & Ye, ICLR 2024). Pick the target rarity class

@@ -120,3 +120,11 @@ def test_stop_freezes_the_sampler(served):
     time.sleep(2.0)
     assert studio.steps_done == settled, "the sampler kept running after Stop"
     assert settled - before < 100  # it stopped well before the end of the run
+
+
+def test_every_score_distance_has_a_name_in_words():
+    """The header spells the bundle's distance out ("l2" in a code font read as "12"): no distance may be missing."""
+    from app.ui import DISTANCE_NAMES
+    from core.score import DISTANCES
+
+    assert set(DISTANCE_NAMES) == set(DISTANCES)
