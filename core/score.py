@@ -118,7 +118,8 @@ def unet_feature_distance(model, blocks: int = UNET_FEAT_BLOCKS, t_frac: float =
     """LPIPS-style d in the diffusion model's own encoder features (our substitute for VGG, whose weights
     cannot be had offline): activations of the first ``blocks`` down blocks of the UNet at timestep
     t_f = t_frac * T, unit-normalised over channels at each position, squared difference summed over
-    channels, averaged over positions and blocks. x0, x0_hat (N, C, H, W) in [-1, 1] -> (N,)."""
+    channels, averaged over positions and blocks (a class-conditional model's class embedding is left
+    out: features of the image alone). x0, x0_hat (N, C, H, W) in [-1, 1] -> (N,)."""
     from .models import autocast_for
 
     net = getattr(model, "net", None)
