@@ -64,7 +64,8 @@ def test_caption_scores_are_the_bundles_score_at_caption_draws(studio):
     assert h.caption_draws({**s, "draws": 2}) == 2
     imgs = b.real.images[:3]
     want = minority_scores(b.model, torch.from_numpy(imgs.transpose(0, 3, 1, 2).copy()), torch.arange(3) + 7000,
-                           ScoreSettings(s["distance"], s["t"], h.CAPTION_DRAWS, s["seed"]), make_distance(s["distance"]))
+                           ScoreSettings(s["distance"], s["t"], h.CAPTION_DRAWS, s["seed"]),
+                           make_distance(s["distance"], seed=s["seed"], model=b.model))
     np.testing.assert_allclose(studio.score(imgs, seed=7), want, rtol=1e-5)
 
 

@@ -77,6 +77,28 @@ def test_pipeline_outputs(pipeline):
     assert [r["step"] for r in log] == [10, 20]
 
 
+def test_score_with_unet_feat_from_the_cli(pipeline, tmp_path):
+    """--distance unet-feat builds its distance from the --model being scored; the CSV equals the library's score."""
+    import torch
+
+    from core.data import load_image_folder
+    from core.models import load_diffusion
+    from core.score import ScoreSettings, make_distance, minority_scores
+
+    base, data, run = pipeline
+    out = tmp_path / "s.csv"
+    assert main(["score", "--model", str(run), "--data", str(data), "--out", str(out), "--distance", "unet-feat",
+                 "--draws", "2", "--t", "0.5"]) == 0
+    got = {r.split(",")[0]: float(r.split(",")[1]) for r in out.read_text().splitlines()[1:]}
+    assert json.loads((tmp_path / "s.json").read_text())["settings"]["distance"] == "unet-feat"
+    model = load_diffusion(run)
+    imgs = load_image_folder(data, 16, 1)
+    want = minority_scores(model, imgs.images, torch.arange(len(imgs)), ScoreSettings("unet-feat", 500, 2, 0),
+                           make_distance("unet-feat", model=model))
+    np.testing.assert_allclose([got[p] for p in imgs.paths], want, rtol=1e-5)
+    assert np.all(want > 0)
+
+
 def test_sample_npz_is_reproducible(pipeline, tmp_path):
     _, _, run = pipeline
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):

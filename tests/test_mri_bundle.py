@@ -10,6 +10,7 @@ import pytest
 from core.bundle import check_bundle, load_bundle, project
 from core.cli import main
 from core.data import load_image_folder, load_nifti_slices
+from core.demo import DemoConfig
 from core.errors import CheckpointError, InvalidImageError
 from core.phantom import _templates, build_mri_phantom, render_atrophy, slice_maps
 
@@ -91,7 +92,10 @@ def test_build_demo_bundle_loads_in_one_call(bundle, tmp_path):
     for key in ("schema_version", "dataset", "image_size", "schedule", "T", "num_classes", "thresholds", "score",
                 "seeds", "training", "versions", "files"):
         assert key in m, key
-    assert m["num_classes"] == 4 and len(m["thresholds"]) == 4 and len(m["sweep"]["rows"]) == 16
+    cfg = DemoConfig()
+    assert m["num_classes"] == 4 and len(m["thresholds"]) == 4
+    assert len(m["sweep"]["rows"]) == len(cfg.sweep_distances) * len(cfg.sweep_t)  # every distance x timestep
+    assert {r["distance"] for r in m["sweep"]["rows"]} == set(cfg.sweep_distances) and "unet-feat" in cfg.sweep_distances
     assert b.real.images.shape == (60, 16, 16, 1) and b.real.coords.shape == (60, 2)
     assert set(np.unique(b.real.label)) <= set(range(4)) and np.all((b.real.severity >= 0) & (b.real.severity <= 1))
     xy = project(b.real, b.real.images[:3])
