@@ -128,7 +128,7 @@ def unet_feature_distance(model, blocks: int = UNET_FEAT_BLOCKS, t_frac: float =
         raise ValueError("--distance unet-feat needs a diffusers UNet2DModel backbone (down blocks without skip "
                          "connections); choose --distance l2, l1, ssim or lpips")
     t_f = min(model.schedule.T - 1, int(round(t_frac * model.schedule.T)))
-    cache: list = [None, None]  # x0's features, reused over the draws of one batch (same tensor object)
+    cache: list = [None]  # (x0, its features), reused over the draws of one batch (same tensor object)
 
     def features(x: torch.Tensor) -> list:
         tt = torch.full((x.shape[0],), t_f, dtype=torch.long, device=x.device)
@@ -142,9 +142,10 @@ def unet_feature_distance(model, blocks: int = UNET_FEAT_BLOCKS, t_frac: float =
         return out
 
     def d(x0: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor:
-        if cache[0] is not x0:
-            cache[0], cache[1] = x0, features(x0)
-        per_block = [(a - b).pow(2).sum(1).flatten(1).mean(1) for a, b in zip(cache[1], features(x0_hat))]
+        entry = cache[0]  # one tuple, read once: threads sharing this distance never mix x0 and features
+        if entry is None or entry[0] is not x0:
+            entry = cache[0] = (x0, features(x0))
+        per_block = [(a - b).pow(2).sum(1).flatten(1).mean(1) for a, b in zip(entry[1], features(x0_hat))]
         return torch.stack(per_block).mean(0)
 
     return d
