@@ -106,6 +106,14 @@ def build_demo(out: str | Path, work: str | Path, cfg: DemoConfig, log: Log, pro
     model = load_diffusion(run)
 
     sweep_path = work / "sweep.json"
+    if sweep_path.is_file():  # a sweep of other distances, timesteps or size is redone, not reused
+        old = json.loads(sweep_path.read_text())
+        done = ({r["distance"] for r in old.get("rows", [])}, {float(r["t_frac"]) for r in old.get("rows", [])},
+                old.get("n"))
+        want = (set(cfg.sweep_distances), {float(f) for f in cfg.sweep_t}, min(cfg.sweep_n, len(data)))
+        if done != want:
+            log("   sweep settings changed since the last run: sweeping again")
+            sweep_path.unlink()
     if not sweep_path.is_file():
         log(f"3/6 distance x timestep sweep on {cfg.sweep_n} images")
         rng = np.random.default_rng(cfg.seed)

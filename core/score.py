@@ -7,6 +7,7 @@ batch size, order or how many processes share the work.
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -125,10 +126,10 @@ def unet_feature_distance(model, blocks: int = UNET_FEAT_BLOCKS, t_frac: float =
     net = getattr(model, "net", None)
     if net is None or not all(hasattr(net, a) for a in ("conv_in", "time_proj", "time_embedding", "down_blocks")) \
             or any(hasattr(b, "skip_conv") for b in net.down_blocks[:blocks]):
-        raise ValueError("--distance unet-feat needs a diffusers UNet2DModel backbone (down blocks without skip "
-                         "connections); choose --distance l2, l1, ssim or lpips")
+        raise ValueError("the unet-feat distance needs a diffusers UNet2DModel backbone (down blocks without skip "
+                         "connections); choose l2, l1, ssim or lpips")
     t_f = min(model.schedule.T - 1, int(round(t_frac * model.schedule.T)))
-    cache: list = [None]  # (x0, its features), reused over the draws of one batch (same tensor object)
+    cache: list = [None]  # (weakref to x0, its version, its features): reused over the draws of one batch
 
     def features(x: torch.Tensor) -> list:
         tt = torch.full((x.shape[0],), t_f, dtype=torch.long, device=x.device)
@@ -142,10 +143,14 @@ def unet_feature_distance(model, blocks: int = UNET_FEAT_BLOCKS, t_frac: float =
         return out
 
     def d(x0: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor:
-        entry = cache[0]  # one tuple, read once: threads sharing this distance never mix x0 and features
-        if entry is None or entry[0] is not x0:
-            entry = cache[0] = (x0, features(x0))
-        per_block = [(a - b).pow(2).sum(1).flatten(1).mean(1) for a, b in zip(entry[1], features(x0_hat))]
+        if torch.is_grad_enabled():  # e.g. self-guidance: x0 carries a graph and is new at every call
+            feats0 = features(x0)
+        else:  # minority_score_batch: the same x0 for every draw; an in-place change (version) invalidates
+            entry = cache[0]  # one tuple, read once: threads sharing this distance never mix x0 and features
+            if entry is None or entry[0]() is not x0 or entry[1] != x0._version:
+                entry = cache[0] = (weakref.ref(x0), x0._version, features(x0))
+            feats0 = entry[2]
+        per_block = [(a - b).pow(2).sum(1).flatten(1).mean(1) for a, b in zip(feats0, features(x0_hat))]
         return torch.stack(per_block).mean(0)
 
     return d
@@ -156,7 +161,7 @@ def make_distance(name: str, device: str | torch.device = "cpu", seed: int = 0, 
     ``model``: the diffusion model, needed by unet-feat (its features are the model's own)."""
     if name == "unet-feat":
         if model is None:
-            raise ValueError("--distance unet-feat needs the diffusion model (make_distance(..., model=...))")
+            raise ValueError("the unet-feat distance needs the diffusion model (make_distance(..., model=...))")
         return unet_feature_distance(model)
     if name == "lpips":
         return _lpips(True, seed, device)

@@ -138,6 +138,11 @@ def test_training_free_methods_from_the_cli(pipeline, tmp_path):
     assert not np.array_equal(s, b) and not np.array_equal(s, g)
     settings = json.loads(str(np.load(tmp_path / "b.npz")["settings_json"]))
     assert settings["method"] == "boost-skip" and settings["gamma"] == 3 and settings["skip"] == 2
+    # self-guidance through the unet-feat distance: its gradient flows through the model's own features
+    assert main(sample_args(run, tmp_path / "gu.npz", classifier=None, method="self-guided", scale=2,
+                            interval=2, sg_distance="unet-feat")) == 0
+    gu = np.load(tmp_path / "gu.npz")["images"]
+    assert gu.shape == s.shape and not np.array_equal(s, gu) and not np.array_equal(g, gu)
 
 
 BAD = [

@@ -123,7 +123,28 @@ def test_build_demo_rescores_and_retrains_when_score_settings_change(bundle, tmp
     assert clf["score_settings"]["t"] == 300
     assert main(args) == 0  # same settings again: both cached
     err = capsys.readouterr().err
-    assert "rescoring" not in err and "retraining" not in err
+    assert "rescoring" not in err and "retraining" not in err and "sweeping again" not in err
+
+
+def test_build_demo_sweeps_again_when_the_sweep_settings_change(bundle, tmp_path, capsys):
+    """A work folder's sweep.json of other distances, timesteps or size is redone, not silently reused."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(f"{bundle}.work", work)
+    sweep = json.loads((work / "sweep.json").read_text())
+    sweep["rows"] = [r for r in sweep["rows"] if r["distance"] != "unet-feat"]  # as written before unet-feat existed
+    (work / "sweep.json").write_text(json.dumps(sweep))
+    args = ["build-demo", "--out", str(tmp_path / "b2"), "--work", str(work), "--n", "60", "--size", "16", "--widths", "8,16",
+            "--diffusion-steps", "4", "--sweep-n", "20", "--draws", "1", "--classes", "4", "--clf-steps", "4",
+            "--clf-base-channels", "8", "--map", "pca"]
+    assert main(args) == 0
+    assert "sweeping again" in capsys.readouterr().err
+    m = json.loads((tmp_path / "b2" / "manifest.json").read_text())
+    assert "unet-feat" in {r["distance"] for r in m["sweep"]["rows"]} and m["sweep"]["n"] == 20
+    assert main(args + ["--sweep-n", "12"]) == 0  # another sweep size: redone again
+    assert "sweeping again" in capsys.readouterr().err
+    assert json.loads((tmp_path / "b2" / "manifest.json").read_text())["sweep"]["n"] == 12
 
 
 def test_build_demo_refuses_an_unusable_score_distance_before_any_work(tmp_path, monkeypatch, capsys):

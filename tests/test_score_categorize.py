@@ -118,6 +118,21 @@ def test_unet_feat_scores_do_not_depend_on_batching():
     np.testing.assert_allclose(a, b, rtol=1e-5)
 
 
+def test_unet_feat_cache_follows_in_place_changes_and_grad_mode():
+    """x0's features are reused over draws only while x0 is the same, unchanged tensor and no graph is built."""
+    model = tiny_model(size=16)
+    d = make_distance("unet-feat", model=model)
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    y = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        assert torch.all(d(x, y) > 1e-4)
+        x.copy_(y)  # the same object, new contents
+        assert torch.all(d(x, y).abs() < 1e-6)
+    xg = y.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(d(xg, x.flip(-1)).sum(), xg)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
 def test_unet_feat_needs_a_unet_backbone():
     with pytest.raises(ValueError, match="needs the diffusion model"):
         make_distance("unet-feat")
