@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write  # noqa: E402
 
 from core.bundle import load_bundle  # noqa: E402
-from core.data import to_model_range  # noqa: E402
 from core.score import UNET_FEAT_BLOCKS, sample_noise, unet_feature_distance  # noqa: E402
+from score_variants import real_subset, top_mean  # noqa: E402
 from validate_demo import spearman  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def summary(per_draw: np.ndarray, sev: np.ndarray) -> dict:
     return {"all": spearman(score, sev), f"all_{half}_draws": spearman(per_draw[:half].mean(0), sev),
             "retest_halves": spearman(per_draw[:half].mean(0), per_draw[half:].mean(0)),
             "mild_lt_0.25": spearman(score[mild], sev[mild]), "tail_ge_0.25": spearman(score[~mild], sev[~mild]),
-            "top2pct_mean_severity": float(sev[np.argsort(-score)[:max(1, len(score) // 50)]].mean())}
+            "top2pct_mean_severity": top_mean(score, sev)}
 
 
 @torch.no_grad()
@@ -58,10 +58,8 @@ def main():
     a = p.parse_args()
     b = load_bundle(a.bundle)
     model, real = b.model, b.real
-    sub = np.sort(np.random.default_rng(a.seed).choice(len(real.images), size=min(a.n, len(real.images)),
-                                                        replace=False))
-    x0 = to_model_range(torch.from_numpy(real.images[sub]).permute(0, 3, 1, 2).contiguous())
-    sev = real.severity[sub].astype(np.float64)
+    sub, x0, sev = real_subset(real, a.n, a.seed)
+    sev = sev.astype(np.float64)
     tfs = [int(v) for v in a.tfs.split(",")]
     # one distance per (t_f, block): the library's function restricted to that block's features
     dists = {}

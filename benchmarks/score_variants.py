@@ -61,6 +61,14 @@ def per_draw_errors(model, x0, indices, t, draws, seed, batch=256, antithetic=Fa
     return clipped, raw
 
 
+def real_subset(real, n: int, seed: int):
+    """The seeded subset of a bundle's real slices both score benchmarks use: (indices (n,) sorted,
+    x0 (n, C, H, W) in [-1, 1], true severity (n,))."""
+    sub = np.sort(np.random.default_rng(seed).choice(len(real.images), size=min(n, len(real.images)), replace=False))
+    x0 = to_model_range(torch.from_numpy(real.images[sub]).permute(0, 3, 1, 2).contiguous())
+    return sub, x0, real.severity[sub]
+
+
 def zscore(x: np.ndarray) -> np.ndarray:
     return (x - x.mean()) / x.std()
 
@@ -90,11 +98,7 @@ def main():
     b = load_bundle(a.bundle)
     model = load_diffusion(a.model) if a.model else b.model
     real = b.real
-    sub = np.sort(np.random.default_rng(a.seed).choice(len(real.images), size=min(a.n, len(real.images)),
-                                                        replace=False))
-    imgs = torch.from_numpy(real.images[sub]).permute(0, 3, 1, 2).contiguous()
-    x0 = to_model_range(imgs)
-    sev = real.severity[sub]
+    sub, x0, sev = real_subset(real, a.n, a.seed)
     ts = [int(v) for v in a.ts.split(",")]
     res = {"bundle": a.bundle, "model": a.model or a.bundle, "n": len(sub), "draws": a.draws, "antithetic": a.antithetic, "ts": ts, "machine": machine(), "per_t": {}}
     brightness = ((x0 + 1) / 2).pow(2).flatten(1).mean(1).numpy()
