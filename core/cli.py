@@ -374,13 +374,42 @@ def cmd_train_classifier(a) -> int:
 METHODS = ("standard", "minority", "mixture", "self-guided", "boost-skip")
 
 
-def self_guided_distance(name: str, device, model=None):
-    """--sg-distance auto: LPIPS when its VGG weights are present, else l2 (the cheapest fallback)."""
+def self_guided_distance(name: str, device, model=None, warn=None):
+    """--sg-distance auto: LPIPS-Alex (the official sampler's) when its AlexNet weights are present; else
+    unet-feat when the backbone is a UNet2DModel, else l2 (``warn`` is told which fallback was taken)."""
     from .score import lpips_weights_present
 
     if name == "auto":
-        name = "lpips" if lpips_weights_present() else "l2"
-    return make_distance(name, device, model=model)
+        if lpips_weights_present("alex"):
+            name = "lpips-alex"
+        else:
+            try:
+                d = make_distance("unet-feat", device, model=model)
+                name = "unet-feat"
+            except ValueError:
+                d, name = make_distance("l2", device), "l2"
+            if warn is not None:
+                warn(f"--sg-distance auto: LPIPS-Alex's AlexNet weights are not in the torch hub cache; using {name}")
+            return d, name
+    return make_distance(name, device, model=model), name
+
+
+def minority_targets(spec: str, n: int, seed: int, L: int) -> torch.Tensor:
+    """--minority-class: one integer l, or a range A-B from which each sample's class is drawn uniformly (the
+    paper's l ~ U{A..B}); seeded, so a sample's class does not depend on batch size or processes. (n,) int64."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", str(spec))
+    try:
+        lo, hi = (int(m.group(1)), int(m.group(2))) if m else (int(spec), int(spec))
+    except ValueError:
+        raise ValueError(f"--minority-class must be an integer l or a range A-B, got {spec!r}") from None
+    if not 0 <= lo <= hi < L:
+        raise ValueError(f"--minority-class must be in [0, {L}) for this classifier (L={L}), got {spec}")
+    if lo == hi:
+        return torch.full((n,), lo, dtype=torch.long)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + 7_777_777) % (2 ** 63))
+    return torch.randint(lo, hi + 1, (n,), generator=g)
 
 
 def build_init(a):
@@ -396,20 +425,24 @@ def build_init(a):
     return BoostSkip(a.gamma, a.skip)
 
 
-def build_guidance(a, model, device):
-    """The guidance term for --method (None for standard), validated against the classifier."""
+def build_guidance(a, model, device, warn=None):
+    """The guidance for --method as a function of the chunk's minority targets (N,) (None for standard),
+    validated against the classifier; classifiers are loaded once."""
+    from dataclasses import replace
+
     from .guidance import ClassifierGuidance, MixtureGuidance, SelfGuidance, combine
     from .models import load_classifier
 
-    terms = []
+    terms, minority = [], None
+    a.minority_targets = None
     if a.method == "self-guided":
         if not 0 < a.p < 1:
             raise ValueError(f"--p must be in (0, 1), got {a.p}")
         if a.interval < 1:
             raise ValueError(f"--interval must be >= 1, got {a.interval}")
-        terms.append(SelfGuidance(model, a.scale, self_guided_distance(a.sg_distance, device, model), p=a.p,
-                                  interval=a.interval, seed=a.seed,
-                                  class_labels=a.class_label if model.num_classes else None))
+        distance, a.sg_distance_used = self_guided_distance(a.sg_distance, device, model, warn)
+        terms.append(SelfGuidance(model, a.scale, distance, p=a.p, interval=a.interval, seed=a.seed, clip=a.sg_clip,
+                                  count_from=a.sg_count_from, class_labels=a.class_label if model.num_classes else None))
     if a.method in ("minority", "mixture"):
         if not a.classifier:
             raise ValueError(f"--method {a.method} needs --classifier")
@@ -418,9 +451,9 @@ def build_guidance(a, model, device):
         if clf.net.cfg.num_classes and a.class_label is None:
             raise ValueError("the classifier is class-conditional: pass --class-label")
         if a.method == "minority":
-            if not 0 <= a.minority_class < L:
-                raise ValueError(f"--minority-class must be in [0, {L}) for this classifier (L={L}), got {a.minority_class}")
-            terms.append(ClassifierGuidance(clf.net, a.minority_class, a.scale, a.class_label if clf.net.cfg.num_classes else None))
+            a.minority_targets = minority_targets(a.minority_class, a.n, a.seed, L)
+            minority = ClassifierGuidance(clf.net, 0, a.scale, a.class_label if clf.net.cfg.num_classes else None)
+            terms.append(minority)
         else:
             th = clf.thresholds
             if isinstance(th, dict):
@@ -435,7 +468,13 @@ def build_guidance(a, model, device):
         if cond and a.class_label is None:
             raise ValueError("the extra classifier is class-conditional: pass --class-label")
         terms.append(ClassifierGuidance(extra.net, a.extra_class, a.extra_scale, a.class_label if cond else None))
-    return combine(*terms)
+    combine(*terms)  # validates the scales once
+
+    def for_targets(targets: Optional[torch.Tensor]):
+        live = [replace(t, target=targets.to(device)) if t is minority else t for t in terms]
+        return combine(*live)
+
+    return for_targets
 
 
 def cmd_sample(a) -> int:
@@ -472,15 +511,16 @@ def cmd_sample(a) -> int:
     if model.num_classes:
         if a.class_label is None or not 0 <= a.class_label < model.num_classes:
             raise ValueError(f"the model is class-conditional: --class-label must be in [0, {model.num_classes})")
-    guidance = build_guidance(a, model, acc.device)
-    chunks = [(k, min(a.batch_size, a.n - s)) for k, s in enumerate(range(0, a.n, a.batch_size))]
+    guidance_for = build_guidance(a, model, acc.device, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    chunks = [(k, s, min(a.batch_size, a.n - s)) for k, s in enumerate(range(0, a.n, a.batch_size))]
     steps_run = a.steps - (init.skip if init is not None else 0)
     bar = _bar(len(chunks) * steps_run, f"sample ({a.method}, {a.sampler})", enabled=acc.is_main_process)
     results = []
     with acc.split_between_processes(chunks) as mine:
-        for k, size in mine:
+        for k, start, size in mine:
             g = torch.Generator().manual_seed((a.seed * 1_000_003 + k) % (2 ** 63))  # chunk k: same noise on any process
-            x = sample(model, size, steps=a.steps, sampler=a.sampler, eta=a.eta, guidance=guidance,
+            targets = a.minority_targets[start:start + size] if a.minority_targets is not None else None
+            x = sample(model, size, steps=a.steps, sampler=a.sampler, eta=a.eta, guidance=guidance_for(targets),
                        class_labels=a.class_label if model.num_classes else None, generator=g,
                        callback=lambda s: bar.update(acc.num_processes), init=init)
             results.append((k, to_uint8(x)))
@@ -489,13 +529,17 @@ def cmd_sample(a) -> int:
     if not acc.is_main_process:
         return 0
     images = np.concatenate([img for _, img in sorted(gathered, key=lambda r: r[0])])
-    settings = {"seed": a.seed, "minority_class": a.minority_class, "scale": a.scale, "steps": a.steps,
+    mc = a.minority_class.strip()
+    settings = {"seed": a.seed, "minority_class": int(mc) if mc.lstrip("-").isdigit() else mc, "scale": a.scale, "steps": a.steps,
                 "sampler": a.sampler, "method": a.method, "eta": a.eta, "n": a.n, "batch_size": a.batch_size,
                 "model": str(a.model), "classifier": str(a.classifier or ""), "class_label": a.class_label,
                 "extra_classifier": str(a.extra_classifier or ""), "extra_class": a.extra_class,
                 "extra_scale": a.extra_scale}
+    if a.minority_targets is not None:
+        settings["minority_classes"] = a.minority_targets.tolist()  # each sample's l (a range draws them)
     if a.method == "self-guided":
-        settings.update(p=a.p, interval=a.interval, sg_distance=a.sg_distance)
+        settings.update(p=a.p, interval=a.interval, sg_distance=a.sg_distance, sg_distance_used=a.sg_distance_used,
+                        sg_clip=a.sg_clip, sg_count_from=a.sg_count_from)
     if a.method == "boost-skip":
         settings.update(gamma=a.gamma, skip=a.skip)
     buf = io.BytesIO()
@@ -730,7 +774,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--classifier", default=None)
     m.add_argument("--method", default=None, help="standard | minority | mixture | self-guided | boost-skip "
                                                   "(default: minority with --classifier, else standard)")
-    m.add_argument("--minority-class", type=int, default=0, help="target class l in [0, L): L-1 = rarest")
+    m.add_argument("--minority-class", default="0", help="target class l in [0, L) (L-1 = rarest), or a range A-B: "
+                                                        "each sample's l drawn uniformly from A..B (seeded)")
     m.add_argument("--scale", type=float, default=1.0, help="guidance scale w >= 0 (classifier or self-guided; 0 = standard sampler)")
     m.add_argument("--n", "--num-samples", dest="n", type=int, default=16,
                    help="number of images (write --num-samples under torchrun / accelerate launch, whose own "
@@ -746,8 +791,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--extra-scale", type=float, default=1.0)
     m.add_argument("--p", type=float, default=0.8, help="self-guided: re-noising level t' = p T, in (0, 1)")
     m.add_argument("--interval", type=int, default=5, help="self-guided: guide every k-th step")
-    m.add_argument("--sg-distance", default="auto", help="self-guided: auto (lpips if its weights are present, "
-                                                         "else l2) | lpips | lpips-rand | unet-feat | ssim | l2 | l1")
+    m.add_argument("--sg-distance", default="auto", help="self-guided: auto (lpips-alex, the official choice, if "
+                                                         "AlexNet's weights are present, else unet-feat, else l2) | "
+                                                         + " | ".join(DISTANCES))
+    m.add_argument("--sg-clip", action="store_true", help="self-guided: clip x0_hat to [-1, 1] inside the guidance "
+                                                          "(the official sampler does not)")
+    m.add_argument("--sg-count-from", choices=["last", "first"], default="last",
+                   help="self-guided: guide when the respaced step index (0 = last step) is a multiple of --interval "
+                        "(last, official) or every k-th step from the first (first)")
     m.add_argument("--gamma", type=float, default=3.0, help="boost-skip: initial noise scale gamma > 0")
     m.add_argument("--skip", type=int, default=3, help="boost-skip: sampler steps skipped at the noisy end")
     m.add_argument("--out", required=True, help="samples.npz")

@@ -1,4 +1,7 @@
-"""Guidance terms: callables ``g(x_t, t) -> w * grad_x log p(. | x_t)`` that samplers add to the score.
+"""Guidance terms: callables ``g(x_t, t, index) -> w * grad_x log p(. | x_t)`` that samplers add to the score.
+
+``index`` is the sampler's respaced step index (S-1 at the noisiest step, 0 at the last, as ADM's loop
+counts); terms that guide only some steps (self-guidance) read it, the others ignore it.
 
 A term never touches the sampler loop: the sampler turns the returned gradient into a mean
 shift (ancestral DDPM, ADM ``condition_mean``) or an eps shift (DDIM, ADM ``condition_score``).
@@ -15,8 +18,8 @@ from torch import nn
 
 
 class Guidance(Protocol):
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t (N, C, H, W), t (N,) int64 in [0, T) -> scaled gradient (N, C, H, W)."""
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, index: Optional[int] = None) -> torch.Tensor:
+        """x_t (N, C, H, W), t (N,) int64 in [0, T), index: respaced step (0 = last) -> scaled gradient (N, C, H, W)."""
 
 
 def grad_log(log_p: Callable[[torch.Tensor], torch.Tensor], x_t: torch.Tensor) -> torch.Tensor:
@@ -43,11 +46,11 @@ class ClassifierGuidance:
     """
 
     classifier: nn.Module  # logits (N, K) = classifier(x_t, t, class_labels)
-    target: int | torch.Tensor  # class index in [0, K), scalar or (N,)
+    target: int | torch.Tensor  # class index in [0, K), scalar or (N,) (one class per sample, e.g. l ~ U{a..b})
     scale: float  # w >= 0
     class_labels: Optional[int | torch.Tensor] = None  # c for class-conditional classifiers (Eq. 17)
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, index: Optional[int] = None) -> torch.Tensor:
         n = x_t.shape[0]
         target = _labels(self.target, n, x_t.device)
         c = _labels(self.class_labels, n, x_t.device)
@@ -68,7 +71,7 @@ class MixtureGuidance:
     scale: float
     class_labels: Optional[int | torch.Tensor] = None
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, index: Optional[int] = None) -> torch.Tensor:
         log_tau = torch.log(torch.as_tensor(list(self.thresholds), dtype=torch.float32, device=x_t.device).clamp_min(1e-12))
         c = _labels(self.class_labels, x_t.shape[0], x_t.device)
 
@@ -84,10 +87,10 @@ class GuidanceSum:
 
     terms: tuple
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        total = self.terms[0](x_t, t)
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, index: Optional[int] = None) -> torch.Tensor:
+        total = self.terms[0](x_t, t, index)
         for term in self.terms[1:]:
-            total = total + term(x_t, t)
+            total = total + term(x_t, t, index)
         return total
 
 
@@ -109,32 +112,43 @@ def combine(*terms) -> Optional[Guidance]:
 class SelfGuidance:
     """Self-guided minority sampling (Um & Ye, ECCV 2024), a classifier-free guidance term.
 
-    At every ``interval``-th sampler step: x0_hat = Tweedie(x_t) with grad, re-noise it to t' = p T and
-    denoise again without grad (x0_hat'), and return ``scale * g / max|g|`` (per sample) with
-    g = grad_x d(x0_hat, x0_hat'): a large discrepancy means x0_hat is far from what the model
-    reproduces, i.e. a low-density (minority) feature. Other steps return zeros. The step count
-    restarts whenever t stops decreasing (a new trajectory); the re-noising draws come from a generator
-    seeded by ``seed`` at each restart, so runs are reproducible.
+    At every respaced step index i with ``i % interval == 0`` (the official loop's test; i counts down to 0,
+    so the last step is one of them): x0_hat = Tweedie(x_t) with grad, not clipped (the official
+    ``mg_clip_denoised=False``), re-noised to t' = p T and denoised again without grad (x0_hat'); return
+    ``scale * g / max|g|`` (per sample) with g = grad_x d(x0_hat, x0_hat'): a large discrepancy means x0_hat
+    is far from what the model reproduces, i.e. a low-density (minority) feature. The sampler scales it by
+    the step's variance (the official ``mg_scale_type='var'``). Other steps return zeros. The re-noising
+    draws come from a generator seeded by ``seed`` at each new trajectory (the index stops decreasing), so
+    runs are reproducible.
     """
 
     model: nn.Module  # eps-model with .schedule
     scale: float  # >= 0
     distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (N, C, H, W) x2 in [-1, 1] -> (N,)
     p: float = 0.8  # t' = p T
-    interval: int = 5  # guide every k-th step (k = 1: every step)
+    interval: int = 5  # guide when the respaced index is a multiple of k (k = 1: every step)
     seed: int = 0
-    clip: bool = True  # clip x0_hat to [-1, 1] as the sampler does
+    clip: bool = False  # clip x0_hat to [-1, 1] inside the guidance (official default: no)
     class_labels: Optional[int | torch.Tensor] = None
+    count_from: str = "last"  # "last": guide when index % k == 0 (official); "first": every k-th step from the first
 
     def __post_init__(self):
         if not 0 < self.p < 1:
             raise ValueError(f"p must be in (0, 1), got {self.p}")
         if self.interval < 1:
             raise ValueError(f"interval must be >= 1, got {self.interval}")
-        self._last_t, self._count, self._gen = None, 0, None
+        if self.count_from not in ("last", "first"):
+            raise ValueError(f"count_from must be one of last, first, got {self.count_from!r}")
+        self._last_index, self._first_index, self._gen = None, None, None
+
+    def guides(self, index: int) -> bool:
+        """Whether the step at respaced index ``index`` (0 = last) is guided."""
+        steps = index if self.count_from == "last" else self._first_index - index
+        return steps % self.interval == 0
 
     def target(self, x0_hat: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x0_hat' (no grad): x0_hat (N, C, H, W) in [-1, 1] re-noised to t' = p T with ``noise`` and denoised."""
+        """x0_hat' (no grad): x0_hat (N, C, H, W) re-noised to t' = p T with ``noise`` and denoised (clipped as
+        ``clip`` says)."""
         sch = self.model.schedule
         tp = torch.full((x0_hat.shape[0],), min(int(round(self.p * sch.T)), sch.T - 1), dtype=torch.long,
                         device=x0_hat.device)
@@ -153,13 +167,13 @@ class SelfGuidance:
             (g,) = torch.autograd.grad(ms.sum(), x)
         return g.to(x_t.dtype), ms.detach()
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t0 = int(t.reshape(-1)[0])
-        if self._last_t is None or t0 >= self._last_t:  # a new trajectory
-            self._count, self._gen = 0, torch.Generator().manual_seed(self.seed)
-        self._last_t = t0
-        step, self._count = self._count, self._count + 1
-        if step % self.interval:
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, index: Optional[int] = None) -> torch.Tensor:
+        if index is None:
+            raise ValueError("SelfGuidance needs the sampler's respaced step index (samplers pass it)")
+        if self._last_index is None or index >= self._last_index:  # a new trajectory
+            self._gen, self._first_index = torch.Generator().manual_seed(self.seed), index
+        self._last_index = index
+        if not self.guides(index):
             return torch.zeros_like(x_t)
         noise = torch.randn(x_t.shape, generator=self._gen, dtype=torch.float32).to(x_t.device, x_t.dtype)
         g, _ = self.raw_gradient(x_t, t, noise)

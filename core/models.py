@@ -18,7 +18,7 @@ from torch import nn
 
 from .checkpoint import SCHEMA_VERSION, check_schema, load_weights_for, read_json, save_weights_and_config
 from .errors import CheckpointError, OfflineError
-from .schedule import NoiseSchedule, make_schedule
+from .schedule import VARIANCE_TYPES, NoiseSchedule, make_schedule
 
 MODEL_FILES = ("model.json", "model.safetensors")
 CLASSIFIER_FILES = ("classifier.json", "classifier.safetensors")
@@ -63,12 +63,25 @@ def build_unet(cfg: UNetConfig) -> nn.Module:
     return UNet2DModel(**cfg.diffusers_kwargs())
 
 
+@dataclass(frozen=True)
+class ModelOutput:
+    """What the backbone predicts: eps (N, C, H, W) and, for a learned variance, its raw variance output
+    (N, C, H, W): v in [-1, 1] for learned_range, log sigma^2 for learned; None for the fixed types."""
+
+    eps: torch.Tensor
+    variance_values: Optional[torch.Tensor] = None
+
+
 class DiffusionModel(nn.Module):
-    """A diffusers UNet2DModel plus its schedule, called as ``eps = model(x_t, t, class_labels)``."""
+    """A diffusers UNet2DModel plus its schedule, called as ``eps = model(x_t, t, class_labels)``;
+    ``model.predict`` also returns the variance output of learned-variance models (``variance_type``)."""
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, image_size: int, channels: int,
-                 num_classes: int = 0, class_names: Optional[list[str]] = None, source: str = ""):
+                 num_classes: int = 0, class_names: Optional[list[str]] = None, source: str = "",
+                 variance_type: str = "fixed_small"):
         super().__init__()
+        if variance_type not in VARIANCE_TYPES:
+            raise ValueError(f"unknown variance_type {variance_type!r}; allowed: {', '.join(VARIANCE_TYPES)}")
         self.net = net
         self.schedule = schedule
         self.image_size = image_size
@@ -76,29 +89,49 @@ class DiffusionModel(nn.Module):
         self.num_classes = num_classes
         self.class_names = class_names or []
         self.source = source
+        self.variance_type = variance_type
+        self.precision = "auto"  # backbone compute precision, see autocast_for
+
+    @property
+    def learned_variance(self) -> bool:
+        return self.variance_type.startswith("learned")
 
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x_t (N, C, H, W) in roughly [-3, 3]; t (N,) int64 in [0, T); class_labels (N,) int64 or None -> eps (N, C, H, W)."""
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> ModelOutput:
+        """x_t (N, C, H, W) in roughly [-3, 3]; t (N,) int64 in [0, T); class_labels (N,) int64 or None."""
         if self.num_classes and class_labels is None:
             raise ValueError("this model is class-conditional: pass class labels (--class-label)")
-        with autocast_for(x_t):
+        with autocast_for(x_t, self.precision):
             out = self.net(x_t, t, class_labels=class_labels if self.num_classes else None).sample
         out = out.float()
-        if out.shape[1] == 2 * x_t.shape[1]:  # learned-variance models: the first half is eps
-            out = out[:, : x_t.shape[1]]
-        return out
+        c = x_t.shape[1]
+        if out.shape[1] == 2 * c:  # [eps, v]: v is used by learned variance types, dropped by fixed ones
+            return ModelOutput(out[:, :c], out[:, c:] if self.learned_variance else None)
+        return ModelOutput(out)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x_t (N, C, H, W) in roughly [-3, 3]; t (N,) int64 in [0, T); class_labels (N,) int64 or None -> eps (N, C, H, W)."""
+        return self.predict(x_t, t, class_labels).eps
 
 
-def autocast_for(x: torch.Tensor):
-    """bf16 autocast on CUDA (fp16 where bf16 is missing); a no-op context elsewhere."""
-    if x.device.type == "cuda":
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def autocast_for(x: torch.Tensor, precision: str = "auto"):
+    """The backbone's compute precision for inputs like ``x``: "auto" = bf16 autocast on CUDA (fp16 where bf16
+    is missing) and fp32 elsewhere; "fp32" = no autocast; "bf16" = bf16 autocast on any device (how the CUDA
+    numerics are measured on a CPU, docs/RESULTS.md)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        return torch.autocast(x.device.type, dtype=torch.bfloat16)
+    if precision == "auto" and x.device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", enabled=False)
+    return torch.autocast(x.device.type if x.device.type in ("cpu", "cuda") else "cpu", enabled=False)
 
 
 def schedule_config(schedule: NoiseSchedule, beta_start: float = 1e-4, beta_end: float = 0.02) -> dict:
@@ -174,8 +207,24 @@ def _load_diffusers(spec: str, device, local: bool) -> DiffusionModel:
                              float(sched.get("beta_start", 1e-4)), float(sched.get("beta_end", 0.02)))
     c = net.config
     size = c.sample_size if isinstance(c.sample_size, int) else int(c.sample_size[0])
-    model = DiffusionModel(net, schedule, size, c.in_channels, int(c.num_class_embeds or 0), source=spec)
+    variance_type = variance_type_for(sched, c.in_channels, c.out_channels, spec)
+    model = DiffusionModel(net, schedule, size, c.in_channels, int(c.num_class_embeds or 0), source=spec,
+                           variance_type=variance_type)
     return model.to(device).eval().requires_grad_(False)
+
+
+def variance_type_for(sched: dict, in_channels: int, out_channels: int, spec: str) -> str:
+    """The sampler's variance from a scheduler config's ``variance_type``. Without one, a 2C-channel output is
+    ADM's learned range (``learn_sigma``; diffusers' own default, fixed_small, has no use for a second half)."""
+    if "variance_type" not in sched:
+        return "learned_range" if out_channels == 2 * in_channels else "fixed_small"
+    vt = sched["variance_type"]
+    if vt not in VARIANCE_TYPES:
+        raise CheckpointError(f"--model {spec}: variance_type {vt!r} is not supported; allowed: {', '.join(VARIANCE_TYPES)}")
+    if vt.startswith("learned") and out_channels != 2 * in_channels:
+        raise CheckpointError(f"--model {spec}: variance_type {vt!r} needs {2 * in_channels} output channels "
+                              f"([eps, v]), the UNet has {out_channels}")
+    return vt
 
 
 def _diffusers_scheduler_config(spec: str, local: bool) -> dict:

@@ -8,6 +8,7 @@ moved to the model's device, so a seed gives the same noise on every device.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from .guidance import Guidance
+from .schedule import VARIANCE_TYPES, RespacedSchedule, respace
 
 SAMPLERS = ("ddim", "ddpm")
 
@@ -55,33 +57,56 @@ def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.
     return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
 
 
-def _abar_pair(model, ts: torch.Tensor, k: int) -> tuple[float, float]:
-    """abar at ts[k] and at the previous respaced timestep (1.0 before the first)."""
-    abar = model.schedule.abar
-    return float(abar[ts[k]]), (float(abar[ts[k - 1]]) if k > 0 else 1.0)
+def predict(model, x_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor]):
+    """(eps (N, C, H, W), the model's variance output (N, C, H, W) or None): models with a learned variance
+    expose ``predict``; any other eps-model callable has none."""
+    if hasattr(model, "predict"):
+        out = model.predict(x_t, t, class_labels)
+        return out.eps, out.variance_values
+    return model(x_t, t, class_labels), None
+
+
+def ddpm_variance(variance_type: str, rs: RespacedSchedule, k: int, v: Optional[torch.Tensor]):
+    """sigma^2 of the ancestral step at respaced index k (ADM ``p_mean_variance``): a float for the fixed types,
+    a tensor like ``v`` (the model's variance output, (N, C, H, W)) for the learned ones."""
+    if variance_type in ("fixed_small", "fixed_small_log"):  # the posterior variance beta~ (0 at the last step)
+        return float(rs.posterior_variance[k])
+    if variance_type in ("fixed_large", "fixed_large_log"):  # beta, with beta~_1 in place of beta_0 (ADM)
+        return float(rs.posterior_variance[1] if k == 0 and len(rs.betas) > 1 else rs.betas[k])
+    if v is None:
+        raise ValueError(f"variance_type {variance_type!r} needs the model's variance output (2C output channels)")
+    if variance_type == "learned_range":
+        # frac = (v + 1) / 2 (not clamped): log sigma^2 = frac log beta_k + (1 - frac) log beta~_k (clipped)
+        frac = (v + 1) / 2
+        return torch.exp(frac * math.log(float(rs.betas[k])) + (1 - frac) * float(rs.posterior_log_variance_clipped[k]))
+    if variance_type == "learned":  # ADM LEARNED: the output is log sigma^2 itself
+        return torch.exp(v)
+    raise ValueError(f"unknown variance_type {variance_type!r}; allowed: {', '.join(VARIANCE_TYPES)}")
 
 
 @torch.no_grad()
 def sample_ddpm(model, x_T: torch.Tensor, timesteps: torch.Tensor, *, guidance: Optional[Guidance] = None,
                 class_labels: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
                 callback: Optional[StepCallback] = None, clip_denoised: bool = True) -> torch.Tensor:
-    """Ancestral sampling (Eq. 3 with the posterior std as noise scale, as DESIGN notes); returns x_0 (N, C, H, W)."""
+    """Ancestral sampling (Eq. 3 with the posterior std as noise scale, as DESIGN notes; a learned variance when
+    the model has one, ``model.variance_type``); returns x_0 (N, C, H, W)."""
     x = x_T
     n = x.shape[0]
+    rs = respace(model.schedule, timesteps)
+    variance_type = getattr(model, "variance_type", "fixed_small")
     for i, k in enumerate(range(len(timesteps) - 1, -1, -1)):
         t = torch.full((n,), int(timesteps[k]), dtype=torch.long, device=x.device)
-        abar_t, abar_prev = _abar_pair(model, timesteps, k)
-        beta_t = 1.0 - abar_t / abar_prev  # respaced beta between the two kept timesteps
+        abar_t, abar_prev, beta_t = float(rs.abar[k]), float(rs.abar_prev[k]), float(rs.betas[k])
         # Tweedie's denoised estimate (Eq. 6), clipped to the data range
-        eps = model(x, t, class_labels)
+        eps, v = predict(model, x, t, class_labels)
         x0_hat = model.schedule.tweedie_x0(x, t, eps, clip=clip_denoised)
-        # posterior q(x_{t-1} | x_t, x0_hat): mean and variance
+        # posterior q(x_{t-1} | x_t, x0_hat): mean; variance fixed or learned
         mean = (abar_prev ** 0.5 * beta_t / (1 - abar_t)) * x0_hat \
             + ((1 - beta_t) ** 0.5 * (1 - abar_prev) / (1 - abar_t)) * x
-        var = beta_t * (1 - abar_prev) / (1 - abar_t)
-        # Eq. 8 as a mean shift: mean + Sigma_t * w grad log p(l | x_t)
-        if guidance is not None and var > 0:
-            mean = mean + var * guidance(x, t)
+        var = ddpm_variance(variance_type, rs, k, v)
+        # Eq. 8 as a mean shift: mean + Sigma_t * w grad log p(l | x_t) (ADM condition_mean; zero when Sigma is)
+        if guidance is not None and (torch.is_tensor(var) or var > 0):
+            mean = mean + var * guidance(x, t, k)
         x = mean + var ** 0.5 * _randn_like(x, generator) if k > 0 else mean
         if callback is not None:
             callback(SamplerStep(i, len(timesteps), int(timesteps[k]), x, x0_hat))
@@ -97,16 +122,20 @@ def sample_ddim(model, x_T: torch.Tensor, timesteps: torch.Tensor, *, guidance: 
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     x = x_T
     n = x.shape[0]
+    rs = respace(model.schedule, timesteps)
     for i, k in enumerate(range(len(timesteps) - 1, -1, -1)):
         t = torch.full((n,), int(timesteps[k]), dtype=torch.long, device=x.device)
-        abar_t, abar_prev = _abar_pair(model, timesteps, k)
-        eps = model(x, t, class_labels)
-        # Eq. 8 in eps form: s_hat = s + w grad  <=>  eps_hat = eps - sqrt(1 - abar_t) w grad
-        if guidance is not None:
-            eps = eps - (1 - abar_t) ** 0.5 * guidance(x, t)
+        abar_t, abar_prev = float(rs.abar[k]), float(rs.abar_prev[k])
         # Tweedie (Eq. 6), clipped; eps re-derived so that it agrees with the clipped x0_hat
-        x0_hat = model.schedule.tweedie_x0(x, t, eps, clip=clip_denoised)
+        x0_hat = model.schedule.tweedie_x0(x, t, model(x, t, class_labels), clip=clip_denoised)
         eps = model.schedule.eps_from_x0(x, t, x0_hat)
+        # Eq. 8 in eps form, in ADM's order (condition_score): s_hat = s + w grad  <=>
+        # eps_hat = eps - sqrt(1 - abar_t) w grad, and x0_hat rebuilt from eps_hat without a second clip,
+        # i.e. x0_hat + (1 - abar_t) / sqrt(abar_t) * w grad
+        if guidance is not None:
+            g = guidance(x, t, k)
+            eps = eps - (1 - abar_t) ** 0.5 * g
+            x0_hat = x0_hat + ((1 - abar_t) / abar_t ** 0.5) * g
         sigma = eta * ((1 - abar_prev) / (1 - abar_t)) ** 0.5 * (1 - abar_t / abar_prev) ** 0.5
         x = abar_prev ** 0.5 * x0_hat + max(1 - abar_prev - sigma ** 2, 0.0) ** 0.5 * eps
         if sigma > 0 and k > 0:

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import torch
 
 SCHEDULES = ("linear", "cosine")
+# diffusers' DDPMScheduler variance types; "learned" is ADM's LEARNED (the output is log sigma^2), "learned_range"
+# ADM's LEARNED_RANGE (an interpolation between log beta and the clipped log posterior variance)
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,32 @@ class NoiseSchedule:
             return torch.tensor([self.T - 1], dtype=torch.long)
         ts = torch.linspace(0, self.T - 1, num_steps, dtype=torch.float64).round().long()
         return torch.unique(ts)  # sorted ascending; strictly increasing since num_steps <= T
+
+
+@dataclass(frozen=True)
+class RespacedSchedule:
+    """The DDPM quantities on a respaced grid (ADM's SpacedDiffusion): for each kept timestep ts[k], k = 0..S-1,
+    float64 (S,) tensors. ``abar_prev[0]`` is 1 (before the first kept step)."""
+
+    timesteps: torch.Tensor  # (S,) int64, ascending
+    abar: torch.Tensor  # abar at ts[k]
+    abar_prev: torch.Tensor  # abar at ts[k - 1]
+    betas: torch.Tensor  # respaced beta_k = 1 - abar[k] / abar_prev[k]
+    posterior_variance: torch.Tensor  # beta~_k = beta_k (1 - abar_prev[k]) / (1 - abar[k]); 0 at k = 0
+    posterior_log_variance_clipped: torch.Tensor  # log beta~_k with the first entry replaced by the second (ADM)
+
+
+def respace(schedule: NoiseSchedule, timesteps: torch.Tensor) -> RespacedSchedule:
+    """The respaced betas and posterior variances over the kept ascending ``timesteps`` (S,) int64."""
+    ts = timesteps.long().cpu()
+    abar = schedule.abar[ts]
+    abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
+    betas = 1 - abar / abar_prev
+    post = betas * (1 - abar_prev) / (1 - abar)
+    # ADM's "clipped" log variance: beta~_0 = 0, so its log takes beta~_1 (beta_0 on a one-step grid)
+    first = post[1] if len(post) > 1 else betas[0]
+    log_clipped = torch.log(torch.cat([first.reshape(1), post[1:]]))
+    return RespacedSchedule(ts, abar, abar_prev, betas, post, log_clipped)
 
 
 def make_schedule(name: str = "linear", T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:

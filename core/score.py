@@ -18,9 +18,11 @@ import torch.nn.functional as F
 
 from .errors import OfflineError
 
-DISTANCES = ("lpips", "lpips-rand", "unet-feat", "ssim", "l2", "l1")
+DISTANCES = ("lpips", "lpips-alex", "lpips-rand", "unet-feat", "ssim", "l2", "l1")
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16, the trunk of LPIPS-VGG
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's ImageNet AlexNet, the trunk of LPIPS-Alex
+TRUNK_FILES = {"vgg": VGG16_FILE, "alex": ALEXNET_FILE}
 
 
 @dataclass(frozen=True)
@@ -41,34 +43,41 @@ def _offline() -> bool:
     return any(os.environ.get(k, "0") not in ("0", "", "false", "False") for k in ("HF_HUB_OFFLINE", "MINORITY_OFFLINE"))
 
 
-def lpips_weights_present() -> bool:
-    return (Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE).is_file()
+def lpips_weights_present(net: str = "vgg") -> bool:
+    """Whether torchvision's ImageNet weights of the LPIPS trunk ``net`` (vgg | alex) are in the torch hub cache."""
+    return (Path(torch.hub.get_dir()) / "checkpoints" / TRUNK_FILES[net]).is_file()
 
 
 def _as_rgb(x: torch.Tensor) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
-def _lpips(pretrained: bool, seed: int, device) -> Distance:
+def _lpips(net_name: str, pretrained: bool, seed: int, device) -> Distance:
+    """LPIPS on images in [-1, 1] (grey repeated to RGB). ``pretrained``: torchvision's ImageNet trunk with the
+    learned LPIPS heads that ship inside the lpips package (the paper's d); otherwise a trunk with seeded random
+    weights and uniform channel weights (``lpips=False``: unit-normalised features, squared differences summed
+    over channels, averaged over positions, summed over layers), so d >= 0, d(x, x) = 0 and d is symmetric."""
     import warnings
 
     import lpips
 
-    if pretrained and not lpips_weights_present() and _offline():
+    flag = {"vgg": "lpips", "alex": "lpips-alex"}[net_name] if pretrained else "lpips-rand"
+    fallbacks = "choose --distance unet-feat, lpips-rand, ssim or l2"
+    if pretrained and not lpips_weights_present(net_name) and _offline():
         raise OfflineError(
-            f"--distance lpips needs torchvision's pretrained VGG16 weights ({VGG16_FILE} in "
-            f"{Path(torch.hub.get_dir()) / 'checkpoints'}), which are absent and cannot be downloaded offline; "
-            "choose --distance unet-feat, lpips-rand, ssim or l2")
+            f"--distance {flag} needs torchvision's pretrained {net_name.upper()} weights ({TRUNK_FILES[net_name]} in "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints'}), which are absent and cannot be downloaded offline; {fallbacks}")
     try:
         with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")
             torch.manual_seed(seed)  # the random trunk of lpips-rand is a function of the seed
-            # lpips-rand: a seeded random VGG trunk with uniform channel weights (no learned LPIPS heads,
-            # which were fitted to the pretrained trunk and mean nothing on a random one)
-            net = lpips.LPIPS(net="vgg", pretrained=pretrained, pnet_rand=not pretrained, verbose=False)
+            if pretrained:
+                net = lpips.LPIPS(net=net_name, pretrained=True, verbose=False)
+            else:  # no learned heads: with lpips=True and pretrained=False they would be random, signed weights
+                net = lpips.LPIPS(net=net_name, lpips=False, pnet_rand=True, verbose=False)
     except Exception as e:  # noqa: BLE001 - a failed download surfaces as many exception types
-        raise OfflineError(f"--distance lpips: cannot load the pretrained VGG16 trunk ({type(e).__name__}: {e}); "
-                           "choose --distance unet-feat, lpips-rand, ssim or l2") from None
+        raise OfflineError(f"--distance {flag}: cannot load the pretrained {net_name.upper()} trunk "
+                           f"({type(e).__name__}: {e}); {fallbacks}") from None
     net = net.to(device).eval().requires_grad_(False)
 
     def d(x0: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor:
@@ -133,7 +142,7 @@ def unet_feature_distance(model, blocks: int = UNET_FEAT_BLOCKS, t_frac: float =
 
     def features(x: torch.Tensor) -> list:
         tt = torch.full((x.shape[0],), t_f, dtype=torch.long, device=x.device)
-        with autocast_for(x):
+        with autocast_for(x, getattr(model, "precision", "auto")):
             emb = net.time_embedding(net.time_proj(tt).to(net.dtype))
             h, out = net.conv_in(x), []
             for block in net.down_blocks[:blocks]:
@@ -164,9 +173,11 @@ def make_distance(name: str, device: str | torch.device = "cpu", seed: int = 0, 
             raise ValueError("the unet-feat distance needs the diffusion model (make_distance(..., model=...))")
         return unet_feature_distance(model)
     if name == "lpips":
-        return _lpips(True, seed, device)
+        return _lpips("vgg", True, seed, device)
+    if name == "lpips-alex":  # the trunk of the official self-guided sampler
+        return _lpips("alex", True, seed, device)
     if name == "lpips-rand":
-        return _lpips(False, seed, device)
+        return _lpips("vgg", False, seed, device)
     if name == "ssim":
         return ssim_distance
     if name == "l2":

@@ -151,7 +151,7 @@ def test_build_demo_refuses_an_unusable_score_distance_before_any_work(tmp_path,
     import core.score
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(core.score, "lpips_weights_present", lambda: False)
+    monkeypatch.setattr(core.score, "lpips_weights_present", lambda net="vgg": False)
     assert main(["build-demo", "--out", str(tmp_path / "b"), "--score-distance", "lpips"]) == 2
     assert "cannot be downloaded offline" in capsys.readouterr().err
     assert not (tmp_path / "b.work").exists()

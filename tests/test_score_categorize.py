@@ -77,12 +77,38 @@ def test_lpips_rand_is_a_function_of_the_seed():
     assert torch.equal(a(x, y), b(x, y)) and not torch.equal(a(x, y), c(x, y))
 
 
+def test_lpips_rand_is_a_distance_with_uniform_channel_weights():
+    """Issue 15.1: lpips-rand had random, signed learned heads (lpips=True, pretrained=False) and could be
+    negative. With uniform channel weights it is >= 0, zero on identical images, symmetric, and grows along a
+    ladder of more noise (and more blur) of one image."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 1, 32, 32, generator=g) * 2 - 1, torch.rand(16, 1, 32, 32, generator=g) * 2 - 1
+    for seed in (0, 1, 2):
+        d = make_distance("lpips-rand", seed=seed)
+        assert torch.all(d(x, y) > 0), seed
+        assert torch.all(d(x, x).abs() < 1e-6), seed
+        torch.testing.assert_close(d(x, y), d(y, x), rtol=1e-5, atol=1e-7)
+    d = make_distance("lpips-rand", seed=0)
+    img = torch.linspace(-1, 1, 32).view(1, 1, 1, 32) * torch.linspace(1, -1, 32).view(1, 1, 32, 1)  # smooth pattern
+    img = (img + 0.3 * torch.sin(torch.arange(32.0) / 2).view(1, 1, 1, 32)).clamp(-1, 1)
+    noise = torch.randn(img.shape, generator=g)
+    by_noise = [float(d(img, (img + s * noise).clamp(-1, 1))) for s in (0.05, 0.1, 0.2, 0.4, 0.8)]
+    assert all(a < b for a, b in zip(by_noise, by_noise[1:])), by_noise
+    blur = [img]
+    for _ in range(4):  # box blur applied again and again
+        blur.append(torch.nn.functional.avg_pool2d(torch.nn.functional.pad(blur[-1], (1, 1, 1, 1), mode="replicate"), 3, 1))
+    by_blur = [float(d(img, b)) for b in blur[1:]]
+    assert all(a < b for a, b in zip(by_blur, by_blur[1:])), by_blur
+
+
 def test_lpips_without_weights_fails_at_once_naming_the_fallbacks(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(OfflineError, match="lpips-rand, ssim or l2"):
         make_distance("lpips")
-    with pytest.raises(ValueError, match="allowed: lpips, lpips-rand, unet-feat, ssim, l2, l1"):
+    with pytest.raises(OfflineError, match="alexnet-owt-7be5be79.pth.*lpips-rand, ssim or l2"):
+        make_distance("lpips-alex")  # the official self-guided sampler's trunk
+    with pytest.raises(ValueError, match="allowed: lpips, lpips-alex, lpips-rand, unet-feat, ssim, l2, l1"):
         make_distance("cosine")
 
 

@@ -49,7 +49,7 @@ def test_boost_skip_starts_later_and_louder():
 
 def test_self_guided_gradient_matches_finite_differences():
     mix = _three_way()
-    term = SelfGuidance(mix, 1.0, l2_distance, clip=False)
+    term = SelfGuidance(mix, 1.0, l2_distance)
     torch.manual_seed(0)
     x = torch.randn(3, 2, 1, 1) * 0.8
     t = torch.full((3,), 400, dtype=torch.long)
@@ -70,18 +70,51 @@ def test_self_guided_gradient_matches_finite_differences():
         torch.testing.assert_close(g[:, i, 0, 0].double(), fd, rtol=2e-2, atol=1e-4)
 
 
-def test_self_guided_steps_every_interval_and_is_reproducible():
+def test_self_guided_steps_on_the_official_index_and_is_reproducible():
+    """Issue 15.2: the official loop guides when the respaced index i (S-1 .. 0) is a multiple of k, so with
+    S = 11 and k = 3 the steps i = 9, 6, 3, 0 (the last step included, the first not); count_from='first'
+    keeps the old every-k-th-step-from-the-first rule (i = 10, 7, 4, 1)."""
     mix = _three_way()
-    term = SelfGuidance(mix, 1.0, l2_distance, interval=3, seed=1)
     x = torch.randn(2, 2, 1, 1)
-    outs = [term(x, torch.full((2,), t, dtype=torch.long)) for t in (900, 800, 700, 600, 500)]
-    nonzero = [bool(o.abs().sum() > 0) for o in outs]
-    assert nonzero == [True, False, False, True, False]
-    assert float(outs[0].abs().flatten(1).amax(1).max()) == pytest.approx(1.0)  # per-sample max-normalised
-    again = term(x, torch.full((2,), 900, dtype=torch.long))  # t went up: a new trajectory, same draws
-    assert torch.equal(again, outs[0])
+    ts = mix.schedule.timesteps(11)
+
+    def fired(term):
+        return [i for i in range(10, -1, -1)
+                if term(x, torch.full((2,), int(ts[i]), dtype=torch.long), i).abs().sum() > 0]
+
+    term = SelfGuidance(mix, 1.0, l2_distance, interval=3, seed=1)
+    assert fired(term) == [9, 6, 3, 0]
+    assert fired(SelfGuidance(mix, 1.0, l2_distance, interval=3, seed=1, count_from="first")) == [10, 7, 4, 1]
+    t9 = torch.full((2,), int(ts[9]), dtype=torch.long)
+    first = term(x, t9, 9)  # the index went up: a new trajectory, the same re-noising draws
+    assert float(first.abs().flatten(1).amax(1).max()) == pytest.approx(1.0)  # per-sample max-normalised
+    term(x, t9, 6)
+    assert torch.equal(term(x, t9, 9), first)
+    # the samplers pass the index: the term fires at those steps of a real run
+    seen = []
+    probe = SelfGuidance(mix, 1.0, l2_distance, interval=3)
+    spy = lambda x_t, t, i: (seen.append(i) if probe.guides(i) else None, probe(x_t, t, i))[1]  # noqa: E731
+    sample(mix, 4, steps=11, sampler="ddim", guidance=spy, generator=torch.Generator().manual_seed(0))
+    assert seen == [9, 6, 3, 0]
     with pytest.raises(ValueError, match="p must be"):
         SelfGuidance(mix, 1.0, l2_distance, p=1.5)
+    with pytest.raises(ValueError, match="count_from must be one of last, first"):
+        SelfGuidance(mix, 1.0, l2_distance, count_from="middle")
+
+
+def test_self_guided_does_not_clip_by_default():
+    """Issue 15.2: the official sampler leaves x0_hat unclipped inside the guidance (mg_clip_denoised=False):
+    where x0_hat leaves [-1, 1] the clipped version has a zero gradient, the default does not."""
+    mix = _three_way()
+    assert SelfGuidance(mix, 1.0, l2_distance).clip is False
+    x = torch.full((2, 2, 1, 1), 3.0)  # far outside the data: x0_hat beyond [-1, 1] at a low noise level
+    t = torch.full((2,), 50, dtype=torch.long)
+    noise = torch.randn(2, 2, 1, 1, generator=torch.Generator().manual_seed(0))
+    g_clip, _ = SelfGuidance(mix, 1.0, l2_distance, clip=True).raw_gradient(x, t, noise)
+    g_free, _ = SelfGuidance(mix, 1.0, l2_distance).raw_gradient(x, t, noise)
+    x0_hat = mix.schedule.tweedie_x0(x, t, mix(x, t), clip=False)
+    assert float(x0_hat[:, 0].abs().min()) > 1  # the first coordinate is clipped, the second is not
+    assert float(g_clip[:, 0].abs().max()) == 0.0 and float(g_free[:, 0].abs().min()) > 0
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
