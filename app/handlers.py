@@ -25,9 +25,9 @@ DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "mri-atroph
 METHODS = ("minority guidance", "self-guided", "Boost-and-Skip", "standard")
 SAMPLERS = {"DDIM": "ddim", "ancestral (DDPM)": "ddpm"}
 LIMITS = {"steps": (5, 100), "n": (1, 16), "scale": (0.0, 10.0), "seed": (0, 2 ** 31 - 1), "gamma": (1.0, 5.0),
-          "skip": (0, 10), "interval": (1, 10)}
+          "skip": (0, 10), "interval": (1, 10), "spread": (0, 10)}
 DEFAULTS = {"steps": 25, "n": 16, "scale": 1.5, "seed": 0, "sampler": "DDIM", "method": "minority guidance",
-            "gamma": 3.0, "skip": 3, "interval": 5}
+            "gamma": 3.0, "skip": 3, "interval": 5, "spread": 0}
 PREVIEW_SECONDS = 1.0  # at most one grid preview per this many seconds (the first comes after step 1)
 DISPLAY = 64  # gallery thumbnails are upscaled to this side (the browser scales them further)
 UNCHANGED = object()  # an output a handler leaves as it is (the UI turns it into gr.skip())
@@ -55,6 +55,19 @@ class GenerateRequest:
     gamma: float = DEFAULTS["gamma"]  # Boost-and-Skip: initial noise scale
     skip: int = DEFAULTS["skip"]  # Boost-and-Skip: steps skipped at the noisy end
     interval: int = DEFAULTS["interval"]  # self-guided: guide every k-th step (its scale is w)
+    spread: int = DEFAULTS["spread"]  # minority guidance: each image's l drawn uniformly from l - spread .. l
+
+    def targets(self) -> torch.Tensor:
+        """Each image's target class (n,) int64: l, or l ~ U{l - spread .. l} seeded by the request's seed
+        (the paper's l ~ U{90..99}); the same draws as ``python -m core sample --minority-class A-B``."""
+        from core.guidance import minority_targets
+
+        lo = self.minority_class - self.spread
+        spec = f"{lo}-{self.minority_class}" if self.spread else str(self.minority_class)
+        return minority_targets(spec, self.n, self.seed, self.minority_class + 1)
+
+    def class_text(self) -> str:
+        return f"{self.minority_class - self.spread}-{self.minority_class}" if self.spread else str(self.minority_class)
 
     def check(self, num_classes: int) -> "GenerateRequest":
         """The request with numbers coerced, or a MinorityError naming the allowed values."""
@@ -77,7 +90,8 @@ class GenerateRequest:
                 sampler=self.sampler, method=self.method,
                 gamma=within("gamma", float(self.gamma), *LIMITS["gamma"]),
                 skip=within("skip", int(self.skip), 0, min(LIMITS["skip"][1], int(self.steps) - 1)),
-                interval=within("interval", int(self.interval), *LIMITS["interval"]))
+                interval=within("interval", int(self.interval), *LIMITS["interval"]),
+                spread=within("range below l", int(self.spread), 0, min(LIMITS["spread"][1], int(self.minority_class))))
         except (TypeError, ValueError) as e:
             if isinstance(e, MinorityError):
                 raise
@@ -190,7 +204,8 @@ class Studio:
         from core.guidance import ClassifierGuidance, SelfGuidance, combine
 
         if req.method == "minority guidance":
-            return combine(ClassifierGuidance(self.bundle.classifier.net, req.minority_class, req.scale))
+            target = req.targets() if req.spread else req.minority_class
+            return combine(ClassifierGuidance(self.bundle.classifier.net, target, req.scale))
         if req.method == "self-guided":  # the bundle's score distance: it works offline
             return combine(SelfGuidance(self.bundle.model, req.scale, self.distance(), interval=req.interval,
                                         seed=req.seed))
@@ -406,7 +421,8 @@ def export_run(run: Run, folder: Optional[str | Path] = None) -> Path:
     for f in old[:-(KEEP_EXPORTS - 1)] if len(old) >= KEEP_EXPORTS else []:
         f.unlink(missing_ok=True)  # a long-lived Space keeps only the newest downloads
     r = run.request
-    name = f"{r.method.replace(' ', '-')}_l{r.minority_class}_w{r.scale:g}_seed{r.seed}_{time.time_ns() % 10**9}.zip"
+    name = f"{r.method.replace(' ', '-')}_l{r.class_text()}_w{r.scale:g}_seed{r.seed}_{time.time_ns() % 10**9}.zip"
+    targets = r.targets().tolist()
     rows = io.StringIO()
     w = csv.writer(rows, lineterminator="\n")
     w.writerow(["file", "grid", "index", "seed", "minority_class", "scale", "steps", "method", "sampler", "gamma",
@@ -421,7 +437,8 @@ def export_run(run: Run, folder: Optional[str | Path] = None) -> Path:
                 file = f"{grid}/{i:03d}.png"
                 z.writestr(file, png.getvalue())
                 boost = grid == "guided" and r.method == "Boost-and-Skip"
-                w.writerow([file, grid, i, r.seed, r.minority_class, scale, r.steps, method, r.sampler,
+                l_i = targets[i] if grid == "guided" and r.method == "minority guidance" else r.minority_class
+                w.writerow([file, grid, i, r.seed, l_i, scale, r.steps, method, r.sampler,
                             r.gamma if boost else 1.0, r.skip if boost else 0,
                             r.interval if grid == "guided" and r.method == "self-guided" else "", f"{scores[i]:.6f}"])
         z.writestr("samples.csv", rows.getvalue())
@@ -451,6 +468,9 @@ def rarity_label(minority_class: int, num_classes: int) -> str:
 def method_summary(req: GenerateRequest, num_classes: int) -> str:
     """One phrase with the settings that matter for the request's method."""
     if req.method == "minority guidance":
+        if req.spread:
+            return (f"minority guidance at l ~ U{{{req.minority_class - req.spread}..{req.minority_class}}} "
+                    f"(up to {rarity_label(req.minority_class, num_classes).split(': ')[1]}), w = {req.scale:g}")
         return f"minority guidance at {rarity_label(req.minority_class, num_classes)}, w = {req.scale:g}"
     if req.method == "self-guided":
         return f"self-guided, w = {req.scale:g}, every {req.interval} steps"
@@ -462,12 +482,12 @@ def method_summary(req: GenerateRequest, num_classes: int) -> str:
 
 
 def on_generate(studio: Studio, minority_class, scale, steps, n, seed, sampler, method, gamma, skip, interval,
-                visit: Optional[Visit], stop: Optional[threading.Event] = None):
+                spread, visit: Optional[Visit], stop: Optional[threading.Event] = None):
     """Generator for the Generate button: yields (guided items, standard items, status markdown,
     download path or None, visit) while sampling runs; the last yield carries the finished run."""
     visit = visit or Visit()
-    req = GenerateRequest(minority_class, scale, steps, n, seed, sampler, method, gamma, skip, interval).check(
-        studio.bundle.num_classes)
+    req = GenerateRequest(minority_class, scale, steps, n, seed, sampler, method, gamma, skip, interval,
+                          spread).check(studio.bundle.num_classes)
     L = studio.bundle.num_classes
     first = True
     for u in studio.generate(req, stop):

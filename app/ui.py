@@ -89,6 +89,9 @@ def build_ui(studio: h.Studio) -> gr.Blocks:
                     w_slider = gr.Slider(*h.LIMITS["scale"], value=d["scale"], step=0.1, label="Guidance scale w",
                                          info="classifier scale (minority guidance) or self-guided scale; "
                                               "0 = standard sampler", elem_id="scale")
+                    spread = gr.Slider(*h.LIMITS["spread"], value=d["spread"], step=1, label="Range below l",
+                                       info="0 = every image at l; r > 0 = each image's class drawn uniformly from "
+                                            "l - r … l (the paper samples l ~ U{90..99})", elem_id="spread")
                     l_words = gr.Markdown(h.rarity_label(L - 1, L))
                     method = gr.Radio(list(h.METHODS), value=d["method"], label="Method", elem_id="method",
                                       info="self-guided and Boost-and-Skip need no classifier (l is unused)")
@@ -141,7 +144,8 @@ def build_ui(studio: h.Studio) -> gr.Blocks:
         method.change(_method_controls, method, [boost_box, self_box, sampler], queue=False,
                       api_visibility="private")
         gen = run_btn.click(_readable(functools.partial(h.on_generate, studio)),
-                            [l_slider, w_slider, steps, n, seed, sampler, method, gamma, skip, interval, visit],
+                            [l_slider, w_slider, steps, n, seed, sampler, method, gamma, skip, interval, spread,
+                             visit],
                             [guided, standard, status, download, visit],
                             api_name="generate", trigger_mode="always_last", concurrency_limit=1,
                             concurrency_id="sampling", show_progress="hidden")

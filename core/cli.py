@@ -394,24 +394,6 @@ def self_guided_distance(name: str, device, model=None, warn=None):
     return make_distance(name, device, model=model), name
 
 
-def minority_targets(spec: str, n: int, seed: int, L: int) -> torch.Tensor:
-    """--minority-class: one integer l, or a range A-B from which each sample's class is drawn uniformly (the
-    paper's l ~ U{A..B}); seeded, so a sample's class does not depend on batch size or processes. (n,) int64."""
-    import re
-
-    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", str(spec))
-    try:
-        lo, hi = (int(m.group(1)), int(m.group(2))) if m else (int(spec), int(spec))
-    except ValueError:
-        raise ValueError(f"--minority-class must be an integer l or a range A-B, got {spec!r}") from None
-    if not 0 <= lo <= hi < L:
-        raise ValueError(f"--minority-class must be in [0, {L}) for this classifier (L={L}), got {spec}")
-    if lo == hi:
-        return torch.full((n,), lo, dtype=torch.long)
-    g = torch.Generator().manual_seed((seed * 1_000_003 + 7_777_777) % (2 ** 63))
-    return torch.randint(lo, hi + 1, (n,), generator=g)
-
-
 def build_init(a):
     """The initialisation term for --method boost-skip (None otherwise)."""
     from .sampling import BoostSkip
@@ -430,7 +412,7 @@ def build_guidance(a, model, device, warn=None):
     validated against the classifier; classifiers are loaded once."""
     from dataclasses import replace
 
-    from .guidance import ClassifierGuidance, MixtureGuidance, SelfGuidance, combine
+    from .guidance import ClassifierGuidance, MixtureGuidance, SelfGuidance, combine, minority_targets
     from .models import load_classifier
 
     terms, minority = [], None
@@ -451,7 +433,7 @@ def build_guidance(a, model, device, warn=None):
         if clf.net.cfg.num_classes and a.class_label is None:
             raise ValueError("the classifier is class-conditional: pass --class-label")
         if a.method == "minority":
-            a.minority_targets = minority_targets(a.minority_class, a.n, a.seed, L)
+            a.minority_targets = minority_targets(a.minority_class, a.n, a.seed, L)  # l, or l ~ U{A..B}
             minority = ClassifierGuidance(clf.net, 0, a.scale, a.class_label if clf.net.cfg.num_classes else None)
             terms.append(minority)
         else:
@@ -555,19 +537,32 @@ def cmd_sample(a) -> int:
 # evaluate
 # ----------------------------------------------------------------------------------------------
 def cmd_evaluate(a) -> int:
-    from .evaluate import EvalSettings, check_sets, evaluate_features, load_image_set, write_report
+    from .evaluate import (PROTOCOLS, EvalSettings, check_sets, evaluate_features, load_image_set, paper_spaces,
+                           write_report)
     from .metrics import FEATURES, extract_features, make_extractor
 
     _positive("batch-size", a.batch_size)
-    if a.features not in FEATURES:
-        raise ValueError(f"unknown --features {a.features!r}; allowed: {', '.join(FEATURES)}")
+    if a.protocol not in PROTOCOLS:
+        raise ValueError(f"unknown --protocol {a.protocol!r}; allowed: {', '.join(PROTOCOLS)}")
+    if a.protocol == "paper" and a.features is not None:
+        raise ValueError("--protocol paper chooses its own feature spaces; drop --features (or use --protocol single)")
+    if a.protocol == "single" and a.quality_features is not None:
+        raise ValueError("--quality-features is for --protocol paper")
+    for flag, name in (("--features", a.features), ("--quality-features", a.quality_features)):
+        if name is not None and name not in FEATURES:
+            raise ValueError(f"unknown {flag} {name!r}; allowed: {', '.join(FEATURES)}")
     if len({Path(g).stem for g in a.generated}) != len(a.generated):
         raise ValueError("--generated: two sets have the same file name; their report rows would collide")
-    settings = EvalSettings(features=a.features, baseline_top=a.baseline_top, seed=a.seed)
     generated = {}
     for g in a.generated:
         generated[Path(g).stem], _ = load_image_set(g)
     first = next(iter(generated.values()))
+    if a.protocol == "paper":
+        density_name, quality_name = paper_spaces(first.shape[3], a.quality_features)
+    else:
+        density_name, quality_name = a.features or "resnet50-random", None
+    settings = EvalSettings(features=density_name, quality_features=quality_name, baseline_top=a.baseline_top,
+                            seed=a.seed)
     bars = []  # a bar only when a folder is decoded
 
     def loading(i, n):
@@ -580,26 +575,30 @@ def cmd_evaluate(a) -> int:
         b.close()
     check_sets(real, generated)
     classifier = None
-    if a.features == "classifier":
+    if "classifier" in (density_name, quality_name):
         from .bundle import resolve
         from .models import load_classifier
 
         path = a.classifier or (resolve(a.real, None, None)[1] if real_info["kind"] == "bundle" else None)
         classifier = load_classifier(path, "cpu") if path else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    extractor = make_extractor(a.features, device=device, seed=a.seed, classifier=classifier, image_size=a.image_size)
+    extractors = [make_extractor(n, device=device, seed=a.seed, classifier=classifier, image_size=a.image_size)
+                  for n in ([density_name] + ([quality_name] if quality_name else []))]  # all fail before any work
 
-    def feats(name, images):
+    def feats(extractor, name, images):
         bar = _bar(images.shape[0], f"features {name} ({extractor.name})")
         out = extract_features(extractor, images, a.batch_size, device, lambda i, n: bar.update(i - bar.n))
         bar.close()
         return out
 
-    real_f = feats("real", real)
-    gen_f = {name: feats(name, images) for name, images in generated.items()}
-    report = evaluate_features(real_f, gen_f, settings, progress=lambda s: print(s, file=sys.stderr))
-    extra = {"real": str(a.real), "generated": [str(g) for g in a.generated], "extractor": extractor.info,
-             "real_loaded_as": real_info}
+    spaces = [(feats(ex, "real", real), {name: feats(ex, name, images) for name, images in generated.items()})
+              for ex in extractors]
+    report = evaluate_features(*spaces[0], settings, progress=lambda s: print(s, file=sys.stderr),
+                               quality=spaces[1] if len(spaces) > 1 else None)
+    extra = {"real": str(a.real), "generated": [str(g) for g in a.generated], "protocol": a.protocol,
+             "extractor": extractors[0].info, "real_loaded_as": real_info}
+    if len(extractors) > 1:
+        extra["quality_extractor"] = extractors[1].info
     out = write_report(report, a.out, extra)
     print(Path(out / "report.md").read_text(encoding="utf-8"), file=sys.stderr)
     print(f"report -> {out}/report.json, report.md, density.png", file=sys.stderr)
@@ -808,8 +807,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--real", required=True, help="a bundle, an image/NIfTI folder, or a .npz of real images")
     e.add_argument("--generated", required=True, nargs="+", help="one or more .npz written by sample")
     e.add_argument("--out", required=True, help="report folder")
-    e.add_argument("--features", default="resnet50-random",
-                   help="resnet50-random (default, offline) | resnet50 | inception | classifier")
+    e.add_argument("--protocol", default="single", help="single: every metric in --features (default); paper: "
+                   "density and the baseline in ResNet-50, FID/sFID/precision/recall in Inception-v3 (Section 4.1)")
+    e.add_argument("--features", default=None,
+                   help="--protocol single's space: resnet50-random (default, offline) | resnet50 | inception | "
+                        "inception-fid | inception-random | classifier")
+    e.add_argument("--quality-features", default=None,
+                   help="--protocol paper: the quality space instead of Inception-v3 as found (e.g. inception-random "
+                        "offline)")
     e.add_argument("--baseline-top", type=float, default=0.1,
                    help="quality baseline: the most unique real samples by AvgkNN, a fraction in (0, 1] "
                         "(1.0 = all real data) or a count > 1")

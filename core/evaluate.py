@@ -16,9 +16,13 @@ from .errors import DataError
 from .metrics import (Features, avg_knn, check_images, fid, lof, precision_recall, rarity_score, top_unique)
 
 
+PROTOCOLS = ("single", "paper")
+
+
 @dataclass(frozen=True)
 class EvalSettings:
-    features: str = "resnet50-random"  # feature space (metrics.FEATURES)
+    features: str = "resnet50-random"  # density space (metrics.FEATURES): AvgkNN, LOF, Rarity, the baseline pick
+    quality_features: Optional[str] = None  # FID, sFID, precision/recall space; None = the same as ``features``
     baseline_top: float = 0.1  # most unique real samples by AvgkNN: fraction in (0, 1] or count > 1
     k_knn: int = 5  # AvgkNN neighbours (PyOD KNN, method='mean')
     k_lof: int = 20  # LOF neighbours (PyOD LOF)
@@ -62,8 +66,12 @@ def min_k(settings: EvalSettings) -> int:
 
 
 def evaluate_features(real: Features, generated: dict, settings: EvalSettings,
-                      progress: Optional[Callable[[str], None]] = None) -> Report:
-    """All metrics from features: real (N, D) and each generated set {name: Features}."""
+                      progress: Optional[Callable[[str], None]] = None,
+                      quality: Optional[tuple[Features, dict]] = None) -> Report:
+    """All metrics from features: real (N, D) and each generated set {name: Features} in the density space;
+    ``quality`` = (real, {name: Features}) in a second space for FID, sFID and precision/recall (the paper's
+    protocol: ResNet-50 for density and the baseline, Inception-v3 for quality), else the same space."""
+    real_q, gen_q = quality if quality is not None else (real, generated)
     if not generated:
         raise DataError("no generated set to evaluate")
     need = min_k(settings)
@@ -91,15 +99,45 @@ def evaluate_features(real: Features, generated: dict, settings: EvalSettings,
         _, g_lof = lof(real.pooled, g.pooled, settings.k_lof)
         rar = rarity_score(real.pooled, g.pooled, settings.k_rarity)
         say(f"{name}: FID, sFID, precision, recall against the {base.size} most unique real samples")
-        p, r = precision_recall(real.pooled[base], g.pooled, settings.k_pr)
-        sets.append(SetReport(name=name, n=int(g.pooled.shape[0]), fid=fid(real.pooled[base], g.pooled),
-                              sfid=fid(real.spatial[base], g.spatial), precision=p, recall=r,
+        q = gen_q[name]
+        p, r = precision_recall(real_q.pooled[base], q.pooled, settings.k_pr)
+        sets.append(SetReport(name=name, n=int(g.pooled.shape[0]), fid=fid(real_q.pooled[base], q.pooled),
+                              sfid=fid(real_q.spatial[base], q.spatial), precision=p, recall=r,
                               avgknn_mean=float(g_knn.mean()), lof_mean=float(g_lof.mean()),
                               rarity_mean=rar.mean, rarity_outside=rar.outside, avgknn=g_knn, lof=g_lof,
                               rarity=rar.scores))
         clock[name] = time.perf_counter() - t0
     return Report(settings=asdict(settings), real_n=int(real.pooled.shape[0]), baseline_n=int(base.size),
                   real_avgknn=real_knn, real_lof=real_lof, sets=sets, seconds=clock)
+
+
+def paper_spaces(channels: int, quality: Optional[str] = None) -> tuple[str, str]:
+    """--protocol paper: (density space, quality space) as the paper evaluates. Density, Rarity and the
+    most-unique baseline in ResNet-50 (random init for grey / MRI data, as the paper did; ImageNet weights
+    otherwise); FID, sFID, precision and recall in Inception-v3: the TF-compatible FID network when its weights
+    are in the cache, else torchvision's ImageNet Inception, else one line naming what is missing
+    (``quality``, --quality-features, overrides: e.g. inception-random offline)."""
+    from .metrics import fid_inception_file
+    from .score import _offline
+
+    density = "resnet50-random" if channels == 1 else "resnet50"
+    if quality:
+        return density, quality
+    if fid_inception_file() is not None:
+        return density, "inception-fid"
+    import torch
+    from torchvision.models import Inception_V3_Weights
+
+    tv = Path(torch.hub.get_dir()) / "checkpoints" / Inception_V3_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    if tv.is_file() or not _offline():
+        return density, "inception"
+    from .errors import OfflineError
+    from .metrics import FID_INCEPTION_FILES
+
+    raise OfflineError(f"--protocol paper needs Inception-v3 weights for FID, sFID and precision/recall: "
+                       f"{FID_INCEPTION_FILES[0]} (pytorch-fid) or {tv.name} (torchvision) in {tv.parent}, absent "
+                       "offline; pass --quality-features inception-random for an offline stand-in, or use "
+                       "--features for one space")
 
 
 def check_sets(real: np.ndarray, generated: dict) -> None:
@@ -144,7 +182,9 @@ def report_markdown(report: Report, extra: Optional[dict] = None) -> str:
     s = report.settings
     lines = [
         "# Evaluation report", "",
-        f"Features: `{s['features']}`; real data: {report.real_n} samples; quality baseline: the "
+        (f"Features: density, Rarity and the baseline in `{s['features']}`, FID, sFID, precision and recall in "
+         f"`{s['quality_features']}` (the paper's protocol); " if s.get("quality_features") else
+         f"Features: `{s['features']}`; ") + f"real data: {report.real_n} samples; quality baseline: the "
         f"{report.baseline_n} most unique real samples by AvgkNN (`--baseline-top {s['baseline_top']}`). "
         f"AvgkNN k={s['k_knn']}, LOF k={s['k_lof']}, Rarity k={s['k_rarity']}, precision/recall k={s['k_pr']}. "
         "Higher AvgkNN / LOF / Rarity = rarer; lower FID / sFID = closer to the baseline.", "",

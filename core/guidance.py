@@ -10,6 +10,7 @@ only; the self-guided term (no classifier) backpropagates through the diffusion 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -60,6 +61,22 @@ class ClassifierGuidance:
             return logp.gather(1, target[:, None])[:, 0]
 
         return self.scale * grad_log(log_p, x_t)
+
+
+def minority_targets(spec: str, n: int, seed: int, L: int) -> torch.Tensor:
+    """--minority-class: one integer l, or a range A-B from which each sample's class is drawn uniformly (the
+    paper's l ~ U{A..B}); seeded, so a sample's class does not depend on batch size or processes. (n,) int64."""
+    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", str(spec))
+    try:
+        lo, hi = (int(m.group(1)), int(m.group(2))) if m else (int(spec), int(spec))
+    except ValueError:
+        raise ValueError(f"--minority-class must be an integer l or a range A-B, got {spec!r}") from None
+    if not 0 <= lo <= hi < L:
+        raise ValueError(f"--minority-class must be in [0, {L}) for this classifier (L={L}), got {spec}")
+    if lo == hi:
+        return torch.full((n,), lo, dtype=torch.long)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + 7_777_777) % (2 ** 63))
+    return torch.randint(lo, hi + 1, (n,), generator=g)
 
 
 @dataclass

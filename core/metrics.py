@@ -17,7 +17,10 @@ import torch
 from .errors import DataError, OfflineError
 from .score import _offline
 
-FEATURES = ("resnet50-random", "resnet50", "inception", "classifier")
+FEATURES = ("resnet50-random", "resnet50", "inception", "inception-fid", "inception-random", "classifier")
+# the TF FID Inception graph ported to PyTorch (pytorch-fid; torch-fidelity ships the same file, same hash)
+FID_INCEPTION_FILES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
+SFID_LAYER = "Mixed_6d.branch1x1"  # TF's mixed_6/conv (ADM's evaluator, the paper's sFID): 192 x 17 x 17 at 299 px
 CHUNK = 1024  # rows of a distance block: CHUNK x N float64 at a time
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -98,30 +101,78 @@ def _resnet50(pretrained: bool, seed: int, size: int, device) -> FeatureExtracto
                              "weights": "IMAGENET1K_V1" if pretrained else "random (kaiming init)"})
 
 
-def _inception(size: int, device, pretrained: bool = True) -> FeatureExtractor:
-    """torchvision Inception-v3 (``pretrained=False``: seeded random weights, for tests of the input path)."""
+def _inception_trunk(net, size: int, pooled_name: str, info: dict) -> Callable:
+    """Inception-v3 up to pool3 (2048) for density, FID and precision/recall, plus the sFID map: the first 7
+    channels of TF's ``mixed_6/conv`` = ``Mixed_6d.branch1x1`` (the 1x1 branch of the 6th mixed block)."""
+    names = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+             "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
+             "Mixed_7a", "Mixed_7b", "Mixed_7c"]
+    grabbed = []
+    net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: grabbed.append(o))
+
+    def fn(x):
+        grabbed.clear()
+        h = _imagenet_input(x, size, inception=True)
+        for n in names:
+            h = getattr(net, n)(h)
+        return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1), grabbed[0][:, :SPATIAL_CHANNELS].flatten(1)
+
+    info.update({"input_size": size, "resize": "bicubic, antialiased", "pooled": pooled_name,
+                 "spatial": f"{SFID_LAYER}[:{SPATIAL_CHANNELS}] (TF mixed_6/conv)"})
+    return fn
+
+
+def _inception(size: int, device, pretrained: bool = True, seed: int = 0) -> FeatureExtractor:
+    """torchvision Inception-v3 (``pretrained=False``: seeded random weights, ``inception-random``)."""
     from torchvision.models import Inception_V3_Weights, inception_v3
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         net = inception_v3(weights=None, aux_logits=True, init_weights=not pretrained)
     if pretrained:
         net.load_state_dict(_pretrained(Inception_V3_Weights.IMAGENET1K_V1, "inception"))
     net = net.to(device).eval().requires_grad_(False)
-    names = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
-             "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"]
+    info = {"weights": "torchvision IMAGENET1K_V1 (not the TF-FID graph)" if pretrained else
+            f"random (seed {seed}): an offline stand-in, FIDs not comparable with published ones"}
+    fn = _inception_trunk(net, size, "pool3 (2048)", info)
+    return FeatureExtractor("inception" if pretrained else "inception-random", fn, info)
 
-    def fn(x):
-        h = _imagenet_input(x, size, inception=True)
-        for n in names:
-            h = getattr(net, n)(h)
-        mid = h  # Mixed_6e, 768 x 17 x 17 at 299 px: the sFID layer
-        h = net.Mixed_7c(net.Mixed_7b(net.Mixed_7a(mid)))
-        return torch.flatten(net.avgpool(h), 1), mid[:, :SPATIAL_CHANNELS].flatten(1)
 
-    return FeatureExtractor("inception", fn, {"input_size": size, "resize": "bicubic, antialiased",
-                                              "pooled": "pool3 (2048)", "spatial": f"Mixed_6e[:{SPATIAL_CHANNELS}]",
-                                              "weights": "torchvision IMAGENET1K_V1 (not the TF-FID graph)"})
+def fid_inception_file() -> Optional[Path]:
+    """The TF-compatible FID Inception weights in the local torch hub cache (pytorch-fid's or torch-fidelity's)."""
+    for name in FID_INCEPTION_FILES:
+        f = Path(torch.hub.get_dir()) / "checkpoints" / name
+        if f.is_file():
+            return f
+    return None
+
+
+def _inception_fid(size: int, device) -> FeatureExtractor:
+    """pytorch-fid's port of the TF FID Inception graph, from the local cache only (never downloaded at run time)."""
+    file = fid_inception_file()
+    if file is None:
+        where = Path(torch.hub.get_dir()) / "checkpoints"
+        raise OfflineError(f"--features inception-fid needs the FID Inception weights ({FID_INCEPTION_FILES[0]} or "
+                           f"{FID_INCEPTION_FILES[1]} in {where}; pytorch-fid or torch-fidelity download them once "
+                           "online); use --features inception or resnet50-random")
+    try:
+        from pytorch_fid import inception as pf
+    except ImportError:
+        raise OfflineError("--features inception-fid needs the pytorch-fid package (pip install pytorch-fid)") from None
+    net = pf._inception_v3(num_classes=1008, aux_logits=False, weights=None)  # pytorch-fid's own recipe
+    net.Mixed_5b, net.Mixed_5c = pf.FIDInceptionA(192, pool_features=32), pf.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = pf.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b, net.Mixed_6c = pf.FIDInceptionC(768, channels_7x7=128), pf.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d, net.Mixed_6e = pf.FIDInceptionC(768, channels_7x7=160), pf.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b, net.Mixed_7c = pf.FIDInceptionE_1(1280), pf.FIDInceptionE_2(2048)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)  # a plain state dict: no code runs
+        net.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - a damaged cache file
+        raise OfflineError(f"--features inception-fid: cannot load {file} ({type(e).__name__}: {e})") from None
+    net = net.to(device).eval().requires_grad_(False)
+    info = {"weights": f"TF FID Inception (pytorch-fid port, {file.name})"}
+    return FeatureExtractor("inception-fid", _inception_trunk(net, size, "pool3 (2048, TF-compatible)", info), info)
 
 
 def _classifier(classifier, device) -> FeatureExtractor:
@@ -152,8 +203,10 @@ def make_extractor(name: str, device: str | torch.device = "cpu", seed: int = 0,
         if classifier is None:
             raise ValueError("--features classifier needs a classifier (--classifier PATH or a bundle as --real)")
         return _classifier(classifier, device)
-    if name == "inception":
-        return _inception(image_size or 299, device)
+    if name in ("inception", "inception-random"):
+        return _inception(image_size or 299, device, pretrained=name == "inception", seed=seed)
+    if name == "inception-fid":
+        return _inception_fid(image_size or 299, device)
     return _resnet50(name == "resnet50", seed, image_size or 224, device)
 
 

@@ -36,11 +36,32 @@ def test_building_the_ui_loads_no_weights():
     ({"interval": 0}, "interval must be in"),
     ({"sampler": "euler"}, "allowed: DDIM"),
     ({"seed": "abc"}, "invalid setting"),
+    ({"spread": 11}, "range below l must be in"),
+    ({"minority_class": 3, "spread": 4}, "range below l must be in \\[0, 3\\]"),
 ])
 def test_bad_requests_are_readable_errors(studio, kwargs, msg):
     req = h.GenerateRequest(**{"minority_class": 49, "scale": 2.5, **kwargs})
     with pytest.raises(MinorityError, match=msg):
         req.check(studio.bundle.num_classes)
+
+
+def test_a_range_of_classes_draws_each_images_l(studio, tmp_path):
+    """Issue 15.6 in the app: 'Range below l' = r draws each image's class from l - r .. l, as the CLI's
+    --minority-class A-B does with the same seed; the download's CSV lists each image's l."""
+    import torch
+
+    from core.guidance import minority_targets
+
+    req = h.GenerateRequest(49, 2.5, steps=5, n=4, seed=3, spread=4).check(studio.bundle.num_classes)
+    t = req.targets()
+    assert torch.equal(t, minority_targets("45-49", 4, 3, 50)) and set(t.tolist()) <= set(range(45, 50))
+    assert "l ~ U{45..49}" in h.method_summary(req, 50)
+    run = studio.generate_all(req)
+    single = studio.generate_all(h.GenerateRequest(49, 2.5, steps=5, n=4, seed=3))
+    assert not np.array_equal(run.guided, single.guided) and np.array_equal(run.standard, single.standard)
+    with zipfile.ZipFile(h.export_run(run, tmp_path)) as z:
+        rows = list(csv.DictReader(io.StringIO(z.read("samples.csv").decode())))
+    assert [int(r["minority_class"]) for r in rows if r["grid"] == "guided"] == t.tolist()
 
 
 def test_same_seed_same_images_other_seed_different(studio):
@@ -93,7 +114,7 @@ def test_stop_ends_the_run_and_the_steps(studio):
 
 
 def test_on_generate_yields_gallery_items_and_a_download(studio, tmp_path):
-    out = list(h.on_generate(studio, 49, 2.5, 5, 3, 4, "DDIM", "minority guidance", 3.0, 3, 5, None))
+    out = list(h.on_generate(studio, 49, 2.5, 5, 3, 4, "DDIM", "minority guidance", 3.0, 3, 5, 0, None))
     guided, standard, status, path, visit = out[-1]
     assert len(guided) == 3 and len(standard) == 3 and "l = 49" in status
     assert guided[0][0].shape == (h.DISPLAY, h.DISPLAY, 3) and float(guided[0][1]) > 0

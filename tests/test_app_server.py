@@ -52,7 +52,7 @@ def test_same_seed_twice_identical_then_different(served):
     _, _, client = served
 
     def images(seed):
-        g = client.predict(49, 2.5, 5, 2, seed, "DDIM", "minority guidance", 3.0, 3, 5, api_name="/generate")[0]
+        g = client.predict(49, 2.5, 5, 2, seed, "DDIM", "minority guidance", 3.0, 3, 5, 0, api_name="/generate")[0]
         return np.stack([np.asarray(Image.open(item["image"])) for item in g])
 
     a, b, c = images(5), images(5), images(6)
@@ -76,7 +76,7 @@ def test_file_route_serves_no_server_path(served, probe):
 
 def test_generated_download_is_served(served):
     _, url, client = served
-    download = client.predict(49, 2.5, 5, 1, 1, "DDIM", "minority guidance", 3.0, 3, 5, api_name="/generate")[3]
+    download = client.predict(49, 2.5, 5, 1, 1, "DDIM", "minority guidance", 3.0, 3, 5, 0, api_name="/generate")[3]
     # the client fetched it from the server, so the route allowed it; the zip is what we wrote
     import zipfile
 
@@ -94,7 +94,7 @@ def test_upload_over_max_file_size_is_refused(served):
 
 def test_bounded_queue_refuses_extra_requests_cleanly(served):
     _, _, client = served
-    jobs = [client.submit(49, 2.5, 20, 4, s, "DDIM", "minority guidance", 3.0, 3, 5, api_name="/generate") for s in range(6)]
+    jobs = [client.submit(49, 2.5, 20, 4, s, "DDIM", "minority guidance", 3.0, 3, 5, 0, api_name="/generate") for s in range(6)]
     ok, errors = 0, []
     for j in jobs:
         try:
@@ -108,7 +108,7 @@ def test_bounded_queue_refuses_extra_requests_cleanly(served):
 
 def test_stop_freezes_the_sampler(served):
     studio, _, client = served
-    job = client.submit(49, 2.5, 100, 16, 123, "DDIM", "minority guidance", 3.0, 3, 5, api_name="/generate")
+    job = client.submit(49, 2.5, 100, 16, 123, "DDIM", "minority guidance", 3.0, 3, 5, 0, api_name="/generate")
     t0 = time.time()
     while studio.steps_done == 0 or len(job.outputs()) == 0:
         assert time.time() - t0 < 60, "no preview within 60 s"

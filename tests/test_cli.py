@@ -145,6 +145,51 @@ def test_training_free_methods_from_the_cli(pipeline, tmp_path):
     assert gu.shape == s.shape and not np.array_equal(s, gu) and not np.array_equal(g, gu)
 
 
+def test_minority_class_range_draws_each_samples_class(pipeline, tmp_path):
+    """Issue 15.6: --minority-class A-B draws each sample's l uniformly from A..B (the paper's l ~ U{90..99}),
+    seeded and independent of the batch size; one integer works as before."""
+    import torch
+
+    from core.guidance import minority_targets
+
+    _, _, run = pipeline
+    assert main(sample_args(run, tmp_path / "r.npz", minority_class="1-3", n=6) + ["--batch-size", "4"]) == 0
+    assert main(sample_args(run, tmp_path / "r2.npz", minority_class="1-3", n=6) + ["--batch-size", "6"]) == 0
+    s = json.loads(str(np.load(tmp_path / "r.npz")["settings_json"]))
+    assert s["minority_class"] == "1-3" and len(s["minority_classes"]) == 6
+    assert set(s["minority_classes"]) <= {1, 2, 3}
+    assert np.array_equal(np.load(tmp_path / "r.npz")["images"], np.load(tmp_path / "r2.npz")["images"])
+    draws = minority_targets("45-49", 20000, 0, 50)
+    counts = np.bincount(draws.numpy(), minlength=50)
+    assert counts[:45].sum() == 0 and abs(counts[45:] / 20000 - 0.2).max() < 0.02  # uniform over 45..49
+    assert torch.equal(draws, minority_targets("45-49", 20000, 0, 50))
+    assert not torch.equal(draws, minority_targets("45-49", 20000, 1, 50))
+    assert torch.equal(minority_targets("7", 3, 0, 50), torch.tensor([7, 7, 7]))
+    # a range whose ends are the same class is that class: the same images as the integer
+    assert main(sample_args(run, tmp_path / "one.npz", minority_class="3-3")) == 0
+    assert main(sample_args(run, tmp_path / "int.npz", minority_class=3)) == 0
+    assert np.array_equal(np.load(tmp_path / "one.npz")["images"], np.load(tmp_path / "int.npz")["images"])
+
+
+def test_self_guided_flags_reach_the_term(pipeline, tmp_path, capsys):
+    """--sg-clip and --sg-count-from change the samples; --sg-distance auto says which fallback it took offline."""
+    _, _, run = pipeline
+    base = dict(classifier=None, method="self-guided", scale=2, interval=2, sg_distance="l2")
+    outs = {}
+    for name, extra in (("default", []), ("clip", ["--sg-clip"]), ("first", ["--sg-count-from", "first"])):
+        assert main(sample_args(run, tmp_path / f"{name}.npz", **base) + extra) == 0
+        outs[name] = np.load(tmp_path / f"{name}.npz")
+    s = json.loads(str(outs["default"]["settings_json"]))
+    assert s["sg_clip"] is False and s["sg_count_from"] == "last" and s["sg_distance_used"] == "l2"
+    assert not np.array_equal(outs["default"]["images"], outs["first"]["images"])
+    assert json.loads(str(outs["clip"]["settings_json"]))["sg_clip"] is True
+    capsys.readouterr()
+    assert main(sample_args(run, tmp_path / "auto.npz", **{**base, "sg_distance": "auto"})) == 0
+    err = capsys.readouterr().err
+    assert "AlexNet weights are not in the torch hub cache; using unet-feat" in err
+    assert json.loads(str(np.load(tmp_path / "auto.npz")["settings_json"]))["sg_distance_used"] == "unet-feat"
+
+
 BAD = [
     ({"method": "boost-skip", "skip": 8}, "--skip must be in [0, 7]"),
     ({"method": "boost-skip", "gamma": 0}, "--gamma must be > 0"),
@@ -153,6 +198,9 @@ BAD = [
     ({"method": "self-guided", "sg_distance": "cosine"}, "allowed"),
     ({"minority_class": 4}, "--minority-class must be in [0, 4)"),
     ({"minority_class": -1}, "--minority-class must be in [0, 4)"),
+    ({"minority_class": "2-9"}, "--minority-class must be in [0, 4)"),
+    ({"minority_class": "3-1"}, "--minority-class must be in [0, 4)"),
+    ({"minority_class": "rare"}, "--minority-class must be an integer l or a range A-B"),
     ({"scale": -1}, "--scale must be >= 0"),
     ({"n": 0}, "--n must be >= 1"),
     ({"steps": 0}, "--steps must be >= 1"),

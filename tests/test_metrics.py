@@ -248,3 +248,85 @@ def test_cli_evaluate_bad_input_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
     assert not (tmp_path / "rep").exists()
+
+
+def test_sfid_map_is_tf_mixed_6_conv():
+    """Issue 15.5: sFID uses the first 7 channels of TF's mixed_6/conv = Mixed_6d.branch1x1 (192 x 17 x 17 at
+    299 px), read here from the full network by a hook of our own."""
+    from core.metrics import SFID_LAYER, _inception
+
+    ex = _inception(299, "cpu", pretrained=False)
+    net = ex.fn.__closure__[[c.cell_contents.__class__.__name__ for c in ex.fn.__closure__].index("Inception3")].cell_contents
+    seen = []
+    h = net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.append(o))
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    _, spatial = ex.fn(x)
+    h.remove()
+    assert SFID_LAYER == "Mixed_6d.branch1x1" and seen[0].shape == (2, 192, 17, 17)
+    torch.testing.assert_close(spatial, seen[0][:, :7].flatten(1))
+    assert spatial.shape == (2, 7 * 17 * 17)
+
+
+def test_inception_fid_loads_only_from_the_cache(tmp_path, monkeypatch):
+    """--features inception-fid: pytorch-fid's TF-compatible network from a file in the torch hub cache (a
+    weights-only load), never a download; absent, one line naming the file."""
+    from pytorch_fid import inception as pf
+
+    from core.metrics import FID_INCEPTION_FILES
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(OfflineError, match=FID_INCEPTION_FILES[0].replace(".", "\\.")):
+        make_extractor("inception-fid")
+    torch.manual_seed(0)
+    net = pf._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    net.Mixed_5b, net.Mixed_5c = pf.FIDInceptionA(192, pool_features=32), pf.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = pf.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b, net.Mixed_6c = pf.FIDInceptionC(768, channels_7x7=128), pf.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d, net.Mixed_6e = pf.FIDInceptionC(768, channels_7x7=160), pf.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b, net.Mixed_7c = pf.FIDInceptionE_1(1280), pf.FIDInceptionE_2(2048)
+    ckpt = tmp_path / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    torch.save(net.state_dict(), ckpt / FID_INCEPTION_FILES[1])  # torch-fidelity's name of the same file
+    ex = make_extractor("inception-fid")
+    f = extract_features(ex, np.random.default_rng(0).integers(0, 256, (3, 16, 16, 1), dtype=np.uint8))
+    assert f.pooled.shape == (3, 2048) and f.spatial.shape == (3, 2023) and "pytorch-fid" in ex.info["weights"]
+    # the weights are the file's: pytorch-fid's own InceptionV3 wrapper with them gives the same pool3 features
+    with torch.no_grad():
+        x = torch.rand(2, 3, 299, 299)
+        ours, _ = ex.fn(x * 2 - 1)
+        net.eval()
+        h = x * 2 - 1
+        for n in ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                  "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+                  "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool"]:
+            h = getattr(net, n)(h)
+    torch.testing.assert_close(ours, torch.flatten(h, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_evaluate_paper_protocol_uses_two_spaces(tmp_path, capsys, monkeypatch):
+    """--protocol paper: density and the baseline in ResNet-50 (random init for grey data), FID, sFID and
+    precision/recall in Inception-v3; offline without Inception weights one line names them."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rng = np.random.default_rng(3)
+    real = rng.integers(0, 256, size=(30, 16, 16, 1), dtype=np.uint8)
+    _write_npz(tmp_path / "real.npz", real)
+    _write_npz(tmp_path / "gen.npz", rng.integers(0, 256, size=(24, 16, 16, 1), dtype=np.uint8))
+    base = ["evaluate", "--real", str(tmp_path / "real.npz"), "--generated", str(tmp_path / "gen.npz"),
+            "--image-size", "96", "--baseline-top", "1.0"]
+    assert main(base + ["--protocol", "paper", "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pt_inception-2015-12-05-6726825d.pth" in err[0] and "inception-random" in err[0]
+    assert not (tmp_path / "no").exists()
+    assert main(base + ["--protocol", "paper", "--features", "resnet50-random", "--out", str(tmp_path / "no")]) == 2
+    assert "drop --features" in capsys.readouterr().err
+    assert main(base + ["--protocol", "paper", "--quality-features", "inception-random", "--out", str(tmp_path / "p")]) == 0
+    assert main(base + ["--features", "resnet50-random", "--out", str(tmp_path / "s")]) == 0
+    p = json.loads((tmp_path / "p" / "report.json").read_text())
+    s = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert p["settings"]["features"] == "resnet50-random" and p["settings"]["quality_features"] == "inception-random"
+    assert p["settings"]["protocol"] == "paper" and "Mixed_6d" in p["settings"]["quality_extractor"]["spatial"]
+    # the same density space: the same AvgkNN; quality in another space: another FID
+    assert p["sets"][0]["avgknn_mean"] == pytest.approx(s["sets"][0]["avgknn_mean"], rel=1e-4)
+    assert p["sets"][0]["fid"] != pytest.approx(s["sets"][0]["fid"], rel=1e-2)
+    assert "(the paper's protocol)" in (tmp_path / "p" / "report.md").read_text()
