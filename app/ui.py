@@ -18,7 +18,7 @@ MAX_FILE_SIZE = "1mb"  # the app takes no uploads; anything larger is refused wi
 
 # "l2" in a code font reads as "12": the header names the distance in words
 DISTANCE_NAMES = {"l2": "L2 (mean squared error)", "l1": "L1 (mean absolute error)", "ssim": "1 − SSIM",
-                  "lpips": "LPIPS (VGG)", "lpips-rand": "LPIPS with a random VGG",
+                  "lpips": "LPIPS (VGG)", "lpips-alex": "LPIPS (AlexNet)", "lpips-rand": "LPIPS with a random VGG",
                   "unet-feat": "LPIPS-style distance in the model's own UNet features"}
 
 INTRO = """# Minority guidance studio
@@ -102,7 +102,9 @@ def build_ui(studio: h.Studio) -> gr.Blocks:
                                          info="sampler steps skipped at the noisy end")
                     with gr.Group(visible=False) as self_box:
                         interval = gr.Slider(*h.LIMITS["interval"], value=d["interval"], step=1,
-                                             label="Self-guidance interval k", info="guide every k-th step")
+                                             label="Self-guidance interval k",
+                                             info="guide the steps whose index (counting down to 0) is a multiple "
+                                                  "of k, as the official sampler does")
                     sampler = gr.Radio(list(h.SAMPLERS), value=d["sampler"], label="Sampler")
                     steps = gr.Slider(*h.LIMITS["steps"], value=d["steps"], step=1, label="Steps", elem_id="steps")
                     n = gr.Slider(*h.LIMITS["n"], value=d["n"], step=1, label="Number of images", elem_id="n")

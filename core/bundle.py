@@ -74,11 +74,15 @@ def check_bundle(root: str | os.PathLike) -> dict:
     if version != BUNDLE_SCHEMA:
         raise CheckpointError(f"{root / 'manifest.json'}: bundle schema version {version!r} is not supported "
                               f"(this version reads {BUNDLE_SCHEMA})")
-    hashes = manifest.get("files") or {}
-    for name in BUNDLE_FILES:
+    hashes = manifest.get("files")
+    if not isinstance(hashes, dict):
+        raise CheckpointError(f"{root / 'manifest.json'}: no 'files' table of sha256 sums")
+    for name in BUNDLE_FILES:  # every file the loader reads must be listed and match: nothing loads unchecked
         if not (root / name).is_file():
             raise CheckpointError(f"--bundle {root}: missing file {name}")
-        if name in hashes and sha256_file(root / name) != hashes[name]:
+        if name not in hashes:
+            raise CheckpointError(f"{root / 'manifest.json'}: lists no sha256 for {name}; the bundle is refused")
+        if sha256_file(root / name) != hashes[name]:
             raise CheckpointError(f"--bundle {root}: {name} does not match the manifest's sha256 (damaged or edited)")
     return manifest
 

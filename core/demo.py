@@ -21,6 +21,7 @@ from .bundle import BUNDLE_FILES, BUNDLE_SCHEMA, sha256_file
 from .checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text, save_tensors
 
 Log = Callable[[str], None]
+SWEEP_VERSION = 2  # 2: lpips-rand with uniform channel weights (issue 15); a work folder's older sweep is redone
 Progress = Callable[[str, int, int, dict], None]
 
 
@@ -75,6 +76,27 @@ def two_d_map(images: np.ndarray, seed: int, log: Log, method: str = "umap") -> 
     return coords.astype(np.float32), mean.astype(np.float32), comps, method
 
 
+def sweep_rows(model, images: torch.Tensor, truth: np.ndarray, distances, t_fracs, n: int, seed: int,
+               draws: int = 2, log: Optional[Log] = None) -> tuple[np.ndarray, list]:
+    """The build's distance x timestep sweep: Spearman(minority score, truth) on a seeded subset of ``n`` of the
+    uint8 images (N, C, H, W) for each distance and t = frac * T; returns (subset indices, rows)."""
+    from .score import ScoreSettings, make_distance, minority_scores
+
+    rng = np.random.default_rng(seed)
+    sub = np.sort(rng.choice(len(images), size=min(n, len(images)), replace=False))
+    sub_t = torch.as_tensor(sub)
+    rows = []
+    for dist_name in distances:
+        dist = make_distance(dist_name, seed=seed, model=model)
+        for frac in t_fracs:
+            st = ScoreSettings(distance=dist_name, t=int(round(frac * model.schedule.T)), draws=draws, seed=seed)
+            s = minority_scores(model, images[sub_t], sub_t, st, dist, batch_size=128)
+            rows.append({"distance": dist_name, "t_frac": frac, "t": st.t, "spearman": spearman(s, truth[sub])})
+            if log is not None:
+                log(f"   {dist_name:10s} t={st.t:4d}: Spearman {rows[-1]['spearman']:+.3f}")
+    return sub, rows
+
+
 def build_demo(out: str | Path, work: str | Path, cfg: DemoConfig, log: Log, progress: Optional[Progress] = None) -> dict:
     from .categorize import fit_labels
     from .data import load_image_folder
@@ -111,23 +133,14 @@ def build_demo(out: str | Path, work: str | Path, cfg: DemoConfig, log: Log, pro
         done = ({r["distance"] for r in old.get("rows", [])}, {float(r["t_frac"]) for r in old.get("rows", [])},
                 old.get("n"))
         want = (set(cfg.sweep_distances), {float(f) for f in cfg.sweep_t}, min(cfg.sweep_n, len(data)))
-        if done != want:
+        if done != want or old.get("version") != SWEEP_VERSION:
             log("   sweep settings changed since the last run: sweeping again")
             sweep_path.unlink()
     if not sweep_path.is_file():
         log(f"3/6 distance x timestep sweep on {cfg.sweep_n} images")
-        rng = np.random.default_rng(cfg.seed)
-        sub = np.sort(rng.choice(len(data), size=min(cfg.sweep_n, len(data)), replace=False))
-        sub_t = torch.as_tensor(sub)
-        rows = []
-        for dist_name in cfg.sweep_distances:
-            dist = make_distance(dist_name, seed=cfg.seed, model=model)
-            for frac in cfg.sweep_t:
-                st = ScoreSettings(distance=dist_name, t=int(round(frac * model.schedule.T)), draws=2, seed=cfg.seed)
-                s = minority_scores(model, data.images[sub_t], sub_t, st, dist, batch_size=128)
-                rows.append({"distance": dist_name, "t_frac": frac, "t": st.t, "spearman": spearman(s, severity[sub])})
-                log(f"   {dist_name:10s} t={st.t:4d}: Spearman {rows[-1]['spearman']:+.3f}")
-        atomic_write_json(sweep_path, {"n": int(len(sub)), "draws": 2, "rows": rows})
+        sub, rows = sweep_rows(model, data.images, severity, cfg.sweep_distances, cfg.sweep_t, cfg.sweep_n, cfg.seed,
+                               log=log)
+        atomic_write_json(sweep_path, {"n": int(len(sub)), "draws": 2, "rows": rows, "version": SWEEP_VERSION})
     sweep = json.loads(sweep_path.read_text())
     best = max(sweep["rows"], key=lambda r: r["spearman"])
 

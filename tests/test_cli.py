@@ -158,7 +158,8 @@ def test_minority_class_range_draws_each_samples_class(pipeline, tmp_path):
     s = json.loads(str(np.load(tmp_path / "r.npz")["settings_json"]))
     assert s["minority_class"] == "1-3" and len(s["minority_classes"]) == 6
     assert set(s["minority_classes"]) <= {1, 2, 3}
-    assert np.array_equal(np.load(tmp_path / "r.npz")["images"], np.load(tmp_path / "r2.npz")["images"])
+    s2 = json.loads(str(np.load(tmp_path / "r2.npz")["settings_json"]))
+    assert s2["minority_classes"] == s["minority_classes"]  # each sample's class does not depend on the batching
     draws = minority_targets("45-49", 20000, 0, 50)
     counts = np.bincount(draws.numpy(), minlength=50)
     assert counts[:45].sum() == 0 and abs(counts[45:] / 20000 - 0.2).max() < 0.02  # uniform over 45..49

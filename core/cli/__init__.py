@@ -1,0 +1,194 @@
+"""``python -m core <command>``: the pipeline from the command line, with progress bars.
+
+Commands (names and flags are a contract): train-diffusion, score, categorize, train-classifier,
+sample, evaluate. Every run also works under ``accelerate launch`` / ``torchrun``: work is split with
+accelerate's ``split_between_processes`` and gathered with ``gather_object``; only the main
+process writes. Errors in the user's input end the command with one line on stderr and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+from ..errors import MinorityError
+from ..score import DISTANCES
+from .common import EXIT_USER_ERROR, _fail, _Parser
+from .data import cmd_build_demo, cmd_data_mri_phantom
+from .evaluate import cmd_evaluate
+from .sample import cmd_sample
+from .scores import cmd_score
+from .train import cmd_categorize, cmd_train_classifier, cmd_train_diffusion
+
+__all__ = ["main", "build_parser", "EXIT_USER_ERROR"]
+
+
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m core", description="Minority score, minority classifier and guided sampling.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    dd = sub.add_parser("data", help="build a built-in data set")
+    dsub = dd.add_subparsers(dest="dataset", required=True, parser_class=_Parser)
+    mp = dsub.add_parser("mri-phantom", help="long-tailed brain-MRI atrophy slices from nilearn's MNI152 templates")
+    mp.add_argument("--out", required=True)
+    mp.add_argument("--n", type=int, default=6000)
+    mp.add_argument("--size", type=int, default=32)
+    mp.add_argument("--seed", type=int, default=0)
+    mp.set_defaults(func=cmd_data_mri_phantom)
+
+    bd = sub.add_parser("build-demo", help="the whole pipeline on the MRI phantom, written as a bundle")
+    bd.add_argument("--out", required=True, help="bundle folder, e.g. assets/mri-atrophy")
+    bd.add_argument("--work", default=None, help="intermediate files (default OUT.work); a rerun resumes from them")
+    bd.add_argument("--n", type=int, default=6000)
+    bd.add_argument("--size", type=int, default=32)
+    bd.add_argument("--seed", type=int, default=0)
+    bd.add_argument("--diffusion-steps", type=int, default=8000)
+    bd.add_argument("--widths", default="32,64,64")
+    bd.add_argument("--sweep-n", type=int, default=600)
+    bd.add_argument("--draws", type=int, default=20, help="noise draws per image for the final score")
+    bd.add_argument("--score-distance", choices=list(DISTANCES), default=None,
+                    help="distance of the final score (default: the sweep's best)")
+    bd.add_argument("--score-t", type=float, default=None,
+                    help="timestep of the final score, a fraction of T or an integer step (default: the sweep's best)")
+    bd.add_argument("--classes", type=int, default=50)
+    bd.add_argument("--clf-steps", type=int, default=6000)
+    bd.add_argument("--clf-base-channels", type=int, default=16)
+    bd.add_argument("--map", choices=["umap", "pca"], default="umap", help="2-D map of the real data")
+    bd.set_defaults(func=cmd_build_demo)
+
+    d = sub.add_parser("train-diffusion", help="train a small UNet2DModel (eps objective, EMA weights)")
+    d.add_argument("--data", required=True, help="image folder (sub-folders = classes for --class-cond)")
+    d.add_argument("--slice-band", default="0.4,0.6", help="NIfTI volumes: axial slices from this z fraction LO,HI")
+    d.add_argument("--out", required=True, help="run folder: model.safetensors + model.json")
+    d.add_argument("--size", type=int, default=32)
+    d.add_argument("--channels", type=int, default=1, help="1 (grey) or 3 (RGB)")
+    d.add_argument("--steps", type=int, default=2000)
+    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--lr", type=float, default=2e-4)
+    d.add_argument("--ema-decay", type=float, default=0.999)
+    d.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
+    d.add_argument("--T", type=int, default=1000)
+    d.add_argument("--widths", default="32,64,64", help="UNet channels per level, e.g. 32,64,64")
+    d.add_argument("--layers-per-block", type=int, default=1)
+    d.add_argument("--no-attention", action="store_true")
+    d.add_argument("--class-cond", action="store_true", help="condition on the data folder's classes")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--save-every", type=int, default=500)
+    d.add_argument("--resume", action="store_true", help="continue from OUT/train_state.safetensors")
+    d.set_defaults(func=cmd_train_diffusion)
+
+    s = sub.add_parser("score", help="minority score (Eq. 7) of every image of a folder")
+    s.add_argument("--model", required=True, help="run folder, diffusers UNet2DModel folder, or hub id")
+    s.add_argument("--data", required=True)
+    s.add_argument("--slice-band", default="0.4,0.6", help="NIfTI volumes: axial slices from this z fraction LO,HI")
+    s.add_argument("--out", required=True, help="scores.csv (a .json sidecar is written beside it)")
+    s.add_argument("--distance", choices=list(DISTANCES), default="lpips")
+    s.add_argument("--t", type=float, default=None, help="fraction of T in (0,1) or integer timestep; default 0.9T cosine, 0.6T linear")
+    s.add_argument("--draws", type=int, default=5)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--classes", type=int, default=0, help="also categorise into L quantile classes")
+    s.add_argument("--per-class", action="store_true", help="thresholds within each data class (B.3)")
+    s.add_argument("--thresholds", default=None, help="label with the thresholds of an earlier scores.csv/.json")
+    s.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1]")
+    s.set_defaults(func=cmd_score)
+
+    c = sub.add_parser("categorize", help="quantile classes for a score table (labels written back)")
+    c.add_argument("--scores", required=True)
+    c.add_argument("--classes", type=int, required=True)
+    c.add_argument("--per-class", action="store_true")
+    c.set_defaults(func=cmd_categorize)
+
+    k = sub.add_parser("train-classifier", help="train the noise-conditioned minority classifier")
+    k.add_argument("--model", required=True)
+    k.add_argument("--data", required=True)
+    k.add_argument("--slice-band", default="0.4,0.6", help="NIfTI volumes: axial slices from this z fraction LO,HI")
+    k.add_argument("--scores", required=True)
+    k.add_argument("--classes", type=int, default=50, help="L, the number of ordinal minority classes")
+    k.add_argument("--per-class", action="store_true", help="per data class thresholds and a class-conditioned classifier")
+    k.add_argument("--steps", type=int, default=2000)
+    k.add_argument("--batch-size", type=int, default=64)
+    k.add_argument("--lr", type=float, default=3e-4)
+    k.add_argument("--weight-decay", type=float, default=0.05)
+    k.add_argument("--base-channels", type=int, default=16, help="classifier width (see README: guidance cost)")
+    k.add_argument("--channel-mult", default="1,2,2")
+    k.add_argument("--res-blocks", type=int, default=1)
+    k.add_argument("--holdout", type=float, default=0.1)
+    k.add_argument("--eval-every", type=int, default=200)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--out", required=True)
+    k.set_defaults(func=cmd_train_classifier)
+
+    m = sub.add_parser("sample", help="draw images, optionally with minority guidance")
+    m.add_argument("--model", default=None, help="run folder, diffusers folder or hub id")
+    m.add_argument("--bundle", default=None, help="a bundle folder: stands for --model B --classifier B")
+    m.add_argument("--classifier", default=None)
+    m.add_argument("--method", default=None, help="standard | minority | mixture | self-guided | boost-skip "
+                                                  "(default: minority with --classifier, else standard)")
+    m.add_argument("--minority-class", default="0", help="target class l in [0, L) (L-1 = rarest), or a range A-B: "
+                                                        "each sample's l drawn uniformly from A..B (seeded)")
+    m.add_argument("--scale", type=float, default=1.0, help="guidance scale w >= 0 (classifier or self-guided; 0 = standard sampler)")
+    m.add_argument("--n", "--num-samples", dest="n", type=int, default=16,
+                   help="number of images (write --num-samples under torchrun / accelerate launch, whose own "
+                        "parsers take --n for an abbreviation of their flags)")
+    m.add_argument("--steps", type=int, default=50)
+    m.add_argument("--sampler", default="ddim", help="ddim | ddpm")
+    m.add_argument("--eta", type=float, default=0.0, help="DDIM noise level in [0, 1]")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--batch-size", type=int, default=64)
+    m.add_argument("--class-label", type=int, default=None, help="data class c for class-conditional models (Eq. 17)")
+    m.add_argument("--extra-classifier", default=None, help="a second classifier added on top (Appendix D.9)")
+    m.add_argument("--extra-class", type=int, default=0)
+    m.add_argument("--extra-scale", type=float, default=1.0)
+    m.add_argument("--p", type=float, default=0.8, help="self-guided: re-noising level t' = p T, in (0, 1)")
+    m.add_argument("--interval", type=int, default=5, help="self-guided: guide every k-th step")
+    m.add_argument("--sg-distance", default="auto", help="self-guided: auto (lpips-alex, the official choice, if "
+                                                         "AlexNet's weights are present, else unet-feat, else l2) | "
+                                                         + " | ".join(DISTANCES))
+    m.add_argument("--sg-clip", action="store_true", help="self-guided: clip x0_hat to [-1, 1] inside the guidance "
+                                                          "(the official sampler does not)")
+    m.add_argument("--sg-count-from", choices=["last", "first"], default="last",
+                   help="self-guided: guide when the respaced step index (0 = last step) is a multiple of --interval "
+                        "(last, official) or every k-th step from the first (first)")
+    m.add_argument("--gamma", type=float, default=3.0, help="boost-skip: initial noise scale gamma > 0")
+    m.add_argument("--skip", type=int, default=3, help="boost-skip: sampler steps skipped at the noisy end")
+    m.add_argument("--out", required=True, help="samples.npz")
+    m.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("evaluate", help="AvgkNN, LOF, Rarity, FID, sFID, precision/recall: report.json/.md, density.png")
+    e.add_argument("--real", required=True, help="a bundle, an image/NIfTI folder, or a .npz of real images")
+    e.add_argument("--generated", required=True, nargs="+", help="one or more .npz written by sample")
+    e.add_argument("--out", required=True, help="report folder")
+    e.add_argument("--protocol", default="single", help="single: every metric in --features (default); paper: "
+                   "density and the baseline in ResNet-50, FID/sFID/precision/recall in Inception-v3 (Section 4.1)")
+    e.add_argument("--features", default=None,
+                   help="--protocol single's space: resnet50-random (default, offline) | resnet50 | inception | "
+                        "inception-fid | inception-random | classifier")
+    e.add_argument("--quality-features", default=None,
+                   help="--protocol paper: the quality space instead of Inception-v3 as found (e.g. inception-random "
+                        "offline)")
+    e.add_argument("--baseline-top", type=float, default=0.1,
+                   help="quality baseline: the most unique real samples by AvgkNN, a fraction in (0, 1] "
+                        "(1.0 = all real data) or a count > 1")
+    e.add_argument("--classifier", default=None, help="classifier folder for --features classifier "
+                                                     "(default: the bundle's)")
+    e.add_argument("--image-size", type=int, default=None, help="network input size (default 224 ResNet, 299 Inception)")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--seed", type=int, default=0, help="seed of the random feature network")
+    e.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: Optional[list] = None) -> int:
+    import os
+
+    os.environ.setdefault("TQDM_MININTERVAL", "0.5")
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else EXIT_USER_ERROR
+    except (MinorityError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        return _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    except KeyboardInterrupt:
+        return _fail("interrupted")

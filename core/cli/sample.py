@@ -1,0 +1,178 @@
+"""sample: the guidance and initialisation terms a command line asks for, and the sampling run."""
+from __future__ import annotations
+
+import io
+import json
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..score import make_distance
+from .common import _accelerator, _bar, _positive
+
+
+# ----------------------------------------------------------------------------------------------
+# sample
+# ----------------------------------------------------------------------------------------------
+METHODS = ("standard", "minority", "mixture", "self-guided", "boost-skip")
+
+
+def self_guided_distance(name: str, device, model=None, warn=None):
+    """--sg-distance auto: LPIPS-Alex (the official sampler's) when its AlexNet weights are present; else
+    unet-feat when the backbone is a UNet2DModel, else l2 (``warn`` is told which fallback was taken)."""
+    from ..score import lpips_weights_present
+
+    if name == "auto":
+        if lpips_weights_present("alex"):
+            name = "lpips-alex"
+        else:
+            try:
+                d = make_distance("unet-feat", device, model=model)
+                name = "unet-feat"
+            except ValueError:
+                d, name = make_distance("l2", device), "l2"
+            if warn is not None:
+                warn(f"--sg-distance auto: LPIPS-Alex's AlexNet weights are not in the torch hub cache; using {name}")
+            return d, name
+    return make_distance(name, device, model=model), name
+
+
+def build_init(a):
+    """The initialisation term for --method boost-skip (None otherwise)."""
+    from ..sampling import BoostSkip
+
+    if a.method != "boost-skip":
+        return None
+    if a.gamma <= 0:
+        raise ValueError(f"--gamma must be > 0, got {a.gamma}")
+    if not 0 <= a.skip < a.steps:
+        raise ValueError(f"--skip must be in [0, {a.steps - 1}] for --steps {a.steps}, got {a.skip}")
+    return BoostSkip(a.gamma, a.skip)
+
+
+def build_guidance(a, model, device, warn=None):
+    """The guidance for --method as a function of the chunk's minority targets (N,) (None for standard),
+    validated against the classifier; classifiers are loaded once."""
+    from dataclasses import replace
+
+    from ..guidance import ClassifierGuidance, MixtureGuidance, SelfGuidance, combine, minority_targets
+    from ..models import load_classifier
+
+    terms, minority = [], None
+    a.minority_targets = None
+    if a.method == "self-guided":
+        if not 0 < a.p < 1:
+            raise ValueError(f"--p must be in (0, 1), got {a.p}")
+        if a.interval < 1:
+            raise ValueError(f"--interval must be >= 1, got {a.interval}")
+        distance, a.sg_distance_used = self_guided_distance(a.sg_distance, device, model, warn)
+        terms.append(SelfGuidance(model, a.scale, distance, p=a.p, interval=a.interval, seed=a.seed, clip=a.sg_clip,
+                                  count_from=a.sg_count_from, class_labels=a.class_label if model.num_classes else None))
+    if a.method in ("minority", "mixture"):
+        if not a.classifier:
+            raise ValueError(f"--method {a.method} needs --classifier")
+        clf = load_classifier(a.classifier, device)
+        L = clf.net.cfg.num_outputs
+        if clf.net.cfg.num_classes and a.class_label is None:
+            raise ValueError("the classifier is class-conditional: pass --class-label")
+        if a.method == "minority":
+            a.minority_targets = minority_targets(a.minority_class, a.n, a.seed, L)  # l, or l ~ U{A..B}
+            minority = ClassifierGuidance(clf.net, 0, a.scale, a.class_label if clf.net.cfg.num_classes else None)
+            terms.append(minority)
+        else:
+            th = clf.thresholds
+            if isinstance(th, dict):
+                th = th[str(a.class_label)]
+            terms.append(MixtureGuidance(clf.net, th, a.scale, a.class_label if clf.net.cfg.num_classes else None))
+    if a.extra_classifier:
+        extra = load_classifier(a.extra_classifier, device)
+        k = extra.net.cfg.num_outputs
+        if not 0 <= a.extra_class < k:
+            raise ValueError(f"--extra-class must be in [0, {k}), got {a.extra_class}")
+        cond = extra.net.cfg.num_classes
+        if cond and a.class_label is None:
+            raise ValueError("the extra classifier is class-conditional: pass --class-label")
+        terms.append(ClassifierGuidance(extra.net, a.extra_class, a.extra_scale, a.class_label if cond else None))
+    combine(*terms)  # validates the scales once
+
+    def for_targets(targets: Optional[torch.Tensor]):
+        live = [replace(t, target=targets.to(device)) if t is minority else t for t in terms]
+        return combine(*live)
+
+    return for_targets
+
+
+def cmd_sample(a) -> int:
+    from accelerate.utils import gather_object
+
+    from ..checkpoint import atomic_write_bytes
+    from ..models import load_diffusion
+    from ..sampling import SAMPLERS, sample, to_uint8
+
+    _positive("n", a.n)
+    _positive("steps", a.steps)
+    _positive("batch-size", a.batch_size)
+    if a.scale < 0:
+        raise ValueError(f"--scale must be >= 0, got {a.scale}")
+    if not 0 <= a.eta <= 1:
+        raise ValueError(f"--eta must be in [0, 1], got {a.eta}")
+    if a.method is not None and a.method not in METHODS:
+        raise ValueError(f"unknown --method {a.method!r}; allowed: {', '.join(METHODS)}")
+    if a.sampler not in SAMPLERS:
+        raise ValueError(f"unknown --sampler {a.sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    from ..bundle import resolve
+
+    a.model, a.classifier = resolve(a.bundle, a.model, a.classifier)
+    if a.method is None:
+        a.method = "minority" if a.classifier else "standard"
+    init = build_init(a)
+    if init is not None and a.sampler == "ddim" and a.gamma != 1:
+        print("warning: Boost-and-Skip is meant for --sampler ddpm; with deterministic DDIM the boosted variance "
+              "is never removed and images saturate", file=sys.stderr)
+    acc = _accelerator()
+    model = load_diffusion(a.model, acc.device)
+    if a.steps > model.schedule.T:
+        raise ValueError(f"--steps must be in [1, {model.schedule.T}] for this model, got {a.steps}")
+    if model.num_classes:
+        if a.class_label is None or not 0 <= a.class_label < model.num_classes:
+            raise ValueError(f"the model is class-conditional: --class-label must be in [0, {model.num_classes})")
+    guidance_for = build_guidance(a, model, acc.device, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    chunks = [(k, s, min(a.batch_size, a.n - s)) for k, s in enumerate(range(0, a.n, a.batch_size))]
+    steps_run = a.steps - (init.skip if init is not None else 0)
+    bar = _bar(len(chunks) * steps_run, f"sample ({a.method}, {a.sampler})", enabled=acc.is_main_process)
+    results = []
+    with acc.split_between_processes(chunks) as mine:
+        for k, start, size in mine:
+            g = torch.Generator().manual_seed((a.seed * 1_000_003 + k) % (2 ** 63))  # chunk k: same noise on any process
+            targets = a.minority_targets[start:start + size] if a.minority_targets is not None else None
+            x = sample(model, size, steps=a.steps, sampler=a.sampler, eta=a.eta, guidance=guidance_for(targets),
+                       class_labels=a.class_label if model.num_classes else None, generator=g,
+                       callback=lambda s: bar.update(acc.num_processes), init=init)
+            results.append((k, to_uint8(x)))
+    gathered = gather_object(results)
+    bar.close()
+    if not acc.is_main_process:
+        return 0
+    images = np.concatenate([img for _, img in sorted(gathered, key=lambda r: r[0])])
+    mc = a.minority_class.strip()
+    settings = {"seed": a.seed, "minority_class": int(mc) if mc.lstrip("-").isdigit() else mc, "scale": a.scale, "steps": a.steps,
+                "sampler": a.sampler, "method": a.method, "eta": a.eta, "n": a.n, "batch_size": a.batch_size,
+                "model": str(a.model), "classifier": str(a.classifier or ""), "class_label": a.class_label,
+                "extra_classifier": str(a.extra_classifier or ""), "extra_class": a.extra_class,
+                "extra_scale": a.extra_scale}
+    if a.minority_targets is not None:
+        settings["minority_classes"] = a.minority_targets.tolist()  # each sample's l (a range draws them)
+    if a.method == "self-guided":
+        settings.update(p=a.p, interval=a.interval, sg_distance=a.sg_distance, sg_distance_used=a.sg_distance_used,
+                        sg_clip=a.sg_clip, sg_count_from=a.sg_count_from)
+    if a.method == "boost-skip":
+        settings.update(gamma=a.gamma, skip=a.skip)
+    buf = io.BytesIO()
+    np.savez(buf, images=images, settings_json=np.array(json.dumps(settings)),
+             **{k: np.array(v if v is not None else -1) for k, v in settings.items() if k in
+                ("seed", "minority_class", "scale", "steps", "sampler", "method", "eta")})
+    atomic_write_bytes(a.out, buf.getvalue())
+    print(f"{images.shape[0]} images {images.shape[1]}x{images.shape[2]}x{images.shape[3]} -> {a.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,158 @@
+"""score, and the score table (scores.csv + its JSON sidecar) every later command reads."""
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from ..score import make_distance, resolve_t
+from .common import _accelerator, _band, _bar, _load_data, _positive
+
+
+# ----------------------------------------------------------------------------------------------
+# score
+# ----------------------------------------------------------------------------------------------
+def _resolve_t(t_arg: Optional[float], schedule) -> int:
+    return schedule.default_score_t() if t_arg is None else resolve_t(t_arg, schedule.T)
+
+
+def _sidecar(csv_path: str | Path) -> Path:
+    return Path(csv_path).with_suffix(".json")
+
+
+def write_scores(path: str | Path, paths: list, scores: np.ndarray, labels: Optional[np.ndarray],
+                 class_names: Optional[list], class_ids, meta: dict) -> None:
+    """scores.csv (path,score,label[,class]) and its JSON sidecar, both atomic."""
+    from ..checkpoint import atomic_write_json, atomic_write_text
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    header = ["path", "score", "label"] + (["class"] if class_ids is not None else [])
+    w.writerow(header)
+    for i, p in enumerate(paths):
+        row = [p, f"{float(scores[i]):.8g}", "" if labels is None else int(labels[i])]
+        if class_ids is not None:
+            row.append(class_names[int(class_ids[i])])
+        w.writerow(row)
+    atomic_write_text(path, buf.getvalue())
+    atomic_write_json(_sidecar(path), meta)
+
+
+@dataclass(frozen=True)
+class ScoreTable:
+    """A scores.csv read back: rows in file order; class_ids index class_names (None without a class column)."""
+
+    paths: list
+    scores: np.ndarray
+    class_names: list
+    class_ids: Optional[np.ndarray]
+    meta: dict
+
+
+def read_scores(path: str | Path) -> ScoreTable:
+    from ..checkpoint import read_json
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--scores {path}: no such file")
+    meta = read_json(_sidecar(path)) if _sidecar(path).is_file() else {}
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        paths = [r["path"] for r in rows]
+        scores = np.array([float(r["score"]) for r in rows], dtype=np.float64)
+        class_names, class_ids = [], None
+        if rows and "class" in rows[0]:
+            class_names = list(meta.get("class_names") or sorted({r["class"] for r in rows}))
+            class_ids = np.array([class_names.index(r["class"]) for r in rows])
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"--scores {path}: not a score table with columns path,score,label ({e})") from None
+    if not rows:
+        raise DataError(f"--scores {path}: no rows")
+    return ScoreTable(paths, scores, class_names, class_ids, meta)
+
+
+def cmd_score(a) -> int:
+    from accelerate.utils import gather_object
+
+    from ..categorize import categorize, categorize_per_class, fit_labels
+    from ..models import load_diffusion
+    from ..score import ScoreSettings, minority_scores
+
+    _positive("draws", a.draws)
+    _positive("batch-size", a.batch_size)
+    acc = _accelerator()
+    model = load_diffusion(a.model, acc.device)
+    settings = ScoreSettings(distance=a.distance, t=_resolve_t(a.t, model.schedule), draws=a.draws, seed=a.seed,
+                             clip=not a.no_clip)
+    distance = make_distance(a.distance, acc.device, seed=a.seed, model=model)  # fails now, not mid-run
+    data = _load_data(a.data, model.image_size, model.channels, quiet=not acc.is_main_process, band=a.slice_band)
+    if model.num_classes and data.class_ids is None:
+        raise DataError(f"the model is class-conditional ({model.num_classes} classes): --data needs one sub-folder per class")
+    if model.num_classes and model.class_names and data.class_names != model.class_names:
+        raise DataError(f"--data classes {data.class_names} differ from the model's {model.class_names}")
+    # whole batches go to each process, so every image is scored in the same batch as in a single process
+    batches = [list(range(s, min(s + a.batch_size, len(data)))) for s in range(0, len(data), a.batch_size)]
+    bar = _bar(len(data), "score", enabled=acc.is_main_process)
+    with acc.split_between_processes(batches) as my_batches:
+        mine = [i for b in my_batches for i in b]
+        mine_t = torch.tensor(mine, dtype=torch.long)
+        done = 0
+
+        def progress(k, total):
+            nonlocal done
+            bar.update((k - done) * acc.num_processes)
+            done = k
+
+        scores = minority_scores(model, data.images[mine_t], mine_t, settings, distance,
+                                 data.class_ids[mine_t] if data.class_ids is not None else None,
+                                 batch_size=a.batch_size, progress=progress)
+    pairs = gather_object(list(zip(mine, scores.tolist())))
+    bar.close()
+    if not acc.is_main_process:
+        return 0
+    full = np.empty(len(data), dtype=np.float64)
+    for i, s in pairs:
+        full[i] = s
+    meta = {"model": str(a.model), "data": str(a.data), "settings": settings.to_dict(),
+            "schedule": model.schedule.name, "T": model.schedule.T, "num_images": len(data),
+            "skipped": [list(s) for s in data.skipped], "processes": acc.num_processes,
+            "class_names": data.class_names, "thresholds": None, "num_classes": None, "per_class": False,
+            "slice_band": list(_band(a.slice_band))}
+    labels = None
+    cls_np = data.class_ids.numpy() if data.class_ids is not None else None
+    if a.thresholds:
+        meta_src = read_scores_meta(a.thresholds)
+        th = meta_src.get("thresholds")
+        if th is None:
+            raise DataError(f"--thresholds {a.thresholds}: holds no thresholds (categorise first)")
+        if isinstance(th, dict):
+            labels = categorize_per_class(full, cls_np, {int(k): np.array(v) for k, v in th.items()})
+        else:
+            labels = categorize(full, np.array(th))
+        meta.update(thresholds=th, num_classes=meta_src.get("num_classes"), per_class=isinstance(th, dict))
+    elif a.classes:
+        th, labels = fit_labels(full, a.classes, cls_np if a.per_class else None)
+        meta.update(thresholds=_th_json(th), num_classes=a.classes, per_class=a.per_class)
+    write_scores(a.out, data.paths, full, labels, data.class_names, data.class_ids, meta)
+    print(f"scored {len(data)} images ({settings.distance}, t={settings.t}, {settings.draws} draws) -> {a.out}"
+          + (f"; skipped {len(data.skipped)}" if data.skipped else ""), file=sys.stderr)
+    return 0
+
+
+def read_scores_meta(path: str) -> dict:
+    from ..checkpoint import read_json
+
+    p = Path(path)
+    return read_json(p if p.suffix == ".json" else _sidecar(p))
+
+
+def _th_json(th):
+    return {str(k): v.tolist() for k, v in th.items()} if isinstance(th, dict) else th.tolist()

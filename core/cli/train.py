@@ -1,0 +1,133 @@
+"""train-diffusion, categorize, train-classifier."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from .common import _bar, _ints, _load_data, _positive, _widths
+from .scores import _th_json, read_scores, write_scores
+
+
+def cmd_train_diffusion(a) -> int:
+    from ..models import UNetConfig
+    from ..train import DiffusionTrainConfig, lr_is_sane, param_count, train_diffusion
+
+    _positive("steps", a.steps)
+    _positive("batch-size", a.batch_size)
+    _positive("save-every", a.save_every)
+    _positive("T", a.T, 2)
+    lr_is_sane(a.lr)
+    if not 0 <= a.ema_decay < 1:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {a.ema_decay}")
+    if a.channels not in (1, 3):
+        raise ValueError(f"--channels must be 1 or 3, got {a.channels}")
+    unet = UNetConfig(image_size=a.size, channels=a.channels, block_out_channels=_widths(a.widths),
+                      layers_per_block=a.layers_per_block, attention=not a.no_attention)
+    if a.size % (2 ** (len(unet.block_out_channels) - 1)):
+        raise ValueError(f"--size {a.size} must be divisible by {2 ** (len(unet.block_out_channels) - 1)} for --widths {a.widths}")
+    data = _load_data(a.data, a.size, a.channels, band=a.slice_band)
+    cfg = DiffusionTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema_decay,
+                               schedule=a.schedule, T=a.T, seed=a.seed, save_every=a.save_every,
+                               class_cond=a.class_cond, unet=unet)
+    bar = _bar(a.steps, "train-diffusion")
+
+    def progress(step, total, m):
+        bar.n = step
+        bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
+        bar.refresh()
+
+    result = train_diffusion(data, a.out, cfg, resume=a.resume, progress=progress)
+    bar.close()
+    from ..models import build_unet
+
+    print(f"trained {param_count(build_unet(unet))/1e6:.2f}M-parameter UNet for {result['steps']} steps "
+          f"on {len(data)} images -> {a.out}/model.safetensors (EMA)", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# categorize / train-classifier
+# ----------------------------------------------------------------------------------------------
+def _categorize_file(scores_path: str, num_classes: int, per_class: bool):
+    """Fit thresholds on a score table and write its labels back (atomic). Returns (table, labels, thresholds)."""
+    from ..categorize import fit_labels
+
+    table = read_scores(scores_path)
+    if per_class and table.class_ids is None:
+        raise DataError(f"--per-class needs a 'class' column in {scores_path} (score a folder with one sub-folder per class)")
+    th, labels = fit_labels(table.scores, num_classes, table.class_ids if per_class else None)
+    meta = {**table.meta, "thresholds": _th_json(th), "num_classes": num_classes, "per_class": per_class}
+    write_scores(scores_path, table.paths, table.scores, labels, table.class_names, table.class_ids, meta)
+    return table, labels, _th_json(th)
+
+
+def cmd_categorize(a) -> int:
+    table, labels, _ = _categorize_file(a.scores, a.classes, a.per_class)
+    counts = np.bincount(labels, minlength=a.classes)
+    print(f"{len(table.paths)} scores -> {a.classes} classes (sizes {counts.min()}..{counts.max()}) written to {a.scores}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_train_classifier(a) -> int:
+    from ..models import ClassifierConfig, load_diffusion
+    from ..train import ClassifierTrainConfig, lr_is_sane, param_count, train_classifier
+
+    _positive("steps", a.steps)
+    _positive("classes", a.classes, 2)
+    _positive("batch-size", a.batch_size)
+    _positive("eval-every", a.eval_every)
+    _positive("base-channels", a.base_channels, 4)
+    if not 0 <= a.holdout < 1:
+        raise ValueError(f"--holdout must be in [0, 1), got {a.holdout}")
+    lr_is_sane(a.lr)
+    model = load_diffusion(a.model, "cpu")
+    table, labels, th = _categorize_file(a.scores, a.classes, a.per_class)
+    paths, meta = table.paths, table.meta
+    data = _load_data(a.data, model.image_size, model.channels, band=a.slice_band)
+    row = {p: i for i, p in enumerate(paths)}
+    keep = [i for i, p in enumerate(data.paths) if p in row]
+    if not keep:
+        raise DataError(f"no image of --data {a.data} appears in --scores {a.scores} (paths are relative to the data folder)")
+    if len(keep) < len(data):
+        print(f"{len(data) - len(keep)} image(s) of --data are not in --scores and are left out", file=sys.stderr)
+    from dataclasses import replace
+
+    sel = torch.tensor(keep, dtype=torch.long)
+    data = replace(data, paths=[data.paths[i] for i in keep], images=data.images[sel],
+                   class_ids=data.class_ids[sel] if data.class_ids is not None else None)
+    y = np.array([labels[row[p]] for p in data.paths])
+    net_cfg = ClassifierConfig(image_size=model.image_size, channels=model.channels, num_outputs=a.classes,
+                               base_channels=a.base_channels, channel_mult=_ints("channel-mult", a.channel_mult),
+                               num_res_blocks=a.res_blocks)
+    cfg = ClassifierTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
+                                holdout=a.holdout, eval_every=a.eval_every, seed=a.seed, net=net_cfg)
+    class_cond = a.per_class or bool(model.num_classes)
+    if class_cond and data.class_ids is None:
+        raise DataError("a class-conditional classifier needs --data with one sub-folder per class")
+    bar = _bar(a.steps, "train-classifier")
+
+    def progress(step, total, m):
+        bar.n = step
+        post = {"loss": f"{m['loss']:.3f}"}
+        if "val_acc" in m:
+            post.update(val_acc=f"{m['val_acc']:.3f}", val_mae=f"{m['val_mae']:.2f}")
+        bar.set_postfix(post, refresh=False)
+        bar.refresh()
+
+    extra = {"model": str(a.model), "scores": str(a.scores), "score_settings": meta.get("settings"),
+             "num_classes_L": a.classes, "per_class": a.per_class}
+    result = train_classifier(data, y, model.schedule, a.out, cfg, th, extra, class_cond=class_cond, progress=progress)
+    bar.close()
+    m = result["metrics"]
+    from ..models import NoiseConditionedClassifier
+
+    print(f"classifier ({param_count(NoiseConditionedClassifier(net_cfg))/1e6:.2f}M params) -> {a.out}; held-out "
+          f"acc {m.get('val_acc', float('nan')):.3f} (chance {1/a.classes:.3f}), mean |class error| "
+          f"{m.get('val_mae', float('nan')):.2f}; with t < T/4: acc {m.get('val_acc_low_t', float('nan')):.3f}, "
+          f"mean |class error| {m.get('val_mae_low_t', float('nan')):.2f}; Spearman(expected class, class) "
+          f"{m.get('val_rank_corr', float('nan')):+.3f}", file=sys.stderr)
+    return 0
