@@ -38,6 +38,47 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+STALE_SECONDS = 120  # a temp file untouched this long is no write in progress (a write takes well under a second)
+
+
+def clean_stale_temps(folder: str | os.PathLike, min_age: float = STALE_SECONDS) -> list[str]:
+    """Remove what a killed run of ours left in ``folder``: atomic-write temp files (``.NAME.XXXXXXXX.tmp``)
+    and pending weights that their JSON does not name (a pending file the JSON names is rolled forward by the
+    loader, so it is kept), each untouched for ``min_age`` seconds (another process may be writing one now).
+    Returns the names removed."""
+    import re
+    import time
+
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for f in folder.iterdir():
+        stale = False
+        try:
+            if not f.is_file() or now - f.stat().st_mtime < min_age:
+                continue
+        except OSError:
+            continue
+        if f.is_file() and re.fullmatch(r"\..+\.[A-Za-z0-9_]{8}\.tmp", f.name):
+            stale = True
+        elif f.is_file() and f.name.endswith(".pending.safetensors"):
+            config = folder / (f.name[: -len(".pending.safetensors")] + ".json")
+            try:
+                named = read_json(config).get("weights_sha256") if config.is_file() else None
+            except Exception:  # noqa: BLE001 - an unreadable config cannot name the pending file
+                named = None
+            stale = named is None or named != _sha256(f)
+        if stale:
+            try:
+                f.unlink()
+                removed.append(f.name)
+            except OSError:
+                pass
+    return removed
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

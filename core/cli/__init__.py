@@ -12,7 +12,7 @@ from typing import Optional
 
 from ..errors import MinorityError
 from ..score import DISTANCES
-from .common import EXIT_USER_ERROR, _fail, _Parser
+from .common import EXIT_USER_ERROR, _fail, _Parser, check_output, close_bars, finite_float, seed_int
 from .data import cmd_build_demo, cmd_data_mri_phantom
 from .evaluate import cmd_evaluate
 from .sample import cmd_sample
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--out", required=True)
     mp.add_argument("--n", type=int, default=6000)
     mp.add_argument("--size", type=int, default=32)
-    mp.add_argument("--seed", type=int, default=0)
+    mp.add_argument("--seed", type=seed_int, default=0)
     mp.set_defaults(func=cmd_data_mri_phantom)
 
     bd = sub.add_parser("build-demo", help="the whole pipeline on the MRI phantom, written as a bundle")
@@ -41,14 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--work", default=None, help="intermediate files (default OUT.work); a rerun resumes from them")
     bd.add_argument("--n", type=int, default=6000)
     bd.add_argument("--size", type=int, default=32)
-    bd.add_argument("--seed", type=int, default=0)
+    bd.add_argument("--seed", type=seed_int, default=0)
     bd.add_argument("--diffusion-steps", type=int, default=8000)
     bd.add_argument("--widths", default="32,64,64")
     bd.add_argument("--sweep-n", type=int, default=600)
     bd.add_argument("--draws", type=int, default=20, help="noise draws per image for the final score")
     bd.add_argument("--score-distance", choices=list(DISTANCES), default=None,
                     help="distance of the final score (default: the sweep's best)")
-    bd.add_argument("--score-t", type=float, default=None,
+    bd.add_argument("--score-t", type=finite_float, default=None,
                     help="timestep of the final score, a fraction of T or an integer step (default: the sweep's best)")
     bd.add_argument("--classes", type=int, default=50)
     bd.add_argument("--clf-steps", type=int, default=6000)
@@ -64,15 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--channels", type=int, default=1, help="1 (grey) or 3 (RGB)")
     d.add_argument("--steps", type=int, default=2000)
     d.add_argument("--batch-size", type=int, default=32)
-    d.add_argument("--lr", type=float, default=2e-4)
-    d.add_argument("--ema-decay", type=float, default=0.999)
+    d.add_argument("--lr", type=finite_float, default=2e-4)
+    d.add_argument("--ema-decay", type=finite_float, default=0.999)
     d.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
     d.add_argument("--T", type=int, default=1000)
     d.add_argument("--widths", default="32,64,64", help="UNet channels per level, e.g. 32,64,64")
     d.add_argument("--layers-per-block", type=int, default=1)
     d.add_argument("--no-attention", action="store_true")
     d.add_argument("--class-cond", action="store_true", help="condition on the data folder's classes")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=seed_int, default=0)
     d.add_argument("--save-every", type=int, default=500)
     d.add_argument("--resume", action="store_true", help="continue from OUT/train_state.safetensors")
     d.set_defaults(func=cmd_train_diffusion)
@@ -83,11 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slice-band", default="0.4,0.6", help="NIfTI volumes: axial slices from this z fraction LO,HI")
     s.add_argument("--out", required=True, help="scores.csv (a .json sidecar is written beside it)")
     s.add_argument("--distance", choices=list(DISTANCES), default="lpips")
-    s.add_argument("--t", type=float, default=None, help="fraction of T in (0,1) or integer timestep; default 0.9T cosine, 0.6T linear")
+    s.add_argument("--t", type=finite_float, default=None, help="fraction of T in (0,1) or integer timestep; default 0.9T cosine, 0.6T linear")
     s.add_argument("--draws", type=int, default=5)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed_int, default=0)
     s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--classes", type=int, default=0, help="also categorise into L quantile classes")
+    s.add_argument("--classes", type=int, default=None, help="also categorise into L >= 2 quantile classes")
     s.add_argument("--per-class", action="store_true", help="thresholds within each data class (B.3)")
     s.add_argument("--thresholds", default=None, help="label with the thresholds of an earlier scores.csv/.json")
     s.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1]")
@@ -108,14 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--per-class", action="store_true", help="per data class thresholds and a class-conditioned classifier")
     k.add_argument("--steps", type=int, default=2000)
     k.add_argument("--batch-size", type=int, default=64)
-    k.add_argument("--lr", type=float, default=3e-4)
-    k.add_argument("--weight-decay", type=float, default=0.05)
+    k.add_argument("--lr", type=finite_float, default=3e-4)
+    k.add_argument("--weight-decay", type=finite_float, default=0.05)
     k.add_argument("--base-channels", type=int, default=16, help="classifier width (see README: guidance cost)")
     k.add_argument("--channel-mult", default="1,2,2")
     k.add_argument("--res-blocks", type=int, default=1)
-    k.add_argument("--holdout", type=float, default=0.1)
+    k.add_argument("--holdout", type=finite_float, default=0.1)
     k.add_argument("--eval-every", type=int, default=200)
-    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--seed", type=seed_int, default=0)
     k.add_argument("--out", required=True)
     k.set_defaults(func=cmd_train_classifier)
 
@@ -127,20 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(default: minority with --classifier, else standard)")
     m.add_argument("--minority-class", default="0", help="target class l in [0, L) (L-1 = rarest), or a range A-B: "
                                                         "each sample's l drawn uniformly from A..B (seeded)")
-    m.add_argument("--scale", type=float, default=1.0, help="guidance scale w >= 0 (classifier or self-guided; 0 = standard sampler)")
+    m.add_argument("--scale", type=finite_float, default=1.0, help="guidance scale w >= 0 (classifier or self-guided; 0 = standard sampler)")
     m.add_argument("--n", "--num-samples", dest="n", type=int, default=16,
                    help="number of images (write --num-samples under torchrun / accelerate launch, whose own "
                         "parsers take --n for an abbreviation of their flags)")
     m.add_argument("--steps", type=int, default=50)
     m.add_argument("--sampler", default="ddim", help="ddim | ddpm")
-    m.add_argument("--eta", type=float, default=0.0, help="DDIM noise level in [0, 1]")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--eta", type=finite_float, default=0.0, help="DDIM noise level in [0, 1]")
+    m.add_argument("--seed", type=seed_int, default=0)
     m.add_argument("--batch-size", type=int, default=64)
     m.add_argument("--class-label", type=int, default=None, help="data class c for class-conditional models (Eq. 17)")
     m.add_argument("--extra-classifier", default=None, help="a second classifier added on top (Appendix D.9)")
     m.add_argument("--extra-class", type=int, default=0)
-    m.add_argument("--extra-scale", type=float, default=1.0)
-    m.add_argument("--p", type=float, default=0.8, help="self-guided: re-noising level t' = p T, in (0, 1)")
+    m.add_argument("--extra-scale", type=finite_float, default=1.0)
+    m.add_argument("--p", type=finite_float, default=0.8, help="self-guided: re-noising level t' = p T, in (0, 1)")
     m.add_argument("--interval", type=int, default=5, help="self-guided: guide every k-th step")
     m.add_argument("--sg-distance", default="auto", help="self-guided: auto (lpips-alex, the official choice, if "
                                                          "AlexNet's weights are present, else unet-feat, else l2) | "
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--sg-count-from", choices=["last", "first"], default="last",
                    help="self-guided: guide when the respaced step index (0 = last step) is a multiple of --interval "
                         "(last, official) or every k-th step from the first (first)")
-    m.add_argument("--gamma", type=float, default=3.0, help="boost-skip: initial noise scale gamma > 0")
+    m.add_argument("--gamma", type=finite_float, default=3.0, help="boost-skip: initial noise scale gamma > 0")
     m.add_argument("--skip", type=int, default=3, help="boost-skip: sampler steps skipped at the noisy end")
     m.add_argument("--out", required=True, help="samples.npz")
     m.set_defaults(func=cmd_sample)
@@ -167,14 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quality-features", default=None,
                    help="--protocol paper: the quality space instead of Inception-v3 as found (e.g. inception-random "
                         "offline)")
-    e.add_argument("--baseline-top", type=float, default=0.1,
+    e.add_argument("--baseline-top", type=finite_float, default=0.1,
                    help="quality baseline: the most unique real samples by AvgkNN, a fraction in (0, 1] "
                         "(1.0 = all real data) or a count > 1")
     e.add_argument("--classifier", default=None, help="classifier folder for --features classifier "
                                                      "(default: the bundle's)")
     e.add_argument("--image-size", type=int, default=None, help="network input size (default 224 ResNet, 299 Inception)")
     e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--seed", type=int, default=0, help="seed of the random feature network")
+    e.add_argument("--seed", type=seed_int, default=0, help="seed of the random feature network")
     e.set_defaults(func=cmd_evaluate)
     return p
 
@@ -185,6 +185,7 @@ def main(argv: Optional[list] = None) -> int:
     os.environ.setdefault("TQDM_MININTERVAL", "0.5")
     try:
         args = build_parser().parse_args(argv)
+        prepare_outputs(args)
         return args.func(args)
     except SystemExit as e:
         return int(e.code) if isinstance(e.code, int) else EXIT_USER_ERROR
@@ -192,3 +193,31 @@ def main(argv: Optional[list] = None) -> int:
         return _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     except KeyboardInterrupt:
         return _fail("interrupted")
+    finally:
+        close_bars()
+
+
+# what each command writes: (argument, "dir" | "file"), checked before any work
+OUTPUTS = {"data": (("out", "dir"),), "build-demo": (("out", "dir"), ("work", "dir")),
+           "train-diffusion": (("out", "dir"),), "score": (("out", "file"),), "categorize": (("scores", "file"),),
+           "train-classifier": (("out", "dir"), ("scores", "file")), "sample": (("out", "file"),),
+           "evaluate": (("out", "dir"),)}
+
+
+def prepare_outputs(args) -> None:
+    """Every output location is usable before any work (one error line naming the flag otherwise), and what
+    a killed run of ours left there (temp files, uncommitted pending weights) is removed, by the main
+    process only."""
+    import os
+
+    from ..checkpoint import clean_stale_temps
+
+    if args.command == "build-demo" and args.work is None:
+        args.work = f"{args.out.rstrip('/')}.work"
+    for attr, kind in OUTPUTS.get(args.command, ()):
+        check_output(getattr(args, attr), f"--{attr}", kind)
+    if os.environ.get("RANK", "0") != "0" or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    for attr, kind in OUTPUTS.get(args.command, ()):
+        folder = getattr(args, attr) if kind == "dir" else os.path.dirname(os.path.abspath(getattr(args, attr)))
+        clean_stale_temps(folder)

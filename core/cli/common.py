@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+from pathlib import Path
 
 EXIT_USER_ERROR = 2
+_OPEN_BARS: list = []  # progress bars of this command: closed before an error line is written
 
 
 class _Parser(argparse.ArgumentParser):
@@ -13,14 +17,70 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _fail(message: str) -> int:
+    close_bars()  # the error line starts on a line of its own, never after a bar
     print(f"error: {message}", file=sys.stderr)
     return EXIT_USER_ERROR
+
+
+def close_bars() -> None:
+    while _OPEN_BARS:
+        _OPEN_BARS.pop().close()
 
 
 def _bar(total: int, desc: str, enabled: bool = True):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
+    bar = tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
+    _OPEN_BARS.append(bar)
+    return bar
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite float; NaN and infinity are refused (argparse names the flag)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+finite_float.__name__ = "finite number"  # argparse: "argument --scale: invalid finite number value: 'nan'"
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed, an integer in [0, 2**63)."""
+    value = int(text)
+    if not 0 <= value < 2 ** 63:
+        raise ValueError(text)
+    return value
+
+
+seed_int.__name__ = "seed (integer >= 0)"
+
+
+def check_output(path, flag: str, kind: str) -> None:
+    """Before any work: ``path`` is a folder that can be made and written (kind "dir") or a file that can be
+    written or replaced (kind "file"); otherwise one DataError naming ``flag``. Nothing is created."""
+    from ..errors import DataError
+
+    p = Path(path)
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise DataError(f"{flag} {p}: is a file, not a folder")
+    if kind == "file" and p.is_dir():
+        raise DataError(f"{flag} {p}: is a folder, not a file")
+    folder = p if kind == "dir" else p.parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataError(f"{flag} {p}: {existing} is a file, so no folder can be made under it")
+    import tempfile
+
+    try:  # a real write, not os.access: read-only mounts, ACLs and root all answer truthfully here
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise DataError(f"{flag} {p}: cannot write in {existing} ({e.strerror or type(e).__name__})") from None
 
 
 def _accelerator():

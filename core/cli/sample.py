@@ -95,6 +95,11 @@ def build_guidance(a, model, device, warn=None):
         if cond and a.class_label is None:
             raise ValueError("the extra classifier is class-conditional: pass --class-label")
         terms.append(ClassifierGuidance(extra.net, a.extra_class, a.extra_scale, a.class_label if cond else None))
+    conditional = bool(model.num_classes) or any(getattr(getattr(t, "classifier", None), "class_embed", None) is not None
+                                                 for t in terms)
+    if a.class_label is not None and not conditional:
+        raise ValueError(f"--class-label {a.class_label}: neither the model nor the classifier is class-conditional; "
+                         "drop --class-label")
     combine(*terms)  # validates the scales once
 
     def for_targets(targets: Optional[torch.Tensor]):

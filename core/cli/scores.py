@@ -88,6 +88,8 @@ def cmd_score(a) -> int:
 
     _positive("draws", a.draws)
     _positive("batch-size", a.batch_size)
+    if a.classes is not None:
+        _positive("classes", a.classes, 2)  # the same rule as categorize and train-classifier
     acc = _accelerator()
     model = load_diffusion(a.model, acc.device)
     settings = ScoreSettings(distance=a.distance, t=_resolve_t(a.t, model.schedule), draws=a.draws, seed=a.seed,
@@ -138,7 +140,7 @@ def cmd_score(a) -> int:
         else:
             labels = categorize(full, np.array(th))
         meta.update(thresholds=th, num_classes=meta_src.get("num_classes"), per_class=isinstance(th, dict))
-    elif a.classes:
+    elif a.classes is not None:
         th, labels = fit_labels(full, a.classes, cls_np if a.per_class else None)
         meta.update(thresholds=_th_json(th), num_classes=a.classes, per_class=a.per_class)
     write_scores(a.out, data.paths, full, labels, data.class_names, data.class_ids, meta)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ def cmd_train_diffusion(a) -> int:
     cfg = DiffusionTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema_decay,
                                schedule=a.schedule, T=a.T, seed=a.seed, save_every=a.save_every,
                                class_cond=a.class_cond, unet=unet)
+    if a.resume and not (Path(a.out) / "train_state.safetensors").is_file():
+        print(f"--resume: no saved state in {a.out} (train_state.safetensors): starting from step 0", file=sys.stderr)
     bar = _bar(a.steps, "train-diffusion")
 
     def progress(step, total, m):
@@ -65,6 +68,7 @@ def _categorize_file(scores_path: str, num_classes: int, per_class: bool):
 
 
 def cmd_categorize(a) -> int:
+    _positive("classes", a.classes, 2)
     table, labels, _ = _categorize_file(a.scores, a.classes, a.per_class)
     counts = np.bincount(labels, minlength=a.classes)
     print(f"{len(table.paths)} scores -> {a.classes} classes (sizes {counts.min()}..{counts.max()}) written to {a.scores}",
