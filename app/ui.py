@@ -61,6 +61,19 @@ def _readable(fn):
     return plain
 
 
+class StudioBlocks(gr.Blocks):
+    """gr.Blocks whose too-few-inputs answer is one readable line naming the expected inputs (Gradio's own
+    message lists Python object addresses)."""
+
+    def validate_inputs(self, block_fn, inputs):
+        if len(inputs) < len(block_fn.inputs):
+            wanted = [b for b in block_fn.inputs if not isinstance(b, gr.State)]  # a visitor's state is not sent
+            names = ", ".join(str(getattr(b, "label", None) or type(b).__name__) for b in wanted)
+            api = f"/{block_fn.api_name}" if getattr(block_fn, "api_name", None) else "this event"
+            raise gr.Error(f"{api} needs {len(wanted)} values ({names}); got {min(len(inputs), len(wanted))}")
+        return super().validate_inputs(block_fn, inputs)
+
+
 def _method_controls(method: str) -> tuple:
     """Show the chosen method's own controls; Boost-and-Skip switches to the ancestral sampler, whose fresh
     noise contracts the boosted variance (with DDIM the images saturate: docs/RESULTS.md)."""
@@ -75,7 +88,7 @@ def build_ui(studio: h.Studio) -> gr.Blocks:
     L = int(manifest["num_classes"])
     d = h.DEFAULTS
 
-    with gr.Blocks(title="Minority guidance studio") as demo:
+    with StudioBlocks(title="Minority guidance studio") as demo:
         sc = manifest["score"]
         gr.Markdown(INTRO + f"\n\nBundle: `{manifest.get('name', studio.path.name)}` · {L} classes · "
                     f"{manifest['image_size']}x{manifest['image_size']} · minority score: "
@@ -86,13 +99,13 @@ def build_ui(studio: h.Studio) -> gr.Blocks:
                 with gr.Column(scale=1, min_width=280):
                     l_slider = gr.Slider(0, L - 1, value=L - 1, step=1, label="Minority class l",
                                          info=f"0 = most common … {L - 1} = rarest", elem_id="minority-class")
+                    l_words = gr.Markdown(h.rarity_label(L - 1, L))
+                    spread = gr.Slider(*h.LIMITS["spread"], value=d["spread"], step=1, label="Range below l",
+                                       info="each image's class drawn uniformly from l − r … l (0 = all at l; "
+                                            "the paper samples l ~ U{90..99})", elem_id="spread")
                     w_slider = gr.Slider(*h.LIMITS["scale"], value=d["scale"], step=0.1, label="Guidance scale w",
                                          info="classifier scale (minority guidance) or self-guided scale; "
                                               "0 = standard sampler", elem_id="scale")
-                    spread = gr.Slider(*h.LIMITS["spread"], value=d["spread"], step=1, label="Range below l",
-                                       info="0 = every image at l; r > 0 = each image's class drawn uniformly from "
-                                            "l - r … l (the paper samples l ~ U{90..99})", elem_id="spread")
-                    l_words = gr.Markdown(h.rarity_label(L - 1, L))
                     method = gr.Radio(list(h.METHODS), value=d["method"], label="Method", elem_id="method",
                                       info="self-guided and Boost-and-Skip need no classifier (l is unused)")
                     with gr.Group(visible=False) as boost_box:

@@ -57,5 +57,10 @@ def test_sliders_generate_and_browse_in_chromium(url, tmp_path):
         page.wait_for_function("document.querySelectorAll('#browse img').length >= 12", timeout=60_000)
         assert "ranked by minority score" in page.inner_text("body")
         page.get_by_role("tab", name="Density").click()
-        page.wait_for_selector("#density-tab img, #density-tab svg, #density-tab canvas", timeout=60_000)
+        # the matplotlib figure arrives as an <img>; an empty gr.Plot shows only an icon (an <svg>), which must not pass
+        page.wait_for_function("[...document.querySelectorAll('#density-tab img')].some(i => i.complete && "
+                               "i.naturalWidth > 300 && i.naturalHeight > 150)", timeout=60_000)
+        page.wait_for_function("!document.querySelector('#density-tab').innerText.includes('processing')",
+                               timeout=60_000)
+        page.screenshot(path=str(tmp_path / "density.png"), full_page=True)
         browser.close()

@@ -1,5 +1,6 @@
 """The app served over HTTP (issue 5): gradio_client API calls and the public-Space safety probes of
 TESTING.md (paths, upload size, bounded queue, Stop)."""
+import json
 import os
 import socket
 import time
@@ -128,3 +129,48 @@ def test_every_score_distance_has_a_name_in_words():
     from core.score import DISTANCES
 
     assert set(DISTANCE_NAMES) == set(DISTANCES)
+
+
+def test_too_few_inputs_get_one_readable_line(served):
+    """Issue 16.8: Gradio's own answer listed Python object addresses; ours names the expected inputs."""
+    import httpx
+
+    _, url, _ = served
+    call = url + "gradio_api/call/generate"
+    r = httpx.post(call, json={"data": [49, 2.5]}, timeout=30)
+    event = r.json()["event_id"]
+    body = httpx.get(f"{call}/{event}", timeout=60).text
+    assert "event: error" in body and "object at 0x" not in body, body
+    msg = json.loads(body.split("data:", 1)[1].strip().splitlines()[0])["error"]
+    assert msg.startswith("/generate needs 11 values (Minority class l, Guidance scale w") and msg.endswith("got 2")
+
+
+def test_the_real_app_has_its_queue_bound_and_stop_wiring(monkeypatch):
+    """Issue 16.12: what `python app.py` launches (not the test fixture's settings): a queue of QUEUE_SIZE and a
+    Stop button that cancels the generate event."""
+    import importlib.util
+    from pathlib import Path
+
+    import gradio as gr
+
+    from app.ui import QUEUE_SIZE
+
+    spec = importlib.util.spec_from_file_location("app_entry", Path(__file__).resolve().parent.parent / "app.py")
+    app_module = importlib.util.module_from_spec(spec)  # app.py (the package app/ shadows its name)
+    spec.loader.exec_module(app_module)
+
+    seen = {}
+
+    def fake_launch(self, **kw):
+        seen.update(demo=self, **kw)
+
+    monkeypatch.setattr(gr.Blocks, "launch", fake_launch)
+    monkeypatch.setattr(h.Studio, "warm", lambda self: self)
+    assert app_module.main(["--bundle", str(h.DEFAULT_BUNDLE)]) == 0
+    demo = seen["demo"]
+    assert demo._queue.max_size == QUEUE_SIZE == 8 and seen["max_file_size"] == MAX_FILE_SIZE
+    config = demo.config
+    stop_id = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "stop")
+    gen = next(d for d in config["dependencies"] if d.get("api_name") == "generate")
+    cancel = [d for d in config["dependencies"] if gen["id"] in (d.get("cancels") or [])]
+    assert cancel and any(t[0] == stop_id for d in cancel for t in d["targets"]), cancel
