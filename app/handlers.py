@@ -54,7 +54,7 @@ class GenerateRequest:
     method: str = DEFAULTS["method"]
     gamma: float = DEFAULTS["gamma"]  # Boost-and-Skip: initial noise scale
     skip: int = DEFAULTS["skip"]  # Boost-and-Skip: steps skipped at the noisy end
-    interval: int = DEFAULTS["interval"]  # self-guided: guide every k-th step (its scale is w)
+    interval: int = DEFAULTS["interval"]  # self-guided: guide steps whose index is a multiple of k (scale w)
     spread: int = DEFAULTS["spread"]  # minority guidance: each image's l drawn uniformly from l - spread .. l
 
     def targets(self) -> torch.Tensor:

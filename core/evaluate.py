@@ -111,31 +111,37 @@ def evaluate_features(real: Features, generated: dict, settings: EvalSettings,
                   real_avgknn=real_knn, real_lof=real_lof, sets=sets, seconds=clock)
 
 
-def paper_spaces(channels: int, quality: Optional[str] = None) -> tuple[str, str]:
+def paper_spaces(channels: int, quality: Optional[str] = None, density: Optional[str] = None) -> tuple[str, str]:
     """--protocol paper: (density space, quality space) as the paper evaluates. Density, Rarity and the
     most-unique baseline in ResNet-50 (random init for grey / MRI data, as the paper did; ImageNet weights
-    otherwise); FID, sFID, precision and recall in Inception-v3: the TF-compatible FID network when its weights
-    are in the cache, else torchvision's ImageNet Inception, else one line naming what is missing
-    (``quality``, --quality-features, overrides: e.g. inception-random offline)."""
-    from .metrics import fid_inception_file
+    otherwise); FID, sFID, precision and recall in Inception-v3: the TF FID network when its weights are in
+    the cache, else torchvision's ImageNet Inception. Offline without those weights: one line naming the
+    missing files. ``density`` / ``quality`` (--density-features / --quality-features) override the choice,
+    e.g. resnet50-random and inception-random for an offline stand-in."""
+    import torch
+    from torchvision.models import Inception_V3_Weights, ResNet50_Weights
+
+    from .errors import OfflineError
+    from .metrics import FID_INCEPTION_FILES, fid_inception_file
     from .score import _offline
 
-    density = "resnet50-random" if channels == 1 else "resnet50"
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    if density is None:
+        density = "resnet50-random" if channels == 1 else "resnet50"
+        resnet = hub / ResNet50_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+        if density == "resnet50" and not resnet.is_file() and _offline():
+            raise OfflineError(f"--protocol paper needs ResNet-50's ImageNet weights for colour data ({resnet.name} "
+                               f"in {hub}), absent offline; pass --density-features resnet50-random for an offline "
+                               "stand-in")
     if quality:
         return density, quality
     if fid_inception_file() is not None:
         return density, "inception-fid"
-    import torch
-    from torchvision.models import Inception_V3_Weights
-
-    tv = Path(torch.hub.get_dir()) / "checkpoints" / Inception_V3_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    tv = hub / Inception_V3_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
     if tv.is_file() or not _offline():
         return density, "inception"
-    from .errors import OfflineError
-    from .metrics import FID_INCEPTION_FILES
-
     raise OfflineError(f"--protocol paper needs Inception-v3 weights for FID, sFID and precision/recall: "
-                       f"{FID_INCEPTION_FILES[0]} (pytorch-fid) or {tv.name} (torchvision) in {tv.parent}, absent "
+                       f"{FID_INCEPTION_FILES[0]} (pytorch-fid) or {tv.name} (torchvision) in {hub}, absent "
                        "offline; pass --quality-features inception-random for an offline stand-in, or use "
                        "--features for one space")
 

@@ -133,8 +133,9 @@ class SelfGuidance:
     so the last step is one of them): x0_hat = Tweedie(x_t) with grad, not clipped (the official
     ``mg_clip_denoised=False``), re-noised to t' = p T and denoised again without grad (x0_hat'); return
     ``scale * g / max|g|`` (per sample) with g = grad_x d(x0_hat, x0_hat'): a large discrepancy means x0_hat
-    is far from what the model reproduces, i.e. a low-density (minority) feature. The sampler scales it by
-    the step's variance (the official ``mg_scale_type='var'``). Other steps return zeros. The re-noising
+    is far from what the model reproduces, i.e. a low-density (minority) feature. The ancestral sampler
+    scales it by the step's variance (the official ``mg_scale_type='var'``); DDIM, which the official code
+    does not guide, shifts eps by sqrt(1 - abar_t) times it. Other steps return zeros. The re-noising
     draws come from a generator seeded by ``seed`` at each new trajectory (the index stops decreasing), so
     runs are reproducible.
     """

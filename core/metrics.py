@@ -171,7 +171,9 @@ def _inception_fid(size: int, device) -> FeatureExtractor:
     except Exception as e:  # noqa: BLE001 - a damaged cache file
         raise OfflineError(f"--features inception-fid: cannot load {file} ({type(e).__name__}: {e})") from None
     net = net.to(device).eval().requires_grad_(False)
-    info = {"weights": f"TF FID Inception (pytorch-fid port, {file.name})"}
+    info = {"weights": f"TF FID Inception (pytorch-fid port, {file.name})",
+            "note": "resized bicubic with antialiasing as clean-fid does (the paper's cFID); pytorch-fid resizes "
+                    "bilinearly, so its FIDs differ slightly"}
     return FeatureExtractor("inception-fid", _inception_trunk(net, size, "pool3 (2048, TF-compatible)", info), info)
 
 

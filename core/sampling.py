@@ -8,6 +8,7 @@ moved to the model's device, so a seed gives the same noise on every device.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -57,6 +58,21 @@ def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.
     return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
 
 
+def indexed(guidance: Optional[Guidance]) -> Optional[Guidance]:
+    """The guidance as ``g(x_t, t, index)``: a two-argument callable ``g(x_t, t)`` (the protocol before the
+    respaced index was passed) is wrapped, so guidance terms written for it keep working."""
+    if guidance is None:
+        return None
+    try:
+        params = list(inspect.signature(guidance).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: assume the current protocol
+        return guidance
+    if any(p.kind is p.VAR_POSITIONAL for p in params) or \
+            sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 3:
+        return guidance
+    return lambda x_t, t, index: guidance(x_t, t)
+
+
 def predict(model, x_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor]):
     """(eps (N, C, H, W), the model's variance output (N, C, H, W) or None): models with a learned variance
     expose ``predict``; any other eps-model callable has none."""
@@ -94,6 +110,7 @@ def sample_ddpm(model, x_T: torch.Tensor, timesteps: torch.Tensor, *, guidance: 
     n = x.shape[0]
     rs = respace(model.schedule, timesteps)
     variance_type = getattr(model, "variance_type", "fixed_small")
+    guidance = indexed(guidance)
     for i, k in enumerate(range(len(timesteps) - 1, -1, -1)):
         t = torch.full((n,), int(timesteps[k]), dtype=torch.long, device=x.device)
         abar_t, abar_prev, beta_t = float(rs.abar[k]), float(rs.abar_prev[k]), float(rs.betas[k])
@@ -123,6 +140,7 @@ def sample_ddim(model, x_T: torch.Tensor, timesteps: torch.Tensor, *, guidance: 
     x = x_T
     n = x.shape[0]
     rs = respace(model.schedule, timesteps)
+    guidance = indexed(guidance)
     for i, k in enumerate(range(len(timesteps) - 1, -1, -1)):
         t = torch.full((n,), int(timesteps[k]), dtype=torch.long, device=x.device)
         abar_t, abar_prev = float(rs.abar[k]), float(rs.abar_prev[k])

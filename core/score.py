@@ -25,6 +25,11 @@ ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's ImageNet AlexNet, the
 TRUNK_FILES = {"vgg": VGG16_FILE, "alex": ALEXNET_FILE}
 
 
+# a distance whose definition changed: its version is stored with every score, so work made with an older
+# definition is recomputed, not reused (lpips-rand 2: uniform channel weights; 1 had random, signed heads)
+DISTANCE_VERSIONS = {"lpips-rand": 2}
+
+
 @dataclass(frozen=True)
 class ScoreSettings:
     """How a minority score was computed; stored beside every score table."""
@@ -36,7 +41,10 @@ class ScoreSettings:
     clip: bool = True  # clip x0_hat to [-1, 1]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.distance in DISTANCE_VERSIONS:
+            d["distance_version"] = DISTANCE_VERSIONS[self.distance]
+        return d
 
 
 def _offline() -> bool:

@@ -107,32 +107,29 @@ def test_unusable_output_is_refused_before_any_work(name, case, places, capsys, 
         assert sorted(p.name for p in (tmp / "ro").iterdir()) == (["o.out"] if name == "categorize" else [])
 
 
-def _float_flags():
-    """(command words, flag) for every float flag of every command, read from the parser itself."""
-    parser = build_parser()
+def _command_parsers():
+    """(command words, its parser) for every command of ``python -m core``, read from the parser itself."""
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
     out = []
-    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     for name, p in sub.choices.items():
         nested = [a for a in p._actions if a.__class__.__name__ == "_SubParsersAction"]
-        for words, q in ([([name, n], qq) for n, qq in nested[0].choices.items()] if nested else [([name], p)]):
-            for a in q._actions:
-                if a.type is finite_float:
-                    out.append((" ".join(words), a.option_strings[0]))
+        out += [([name, n], q) for n, q in nested[0].choices.items()] if nested else [([name], p)]
     return out
 
 
-FLOAT_FLAGS = _float_flags()
+FLOAT_FLAGS = [(" ".join(words), a.option_strings[0]) for words, p in _command_parsers()
+               for a in p._actions if a.type is finite_float]
+SEED_COMMANDS = [" ".join(words) for words, p in _command_parsers() if any("--seed" in a.option_strings for a in p._actions)]
 
 
 def test_every_float_flag_is_checked():
-    """Every float flag of every command goes through finite_float (no plain float left)."""
-    parser = build_parser()
-    plain = []
-    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    for name, p in sub.choices.items():
-        for q in [p] + [qq for a in p._actions if a.__class__.__name__ == "_SubParsersAction" for qq in a.choices.values()]:
-            plain += [f"{name} {a.option_strings}" for a in q._actions if a.type is float]
-    assert not plain and len(FLOAT_FLAGS) >= 12, plain
+    """Every float flag of every command goes through finite_float (no plain float left), every --seed through
+    seed_int."""
+    plain = [f"{' '.join(w)} {a.option_strings}" for w, p in _command_parsers() for a in p._actions if a.type is float]
+    seeds = [" ".join(w) for w, p in _command_parsers() for a in p._actions
+             if "--seed" in a.option_strings and a.type is not seed_int]
+    assert not plain and not seeds and len(FLOAT_FLAGS) >= 12, (plain, seeds)
+    assert len(SEED_COMMANDS) >= 7
 
 
 @pytest.mark.parametrize("words, flag", FLOAT_FLAGS)
@@ -149,11 +146,11 @@ def test_non_finite_numbers_are_refused(words, flag, value, places, capsys):
 
 def test_seeds_must_be_non_negative_and_leave_nothing(places, capsys):
     """Issue 16.5: data mri-phantom --seed -1 named its flag nowhere and left an empty folder."""
-    for name in COMMANDS:
+    for name in SEED_COMMANDS:
         out = places["tmp"] / "out"
         args, _, _ = _args(name, places, out)
-        assert main(args + ["--seed", "-1"]) == 2
-        _one_error_line(capsys, "--seed")
+        assert main(args + ["--seed=-1"]) == 2
+        _one_error_line(capsys, "--seed", "seed (integer >= 0)")
         assert not out.exists()
     assert finite_float("2.5") == 2.5 and seed_int("7") == 7
 

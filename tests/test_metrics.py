@@ -252,24 +252,29 @@ def test_cli_evaluate_bad_input_is_one_line(tmp_path, capsys):
 
 def test_sfid_map_is_tf_mixed_6_conv():
     """Issue 15.5: sFID uses the first 7 channels of TF's mixed_6/conv = Mixed_6d.branch1x1 (192 x 17 x 17 at
-    299 px), read here from the full network by a hook of our own."""
-    from core.metrics import SFID_LAYER, _inception
+    299 px), computed here layer by layer from torchvision's own modules (not by the extractor's hook)."""
+    from core.metrics import SFID_LAYER, _imagenet_input, _inception
 
     ex = _inception(299, "cpu", pretrained=False)
     net = ex.fn.__closure__[[c.cell_contents.__class__.__name__ for c in ex.fn.__closure__].index("Inception3")].cell_contents
-    seen = []
-    h = net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.append(o))
     x = torch.rand(2, 1, 32, 32) * 2 - 1
     _, spatial = ex.fn(x)
-    h.remove()
-    assert SFID_LAYER == "Mixed_6d.branch1x1" and seen[0].shape == (2, 192, 17, 17)
-    torch.testing.assert_close(spatial, seen[0][:, :7].flatten(1))
+    with torch.no_grad():
+        h = _imagenet_input(x, 299, inception=True)
+        for n in ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                  "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c"]:
+            h = getattr(net, n)(h)
+        mixed_6_conv = net.Mixed_6d.branch1x1(h)  # the 1x1 branch of the block after Mixed_6c
+    assert SFID_LAYER == "Mixed_6d.branch1x1" and mixed_6_conv.shape == (2, 192, 17, 17)
+    torch.testing.assert_close(spatial, mixed_6_conv[:, :7].flatten(1))
     assert spatial.shape == (2, 7 * 17 * 17)
 
 
 def test_inception_fid_loads_only_from_the_cache(tmp_path, monkeypatch):
     """--features inception-fid: pytorch-fid's TF-compatible network from a file in the torch hub cache (a
-    weights-only load), never a download; absent, one line naming the file."""
+    weights-only load), never a download; absent, one line naming the file. The network equals what
+    pytorch-fid's own fid_inception_v3() builds: the file is made from that network (a strict load into ours
+    checks every key and shape) and both give the same pool3 features."""
     from pytorch_fid import inception as pf
 
     from core.metrics import FID_INCEPTION_FILES
@@ -277,29 +282,29 @@ def test_inception_fid_loads_only_from_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(OfflineError, match=FID_INCEPTION_FILES[0].replace(".", "\\.")):
         make_extractor("inception-fid")
+    with monkeypatch.context() as m:  # pytorch-fid's builder, its download and weight loading switched off
+        m.setattr(pf, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(torch.nn.Module, "load_state_dict", lambda self, *a, **k: None)
+        ref = pf.fid_inception_v3()
     torch.manual_seed(0)
-    net = pf._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-    net.Mixed_5b, net.Mixed_5c = pf.FIDInceptionA(192, pool_features=32), pf.FIDInceptionA(256, pool_features=64)
-    net.Mixed_5d = pf.FIDInceptionA(288, pool_features=64)
-    net.Mixed_6b, net.Mixed_6c = pf.FIDInceptionC(768, channels_7x7=128), pf.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6d, net.Mixed_6e = pf.FIDInceptionC(768, channels_7x7=160), pf.FIDInceptionC(768, channels_7x7=192)
-    net.Mixed_7b, net.Mixed_7c = pf.FIDInceptionE_1(1280), pf.FIDInceptionE_2(2048)
+    sd = {k: (torch.rand_like(v) + 0.5 if "running_var" in k else torch.randn_like(v) * 0.05)
+          if v.is_floating_point() else v for k, v in ref.state_dict().items()}
+    ref.load_state_dict(sd)
     ckpt = tmp_path / "hub" / "checkpoints"
     ckpt.mkdir(parents=True)
-    torch.save(net.state_dict(), ckpt / FID_INCEPTION_FILES[1])  # torch-fidelity's name of the same file
+    torch.save(sd, ckpt / FID_INCEPTION_FILES[1])  # torch-fidelity's name of the same file
     ex = make_extractor("inception-fid")
     f = extract_features(ex, np.random.default_rng(0).integers(0, 256, (3, 16, 16, 1), dtype=np.uint8))
     assert f.pooled.shape == (3, 2048) and f.spatial.shape == (3, 2023) and "pytorch-fid" in ex.info["weights"]
-    # the weights are the file's: pytorch-fid's own InceptionV3 wrapper with them gives the same pool3 features
+    ref.eval()
     with torch.no_grad():
         x = torch.rand(2, 3, 299, 299)
         ours, _ = ex.fn(x * 2 - 1)
-        net.eval()
         h = x * 2 - 1
         for n in ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
                   "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
                   "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool"]:
-            h = getattr(net, n)(h)
+            h = getattr(ref, n)(h)
     torch.testing.assert_close(ours, torch.flatten(h, 1), rtol=1e-4, atol=1e-4)
 
 

@@ -204,3 +204,15 @@ def test_guided_samplers_pass_the_respaced_index():
         sample(mix, 2, steps=6, sampler=sampler, generator=torch.Generator().manual_seed(0),
                guidance=lambda x, t, i: (seen.append(i), torch.zeros_like(x))[1])
         assert seen == ([5, 4, 3, 2, 1, 0] if sampler == "ddim" else [5, 4, 3, 2, 1])  # fixed-small: no shift at 0
+
+
+def test_two_argument_guidance_from_before_the_index_still_works():
+    """A guidance callable g(x_t, t) written for the protocol before the respaced index was passed gives the same
+    samples as the same term taking the index."""
+    mix = AnalyticMixture([[0.5, 0.0], [-0.5, 0.0]], [0.8, 0.2], std=0.2)
+    for sampler in ("ddim", "ddpm"):
+        old = sample(mix, 8, steps=6, sampler=sampler, generator=torch.Generator().manual_seed(0),
+                     guidance=lambda x, t: 0.3 * torch.ones_like(x))
+        new = sample(mix, 8, steps=6, sampler=sampler, generator=torch.Generator().manual_seed(0),
+                     guidance=lambda x, t, index: 0.3 * torch.ones_like(x))
+        assert torch.equal(old, new)

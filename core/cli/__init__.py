@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--extra-class", type=int, default=0)
     m.add_argument("--extra-scale", type=finite_float, default=1.0)
     m.add_argument("--p", type=finite_float, default=0.8, help="self-guided: re-noising level t' = p T, in (0, 1)")
-    m.add_argument("--interval", type=int, default=5, help="self-guided: guide every k-th step")
+    m.add_argument("--interval", type=int, default=5, help="self-guided: guide the steps whose respaced index (0 = last) is a multiple of k")
     m.add_argument("--sg-distance", default="auto", help="self-guided: auto (lpips-alex, the official choice, if "
                                                          "AlexNet's weights are present, else unet-feat, else l2) | "
                                                          + " | ".join(DISTANCES))
@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--features", default=None,
                    help="--protocol single's space: resnet50-random (default, offline) | resnet50 | inception | "
                         "inception-fid | inception-random | classifier")
+    e.add_argument("--density-features", default=None,
+                   help="--protocol paper: the density space instead of ResNet-50 as chosen (e.g. resnet50-random "
+                        "offline for colour data)")
     e.add_argument("--quality-features", default=None,
                    help="--protocol paper: the quality space instead of Inception-v3 as found (e.g. inception-random "
                         "offline)")
@@ -213,7 +216,7 @@ def prepare_outputs(args) -> None:
     from ..checkpoint import clean_stale_temps
 
     if args.command == "build-demo" and args.work is None:
-        args.work = f"{args.out.rstrip('/')}.work"
+        args.work = f"{args.out.rstrip('/')}.work"  # the one place the default work folder is made
     for attr, kind in OUTPUTS.get(args.command, ()):
         check_output(getattr(args, attr), f"--{attr}", kind)
     if os.environ.get("RANK", "0") != "0" or os.environ.get("LOCAL_RANK", "0") != "0":

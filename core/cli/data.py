@@ -45,7 +45,7 @@ def cmd_build_demo(a) -> int:
         resolve_t(a.score_t, DiffusionTrainConfig().T, "--score-t")  # build-demo trains with the default T
     if a.score_distance is not None and a.score_distance != "unet-feat":  # unet-feat needs only the model
         make_distance(a.score_distance)
-    work = a.work or f"{a.out.rstrip('/')}.work"
+    work = a.work  # main() set the default, OUT.work, when the flag was not given
     bars: dict = {}
 
     def progress(stage, i, total, m):

@@ -22,9 +22,10 @@ def cmd_evaluate(a) -> int:
         raise ValueError(f"unknown --protocol {a.protocol!r}; allowed: {', '.join(PROTOCOLS)}")
     if a.protocol == "paper" and a.features is not None:
         raise ValueError("--protocol paper chooses its own feature spaces; drop --features (or use --protocol single)")
-    if a.protocol == "single" and a.quality_features is not None:
-        raise ValueError("--quality-features is for --protocol paper")
-    for flag, name in (("--features", a.features), ("--quality-features", a.quality_features)):
+    if a.protocol == "single" and (a.quality_features is not None or a.density_features is not None):
+        raise ValueError("--density-features and --quality-features are for --protocol paper")
+    for flag, name in (("--features", a.features), ("--quality-features", a.quality_features),
+                       ("--density-features", a.density_features)):
         if name is not None and name not in FEATURES:
             raise ValueError(f"unknown {flag} {name!r}; allowed: {', '.join(FEATURES)}")
     if len({Path(g).stem for g in a.generated}) != len(a.generated):
@@ -34,7 +35,7 @@ def cmd_evaluate(a) -> int:
         generated[Path(g).stem], _ = load_image_set(g)
     first = next(iter(generated.values()))
     if a.protocol == "paper":
-        density_name, quality_name = paper_spaces(first.shape[3], a.quality_features)
+        density_name, quality_name = paper_spaces(first.shape[3], a.quality_features, a.density_features)
     else:
         density_name, quality_name = a.features or "resnet50-random", None
     settings = EvalSettings(features=density_name, quality_features=quality_name, baseline_top=a.baseline_top,

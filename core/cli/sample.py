@@ -84,6 +84,9 @@ def build_guidance(a, model, device, warn=None):
         else:
             th = clf.thresholds
             if isinstance(th, dict):
+                if str(a.class_label) not in th:
+                    raise ValueError(f"--class-label must be one of {', '.join(sorted(th, key=int))} for this "
+                                     f"classifier's per-class thresholds, got {a.class_label}")
                 th = th[str(a.class_label)]
             terms.append(MixtureGuidance(clf.net, th, a.scale, a.class_label if clf.net.cfg.num_classes else None))
     if a.extra_classifier:
@@ -95,11 +98,14 @@ def build_guidance(a, model, device, warn=None):
         if cond and a.class_label is None:
             raise ValueError("the extra classifier is class-conditional: pass --class-label")
         terms.append(ClassifierGuidance(extra.net, a.extra_class, a.extra_scale, a.class_label if cond else None))
-    conditional = bool(model.num_classes) or any(getattr(getattr(t, "classifier", None), "class_embed", None) is not None
-                                                 for t in terms)
-    if a.class_label is not None and not conditional:
+    cond_sizes = [t.classifier.cfg.num_classes for t in terms
+                  if getattr(getattr(t, "classifier", None), "class_embed", None) is not None]
+    if a.class_label is not None and not (model.num_classes or cond_sizes):
         raise ValueError(f"--class-label {a.class_label}: neither the model nor the classifier is class-conditional; "
                          "drop --class-label")
+    for k in cond_sizes:
+        if a.class_label is not None and not 0 <= a.class_label < k:
+            raise ValueError(f"--class-label must be in [0, {k}) for the class-conditional classifier, got {a.class_label}")
     combine(*terms)  # validates the scales once
 
     def for_targets(targets: Optional[torch.Tensor]):
