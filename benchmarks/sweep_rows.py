@@ -26,6 +26,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--bundle", default="assets/mri-atrophy")
     p.add_argument("--distances", default="lpips-rand,l2")
+    p.add_argument("--n", type=int, default=None, help="slices (default: the build's, 600)")
+    p.add_argument("--draws", type=int, default=None, help="noise draws (default: the build's, 2)")
+    p.add_argument("--t-fracs", default=None, help="timesteps as fractions of T (default: the build's 0.2,0.4,0.6,0.8)")
     p.add_argument("--out", default="benchmarks/results/sweep_rows.json")
     a = p.parse_args()
     b = load_bundle(a.bundle)
@@ -34,13 +37,16 @@ def main():
     images = torch.from_numpy(b.real.images).permute(0, 3, 1, 2).contiguous()
     t0 = time.perf_counter()
     seed = int((b.manifest.get("seeds") or {}).get("data", cfg.seed))
-    _, rows = sweep_rows(b.model, images, b.real.severity, a.distances.split(","), cfg.sweep_t,
-                         int(sweep.get("n", cfg.sweep_n)), seed, int(sweep.get("draws", 2)))
+    t_fracs = [float(v) for v in a.t_fracs.split(",")] if a.t_fracs else cfg.sweep_t
+    n = a.n or int(sweep.get("n", cfg.sweep_n))
+    draws = a.draws or int(sweep.get("draws", 2))
+    same = n == int(sweep.get("n", cfg.sweep_n)) and draws == int(sweep.get("draws", 2))
+    _, rows = sweep_rows(b.model, images, b.real.severity, a.distances.split(","), t_fracs, n, seed, draws)
     for r in rows:
-        r["manifest"] = old.get((r["distance"], r["t"]))
+        r["manifest"] = old.get((r["distance"], r["t"])) if same else None
         print(f"{r['distance']:10s} t={r['t']:4d}: Spearman {r['spearman']:+.3f}"
               + (f" (bundle manifest: {r['manifest']:+.3f})" if r["manifest"] is not None else ""), flush=True)
-    out = {"bundle": a.bundle, "seconds": time.perf_counter() - t0, "rows": rows}
+    out = {"bundle": a.bundle, "n": n, "draws": draws, "seconds": time.perf_counter() - t0, "rows": rows}
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
 
 

@@ -100,11 +100,13 @@ class DiffusionModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> ModelOutput:
-        """x_t (N, C, H, W) in roughly [-3, 3]; t (N,) int64 in [0, T); class_labels (N,) int64 or None."""
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
+                precision: Optional[str] = None) -> ModelOutput:
+        """x_t (N, C, H, W) in roughly [-3, 3]; t (N,) int64 in [0, T); class_labels (N,) int64 or None;
+        ``precision`` overrides ``self.precision`` for this call (the minority score runs in fp32)."""
         if self.num_classes and class_labels is None:
             raise ValueError("this model is class-conditional: pass class labels (--class-label)")
-        with autocast_for(x_t, self.precision):
+        with autocast_for(x_t, precision or self.precision):
             out = self.net(x_t, t, class_labels=class_labels if self.num_classes else None).sample
         out = out.float()
         c = x_t.shape[1]

@@ -216,3 +216,22 @@ def test_two_argument_guidance_from_before_the_index_still_works():
         new = sample(mix, 8, steps=6, sampler=sampler, generator=torch.Generator().manual_seed(0),
                      guidance=lambda x, t, index: 0.3 * torch.ones_like(x))
         assert torch.equal(old, new)
+
+
+def test_the_score_runs_in_fp32_whatever_the_models_precision():
+    """Issue 15.7: bf16 moved the score's ranks (docs/RESULTS.md), so the score and unet-feat run in fp32 even
+    when the model samples in bf16; sampling follows the model's precision."""
+    from test_score_categorize import tiny_model
+
+    from core.score import ScoreSettings, make_distance, minority_scores
+
+    model = tiny_model(size=16)
+    imgs = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    st = ScoreSettings("unet-feat", 500, 2, 0)
+    fp32 = minority_scores(model, imgs, torch.arange(4), st, make_distance("unet-feat", model=model))
+    model.precision = "bf16"
+    mixed = minority_scores(model, imgs, torch.arange(4), st, make_distance("unet-feat", model=model))
+    assert (fp32 == mixed).all()
+    x = torch.randn(2, 1, 16, 16)
+    t = torch.full((2,), 300)
+    assert not torch.equal(model(x, t), model.predict(x, t, precision="fp32").eps)  # sampling: bf16 here
