@@ -75,11 +75,13 @@ class StudioBlocks(gr.Blocks):
 
 
 def _method_controls(method: str) -> tuple:
-    """Show the chosen method's own controls; Boost-and-Skip switches to the ancestral sampler, whose fresh
-    noise contracts the boosted variance (with DDIM the images saturate: docs/RESULTS.md)."""
-    boost = method == "Boost-and-Skip"
-    return (gr.update(visible=boost), gr.update(visible=method == "self-guided"),
-            gr.update(value="ancestral (DDPM)") if boost else gr.update())
+    """Show the chosen method's own controls. Boost-and-Skip and self-guidance switch to the ancestral
+    sampler: its fresh noise contracts Boost-and-Skip's boosted variance, and the official self-guided
+    sampler is ancestral (with DDIM, ADM's unclipped eps shift of the max-normalised self-guidance gradient
+    breaks the images; both measured in docs/RESULTS.md)."""
+    ancestral = method in ("Boost-and-Skip", "self-guided")
+    return (gr.update(visible=method == "Boost-and-Skip"), gr.update(visible=method == "self-guided"),
+            gr.update(value="ancestral (DDPM)") if ancestral else gr.update())
 
 
 def build_ui(studio: h.Studio) -> gr.Blocks:

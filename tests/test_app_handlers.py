@@ -175,3 +175,15 @@ def test_training_free_methods_in_the_app(studio, method, extra):
     visit = h.Visit().add(run)
     assert set(studio.density_values(visit)) == {"real data", "standard", method}
     assert method in h.method_summary(req, 50)
+
+
+def test_self_guided_and_boost_skip_switch_to_the_ancestral_sampler():
+    """Both training-free methods are defined for the ancestral sampler (the official self-guided code is
+    ancestral; DDIM breaks both, docs/RESULTS.md): choosing them moves the sampler radio to ancestral."""
+    from app.ui import _method_controls
+
+    for method, ancestral in (("self-guided", True), ("Boost-and-Skip", True), ("minority guidance", False),
+                              ("standard", False)):
+        boost, self_box, sampler = _method_controls(method)
+        assert (sampler.get("value") == "ancestral (DDPM)") is ancestral, method
+        assert boost["visible"] is (method == "Boost-and-Skip") and self_box["visible"] is (method == "self-guided")

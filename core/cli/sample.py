@@ -139,6 +139,10 @@ def cmd_sample(a) -> int:
     if a.method is None:
         a.method = "minority" if a.classifier else "standard"
     init = build_init(a)
+    if a.method == "self-guided" and a.sampler == "ddim" and a.scale > 0:
+        print("warning: the official self-guided sampler is ancestral (--sampler ddpm); with DDIM the guidance "
+              "moves x0_hat by (1 - abar_t) / sqrt(abar_t) times the scale, unclipped, at every guided step and "
+              "the images break at scales that work with ddpm (docs/RESULTS.md)", file=sys.stderr)
     if init is not None and a.sampler == "ddim" and a.gamma != 1:
         print("warning: Boost-and-Skip is meant for --sampler ddpm; with deterministic DDIM the boosted variance "
               "is never removed and images saturate", file=sys.stderr)
