@@ -128,12 +128,16 @@ def _inception(size: int, device, pretrained: bool = True, seed: int = 0) -> Fea
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = inception_v3(weights=None, aux_logits=True, init_weights=not pretrained)
+        net = inception_v3(weights=None, aux_logits=True, init_weights=False)
+        if not pretrained:  # variance-preserving random weights: Inception's own init (truncated normal, std 0.1)
+            for m in net.modules():  # grows activations ~4x per layer, so pool3 features reached 1e9 and FID 1e19
+                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                    torch.nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
     if pretrained:
         net.load_state_dict(_pretrained(Inception_V3_Weights.IMAGENET1K_V1, "inception"))
     net = net.to(device).eval().requires_grad_(False)
     info = {"weights": "torchvision IMAGENET1K_V1 (not the TF-FID graph)" if pretrained else
-            f"random (seed {seed}): an offline stand-in, FIDs not comparable with published ones"}
+            f"random (seed {seed}, Kaiming fan-in init): an offline stand-in, FIDs not comparable with published ones"}
     fn = _inception_trunk(net, size, "pool3 (2048)", info)
     return FeatureExtractor("inception" if pretrained else "inception-random", fn, info)
 

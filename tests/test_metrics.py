@@ -143,6 +143,14 @@ def test_features_are_seeded_finite_and_shaped():
     assert np.isfinite(a.pooled).all() and a.pooled.std() > 0
 
 
+def test_random_inception_features_stay_finite_in_scale():
+    """inception-random is an offline stand-in for FID: with Inception's own init its activations grew ~4x per
+    layer (pool3 ~1e9, FIDs of 1e19); with a variance-preserving init they stay of order one."""
+    imgs = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 1), dtype=np.uint8)
+    f = extract_features(make_extractor("inception-random", image_size=96), imgs)
+    assert 1e-3 < float(np.abs(f.pooled).mean()) < 10 and 1e-3 < float(np.abs(f.spatial).mean()) < 10
+
+
 def test_pretrained_features_offline_name_the_fallback(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     for name in ("resnet50", "inception"):
