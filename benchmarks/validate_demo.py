@@ -65,7 +65,7 @@ def main():
     p.add_argument("--real-n", type=int, default=0,
                    help="real images in the feature-space reference set (0 = all; a random subset otherwise)")
     p.add_argument("--sweep-n", type=int, default=128, help="samples per setting in the training-free sweep")
-    p.add_argument("--sg-scales", default="1,2,4", help="self-guided scales swept (interval 5, p 0.8)")
+    p.add_argument("--sg-scales", default="0.25,0.5,1", help="self-guided scales swept (ancestral, interval 5, p 0.8)")
     p.add_argument("--gammas", default="1.5,2,3", help="Boost-and-Skip gammas swept (skip 3, ancestral sampler)")
     p.add_argument("--halves", type=int, default=8,
                    help="random halves of the reference set over which precision's spread is reported")
@@ -236,40 +236,41 @@ def _training_free(a, b, sets, evaluate, res, out):
 
     distance = make_distance(b.manifest["score"]["distance"], seed=int(b.manifest["score"]["seed"]), model=b.model)
     sweep = {"self-guided": [], "boost-skip": []}
-    for w in (float(v) for v in a.sg_scales.split(",")):
-        term = combine(SelfGuidance(b.model, w, distance, interval=5, seed=a.seed))
-        imgs, sec = run_sampler(b.model, a.sweep_n, a.steps, a.sampler, term, a.seed)
-        sweep["self-guided"].append(({"scale": w, "interval": 5, "p": 0.8}, evaluate(f"sweep self-guided w={w:g}", imgs, sec)))
-    # Boost-and-Skip is defined for the stochastic (ancestral) sampler: its fresh noise contracts the
-    # boosted variance. With deterministic DDIM the excess variance is never removed and the images
-    # saturate (measured: precision 0 at gamma 2 and 3, docs/RESULTS.md), so it runs with ddpm, beside a
-    # standard ddpm row on the same seeds.
+    # Both training-free methods run with the ancestral sampler, beside a standard ddpm row on the same seeds:
+    # Boost-and-Skip's fresh noise contracts the boosted variance (with deterministic DDIM the images saturate),
+    # and the official self-guided sampler is ancestral (with DDIM, ADM's unclipped eps shift of its
+    # max-normalised gradient breaks the images: docs/RESULTS.md, issue 15).
     imgs, sec = run_sampler(b.model, a.n, a.steps, "ddpm", None, a.seed)
     sets["standard-ddpm"] = (imgs, evaluate("standard (ddpm)", imgs, sec))
+    for w in (float(v) for v in a.sg_scales.split(",")):
+        term = combine(SelfGuidance(b.model, w, distance, interval=5, seed=a.seed))
+        imgs, sec = run_sampler(b.model, a.sweep_n, a.steps, "ddpm", term, a.seed)
+        sweep["self-guided"].append(({"scale": w, "interval": 5, "p": 0.8}, evaluate(f"sweep self-guided w={w:g}", imgs, sec)))
     for gamma in (float(v) for v in a.gammas.split(",")):
         imgs, sec = run_sampler(b.model, a.sweep_n, a.steps, "ddpm", None, a.seed, init=BoostSkip(gamma, 3))
         sweep["boost-skip"].append(({"gamma": gamma, "skip": 3}, evaluate(f"sweep boost-skip gamma={gamma:g}", imgs, sec)))
     minority = [({"minority_class": L - 1, "scale": float(k.split("w=")[1])}, r) for k, (_, r) in sets.items()
                 if k.startswith(f"l={L - 1},")]
-    table = [("standard", {}, std)]
+    std_ddpm = sets["standard-ddpm"][1]
+    table = [("standard (ddim)", {}, std)]
     cfg, _ = best(minority)
-    table.append(("minority guidance", cfg, sets[f"l={L - 1},w={cfg['scale']:g}"][1]))
-    cfg, _ = best(sweep["self-guided"])
+    table.append(("minority guidance (ddim)", cfg, sets[f"l={L - 1},w={cfg['scale']:g}"][1]))
+    table.append(("standard (ddpm)", {}, std_ddpm))
+    cfg, _ = best(sweep["self-guided"], std_ddpm)
     term = combine(SelfGuidance(b.model, cfg["scale"], distance, interval=cfg["interval"], seed=a.seed))
-    imgs, sec = run_sampler(b.model, a.n, a.steps, a.sampler, term, a.seed)
-    sets["self-guided"] = (imgs, evaluate(f"self-guided w={cfg['scale']:g}", imgs, sec))
-    table.append(("self-guided", cfg, sets["self-guided"][1]))
-    # issue 15: the official defaults above (x0_hat not clipped inside the guidance, interval on the respaced
-    # index); the setting used until session 6 (clipped, every k-th step from the first) beside it, same w
+    imgs, sec = run_sampler(b.model, a.n, a.steps, "ddpm", term, a.seed)
+    sets["self-guided"] = (imgs, evaluate(f"self-guided w={cfg['scale']:g} (ddpm)", imgs, sec))
+    table.append(("self-guided (ddpm, official defaults)", cfg, sets["self-guided"][1]))
+    # issue 15: the setting used until session 6 (clipped, every k-th step from the first) beside it, same w
     old = combine(SelfGuidance(b.model, cfg["scale"], distance, interval=cfg["interval"], seed=a.seed, clip=True,
                                count_from="first"))
-    imgs, sec = run_sampler(b.model, a.n, a.steps, a.sampler, old, a.seed)
+    imgs, sec = run_sampler(b.model, a.n, a.steps, "ddpm", old, a.seed)
     sets["self-guided-old"] = (imgs, evaluate(f"self-guided (clipped, from first) w={cfg['scale']:g}", imgs, sec))
-    table.append(("self-guided, clipped, counted from the first step (before issue 15)", cfg, sets["self-guided-old"][1]))
-    cfg, _ = best(sweep["boost-skip"], sets["standard-ddpm"][1])
+    table.append(("self-guided (ddpm, clipped, counted from the first step: before issue 15)", cfg,
+                  sets["self-guided-old"][1]))
+    cfg, _ = best(sweep["boost-skip"], std_ddpm)
     imgs, sec = run_sampler(b.model, a.n, a.steps, "ddpm", None, a.seed, init=BoostSkip(cfg["gamma"], cfg["skip"]))
     sets["boost-skip"] = (imgs, evaluate(f"boost-skip gamma={cfg['gamma']:g} (ddpm)", imgs, sec))
-    table.append(("standard (ddpm)", {}, sets["standard-ddpm"][1]))
     table.append(("Boost-and-Skip (ddpm)", cfg, sets["boost-skip"][1]))
     res["training_free_sweep"] = {k: [{"setting": c, **{kk: vv for kk, vv in r.items() if kk != "severity"}}
                                       for c, r in v] for k, v in sweep.items()}
