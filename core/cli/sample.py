@@ -139,10 +139,6 @@ def cmd_sample(a) -> int:
     if a.method is None:
         a.method = "minority" if a.classifier else "standard"
     init = build_init(a)
-    if a.method == "self-guided" and a.sampler == "ddim" and a.scale > 0:
-        print("warning: the official self-guided sampler is ancestral (--sampler ddpm); with DDIM the guidance "
-              "moves x0_hat by (1 - abar_t) / sqrt(abar_t) times the scale, unclipped, at every guided step and "
-              "the images break at scales that work with ddpm (docs/RESULTS.md)", file=sys.stderr)
     if init is not None and a.sampler == "ddim" and a.gamma != 1:
         print("warning: Boost-and-Skip is meant for --sampler ddpm; with deterministic DDIM the boosted variance "
               "is never removed and images saturate", file=sys.stderr)
@@ -154,6 +150,10 @@ def cmd_sample(a) -> int:
         if a.class_label is None or not 0 <= a.class_label < model.num_classes:
             raise ValueError(f"the model is class-conditional: --class-label must be in [0, {model.num_classes})")
     guidance_for = build_guidance(a, model, acc.device, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    if a.method == "self-guided" and a.sampler == "ddim" and a.scale > 0:
+        print("warning: the official self-guided sampler is ancestral (--sampler ddpm); with DDIM the guidance "
+              "moves x0_hat by (1 - abar_t) / sqrt(abar_t) times the scale, unclipped, at every guided step and "
+              "the images break at scales that work with ddpm (docs/RESULTS.md)", file=sys.stderr)
     chunks = [(k, s, min(a.batch_size, a.n - s)) for k, s in enumerate(range(0, a.n, a.batch_size))]
     steps_run = a.steps - (init.skip if init is not None else 0)
     bar = _bar(len(chunks) * steps_run, f"sample ({a.method}, {a.sampler})", enabled=acc.is_main_process)
