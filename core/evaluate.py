@@ -14,6 +14,7 @@ import numpy as np
 
 from .errors import DataError
 from .metrics import (Features, avg_knn, check_images, fid, lof, precision_recall, rarity_score, top_unique)
+from .neighbours import find_neighbours, near_copy_threshold
 
 
 PROTOCOLS = ("single", "paper")
@@ -45,6 +46,7 @@ class SetReport:
     lof_mean: float
     rarity_mean: float
     rarity_outside: int  # generated samples in no real k-NN ball (not in rarity_mean)
+    near_copy_rate: float = 0.0  # share of samples closer to a real one than 99 % of real ones to theirs (neighbours.py)
     avgknn: np.ndarray = field(repr=False, default=None)
     lof: np.ndarray = field(repr=False, default=None)
     rarity: np.ndarray = field(repr=False, default=None)
@@ -84,6 +86,7 @@ def evaluate_features(real: Features, generated: dict, settings: EvalSettings,
     say("density of the real data")
     real_knn, _ = avg_knn(real.pooled, None, settings.k_knn)
     real_lof, _ = lof(real.pooled, None, settings.k_lof)
+    copy_threshold = near_copy_threshold(real.pooled)
     base = top_unique(real_knn, settings.baseline_top)
     if base.size < settings.k_pr + 1:
         raise DataError(f"--baseline-top {settings.baseline_top} keeps {base.size} real samples; precision/recall "
@@ -98,13 +101,15 @@ def evaluate_features(real: Features, generated: dict, settings: EvalSettings,
         _, g_knn = avg_knn(real.pooled, g.pooled, settings.k_knn)
         _, g_lof = lof(real.pooled, g.pooled, settings.k_lof)
         rar = rarity_score(real.pooled, g.pooled, settings.k_rarity)
+        copies = find_neighbours(real.pooled, g.pooled, 1, copy_threshold).near_copy_rate
         say(f"{name}: FID, sFID, precision, recall against the {base.size} most unique real samples")
         q = gen_q[name]
         p, r = precision_recall(real_q.pooled[base], q.pooled, settings.k_pr)
         sets.append(SetReport(name=name, n=int(g.pooled.shape[0]), fid=fid(real_q.pooled[base], q.pooled),
                               sfid=fid(real_q.spatial[base], q.spatial), precision=p, recall=r,
                               avgknn_mean=float(g_knn.mean()), lof_mean=float(g_lof.mean()),
-                              rarity_mean=rar.mean, rarity_outside=rar.outside, avgknn=g_knn, lof=g_lof,
+                              rarity_mean=rar.mean, rarity_outside=rar.outside, near_copy_rate=copies,
+                              avgknn=g_knn, lof=g_lof,
                               rarity=rar.scores))
         clock[name] = time.perf_counter() - t0
     return Report(settings=asdict(settings), real_n=int(real.pooled.shape[0]), baseline_n=int(base.size),
@@ -169,6 +174,7 @@ def report_dict(report: Report, extra: Optional[dict] = None) -> dict:
             "precision": _finite(s.precision), "recall": _finite(s.recall),
             "avgknn_mean": _finite(s.avgknn_mean), "lof_mean": _finite(s.lof_mean),
             "rarity_mean": _finite(s.rarity_mean), "rarity_outside": s.rarity_outside,
+            "near_copy_rate": _finite(s.near_copy_rate),
             "per_sample": {"avgknn": [_finite(v) for v in s.avgknn], "lof": [_finite(v) for v in s.lof],
                            "rarity": [_finite(v) for v in s.rarity]},
         })
@@ -194,17 +200,18 @@ def report_markdown(report: Report, extra: Optional[dict] = None) -> str:
         f"{report.baseline_n} most unique real samples by AvgkNN (`--baseline-top {s['baseline_top']}`). "
         f"AvgkNN k={s['k_knn']}, LOF k={s['k_lof']}, Rarity k={s['k_rarity']}, precision/recall k={s['k_pr']}. "
         "Higher AvgkNN / LOF / Rarity = rarer; lower FID / sFID = closer to the baseline.", "",
-        "| set | n | FID | sFID | Precision | Recall | AvgkNN | LOF | Rarity | outside |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| set | n | FID | sFID | Precision | Recall | AvgkNN | LOF | Rarity | outside | near-copy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| real (all) | {report.real_n} | | | | | {_fmt(report.real_avgknn.mean())} | "
-        f"{_fmt(report.real_lof.mean())} | | |",
+        f"{_fmt(report.real_lof.mean())} | | | |",
     ]
     for r in report.sets:
         lines.append(f"| {r.name} | {r.n} | {_fmt(r.fid, 2)} | {_fmt(r.sfid, 2)} | {_fmt(r.precision)} | "
                      f"{_fmt(r.recall)} | {_fmt(r.avgknn_mean)} | {_fmt(r.lof_mean)} | {_fmt(r.rarity_mean)} | "
-                     f"{r.rarity_outside} |")
+                     f"{r.rarity_outside} | {r.near_copy_rate:.1%} |")
     lines += ["", "`outside`: generated samples inside no real k-NN ball; they have no Rarity Score and are "
-              "left out of its mean.", ""]
+              "left out of its mean. `near-copy`: the share of generated samples closer to a real one (in the "
+              "density space) than 99 % of the real samples are to their own nearest other real sample.", ""]
     if extra:
         lines += ["Inputs: " + ", ".join(f"{k} = `{v}`" for k, v in extra.items()), ""]
     return "\n".join(lines)
@@ -297,24 +304,26 @@ def load_npz_images(path: str | Path) -> np.ndarray:
 def load_image_set(path: str | Path, size: Optional[int] = None, channels: Optional[int] = None,
                    progress: Optional[Callable[[int, int], None]] = None) -> tuple[np.ndarray, dict]:
     """uint8 NHWC images from a .npz, a bundle folder (its real data) or an image/NIfTI folder (loaded at
-    ``size`` x ``size`` with ``channels``); returns (images, description)."""
+    ``size`` x ``size`` with ``channels``); returns (images, description with each image's ``paths``)."""
     from .bundle import load_real
     from .data import load_image_folder
 
     path = Path(path)
     if path.is_file():
-        return load_npz_images(path), {"kind": "npz"}
+        images = load_npz_images(path)
+        return images, {"kind": "npz", "paths": [f"{path.name}:{i}" for i in range(len(images))]}
     if not path.is_dir():
         raise DataError(f"{path}: no such file or folder")
     if (path / "manifest.json").is_file():
         from .bundle import check_bundle
 
         manifest = check_bundle(path)
-        return check_images(load_real(path).images, str(path)), {"kind": "bundle", "name": manifest.get("name")}
+        real = load_real(path)
+        return check_images(real.images, str(path)), {"kind": "bundle", "name": manifest.get("name"), "paths": real.paths}
     if size is None or channels is None:
         raise DataError(f"{path}: an image folder needs a size; give a .npz or bundle first")
     s = load_image_folder(path, size, channels, progress=progress)
     if not len(s.paths):
         raise DataError(f"{path}: no readable images")
     images = np.ascontiguousarray(s.images.permute(0, 2, 3, 1).numpy())
-    return images, {"kind": "folder", "skipped": len(s.skipped)}
+    return images, {"kind": "folder", "skipped": len(s.skipped), "paths": list(s.paths)}

@@ -17,7 +17,7 @@ import torch
 from .errors import DataError, OfflineError
 from .score import _offline
 
-FEATURES = ("resnet50-random", "resnet50", "inception", "inception-fid", "inception-random", "classifier")
+FEATURES = ("resnet50-random", "resnet50", "inception", "inception-fid", "inception-random", "classifier", "pixels")
 # the TF FID Inception graph ported to PyTorch (pytorch-fid; torch-fidelity ships the same file, same hash)
 FID_INCEPTION_FILES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
 SFID_LAYER = "Mixed_6d.branch1x1"  # TF's mixed_6/conv (ADM's evaluator, the paper's sFID): 192 x 17 x 17 at 299 px
@@ -209,6 +209,9 @@ def make_extractor(name: str, device: str | torch.device = "cpu", seed: int = 0,
         if classifier is None:
             raise ValueError("--features classifier needs a classifier (--classifier PATH or a bundle as --real)")
         return _classifier(classifier, device)
+    if name == "pixels":  # the images themselves, flattened: near-copies in the plainest sense
+        return FeatureExtractor("pixels", lambda x: (x.float().flatten(1), x.float().flatten(1)),
+                                {"input_size": "native", "pooled": "pixels in [-1, 1], flattened"})
     if name in ("inception", "inception-random"):
         return _inception(image_size or 299, device, pretrained=name == "inception", seed=seed)
     if name == "inception-fid":

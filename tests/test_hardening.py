@@ -30,6 +30,7 @@ COMMANDS = {
                           "--steps", "2"], "--out", "dir"),
     "sample": (["sample", "--bundle", "BUNDLE", "--n", "1", "--steps", "2", "--out", "OUT"], "--out", "file"),
     "evaluate": (["evaluate", "--real", "BUNDLE", "--generated", "GEN", "--out", "OUT"], "--out", "dir"),
+    "neighbours": (["neighbours", "--real", "BUNDLE", "--generated", "GEN", "--out", "OUT"], "--out", "dir"),
 }
 
 

@@ -236,6 +236,9 @@ def test_cli_evaluate_writes_json_markdown_and_plot(tmp_path, capsys):
     assert len(same["per_sample"]["avgknn"]) == 40 and rep["settings"]["features"] == "resnet50-random"
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| same | 40 |" in md and "| noise | 30 |" in md
+    noise = next(s for s in rep["sets"] if s["name"] == "noise")
+    assert same["near_copy_rate"] == 1.0 and noise["near_copy_rate"] < 0.5  # issue 18: copies of real data flagged
+    assert "near-copy |" in md and "| 100.0% |" in md
     png = Image.open(tmp_path / "rep" / "density.png")
     assert png.size[0] > 800
 

@@ -14,7 +14,7 @@ from ..errors import MinorityError
 from ..score import DISTANCES
 from .common import EXIT_USER_ERROR, _fail, _Parser, check_output, close_bars, finite_float, seed_int
 from .data import cmd_build_demo, cmd_data_mri_phantom
-from .evaluate import cmd_evaluate
+from .evaluate import cmd_evaluate, cmd_neighbours
 from .sample import cmd_sample
 from .scores import cmd_score
 from .train import cmd_categorize, cmd_train_classifier, cmd_train_diffusion
@@ -179,6 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--seed", type=seed_int, default=0, help="seed of the random feature network")
     e.set_defaults(func=cmd_evaluate)
+
+    nb = sub.add_parser("neighbours", help="nearest real images of generated ones, near-copies (Figure 24)")
+    nb.add_argument("--real", required=True, help="a bundle, an image/NIfTI folder, or a .npz of real images")
+    nb.add_argument("--generated", required=True, nargs="+", help="one or more .npz written by sample")
+    nb.add_argument("--k", type=int, default=5, help="nearest real images per generated image")
+    nb.add_argument("--out", required=True, help="folder: neighbours.csv, neighbours.png, summary.json")
+    nb.add_argument("--features", choices=["classifier", "resnet50-random", "pixels"], default=None,
+                    help="distance space (default: the bundle's classifier, else resnet50-random)")
+    nb.add_argument("--rows", type=int, default=32, help="generated images per sheet (at most 32)")
+    nb.add_argument("--sheets", type=int, default=1, help="sheets per generated set")
+    nb.add_argument("--image-size", type=int, default=None, help="resnet50-random input size (default 224)")
+    nb.add_argument("--seed", type=seed_int, default=0, help="seed of the random feature network")
+    nb.set_defaults(func=cmd_neighbours)
     return p
 
 
@@ -204,7 +217,7 @@ def main(argv: Optional[list] = None) -> int:
 OUTPUTS = {"data": (("out", "dir"),), "build-demo": (("out", "dir"), ("work", "dir")),
            "train-diffusion": (("out", "dir"),), "score": (("out", "file"),), "categorize": (("scores", "file"),),
            "train-classifier": (("out", "dir"), ("scores", "file")), "sample": (("out", "file"),),
-           "evaluate": (("out", "dir"),)}
+           "evaluate": (("out", "dir"),), "neighbours": (("out", "dir"),)}
 
 
 def prepare_outputs(args) -> None:

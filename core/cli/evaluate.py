@@ -1,9 +1,12 @@
 """evaluate: features in one or two spaces, then the report."""
 from __future__ import annotations
 
+import csv
+import io
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .common import _bar, _positive
@@ -72,6 +75,7 @@ def cmd_evaluate(a) -> int:
               for ex in extractors]
     report = evaluate_features(*spaces[0], settings, progress=lambda s: print(s, file=sys.stderr),
                                quality=spaces[1] if len(spaces) > 1 else None)
+    real_info.pop("paths", None)
     extra = {"real": str(a.real), "generated": [str(g) for g in a.generated], "protocol": a.protocol,
              "extractor": extractors[0].info, "real_loaded_as": real_info}
     if len(extractors) > 1:
@@ -79,4 +83,83 @@ def cmd_evaluate(a) -> int:
     out = write_report(report, a.out, extra)
     print(Path(out / "report.md").read_text(encoding="utf-8"), file=sys.stderr)
     print(f"report -> {out}/report.json, report.md, density.png", file=sys.stderr)
+    return 0
+
+
+def cmd_neighbours(a) -> int:
+    """neighbours: each generated image's k nearest real images, the near-copy rule, sheets as Figure 24."""
+    from ..checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+    from ..evaluate import check_sets, load_image_set
+    from ..metrics import extract_features, make_extractor
+    from ..neighbours import NEAR_COPY_PERCENTILE, find_neighbours, neighbour_sheet
+
+    _positive("k", a.k)
+    _positive("rows", a.rows)
+    _positive("sheets", a.sheets)
+    if not 1 <= a.rows <= 32:
+        raise ValueError(f"--rows must be in [1, 32] (a sheet with more rows is unreadable), got {a.rows}")
+    if len({Path(g).stem for g in a.generated}) != len(a.generated):
+        raise ValueError("--generated: two sets have the same file name; their rows would collide")
+    generated = {Path(g).stem: load_image_set(g)[0] for g in a.generated}
+    first = next(iter(generated.values()))
+    real, real_info = load_image_set(a.real, size=first.shape[1], channels=first.shape[3])
+    check_sets(real, generated)
+    if a.k > len(real) - 1:
+        raise ValueError(f"--k must be at most {len(real) - 1} for {len(real)} real images, got {a.k}")
+    features = a.features or ("classifier" if real_info["kind"] == "bundle" else "resnet50-random")
+    classifier = None
+    if features == "classifier":
+        if real_info["kind"] != "bundle":
+            raise ValueError("--features classifier needs a bundle as --real (its minority classifier)")
+        from ..bundle import resolve
+        from ..models import load_classifier
+
+        classifier = load_classifier(resolve(a.real, None, None)[1], "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ex = make_extractor(features, device=device, seed=a.seed, classifier=classifier, image_size=a.image_size)
+
+    def feats(name, images):
+        bar = _bar(images.shape[0], f"features {name} ({ex.name})")
+        out = extract_features(ex, images, 64, device, lambda i, n: bar.update(i - bar.n)).pooled
+        bar.close()
+        return out
+
+    real_f = feats("real", real)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = io.StringIO()
+    w = csv.writer(rows, lineterminator="\n")
+    w.writerow(["set", "index", "rank", "real_path", "distance", "near_copy"])
+    summary = {"real": str(a.real), "real_n": len(real), "features": ex.info | {"name": ex.name}, "k": a.k,
+               "rule": f"near-copy: distance to the nearest real image below the {NEAR_COPY_PERCENTILE:g}st percentile "
+                       "of the real images' own leave-one-out nearest-neighbour distances", "sets": {}}
+    threshold = None
+    sheets = []
+    for name, images in generated.items():
+        nb = find_neighbours(real_f, feats(name, images), a.k, threshold)
+        threshold = nb.threshold  # computed once from the real set
+        for i in range(len(images)):
+            for r in range(a.k):
+                w.writerow([name, i, r + 1, real_info["paths"][nb.indices[i, r]], f"{nb.distances[i, r]:.6g}",
+                            int(nb.near_copy[i]) if r == 0 else ""])
+        summary["sets"][name] = {"n": len(images), "near_copy_rate": nb.near_copy_rate,
+                                 "near_copies": int(nb.near_copy.sum()),
+                                 "nearest_distance_median": float(np.median(nb.distances[:, 0])),
+                                 "nearest_distance_min": float(nb.distances[:, 0].min())}
+        for sheet in range(a.sheets):
+            rows_sl = slice(sheet * a.rows, min((sheet + 1) * a.rows, len(images)))
+            if rows_sl.start >= len(images):
+                break
+            sheets.append((name, sheet, neighbour_sheet(images, real, nb, rows_sl,
+                                                        f"{name}: nearest real images ({ex.name}); near-copy below "
+                                                        f"d = {nb.threshold:.3g}")))
+    summary["threshold"] = threshold
+    atomic_write_text(out / "neighbours.csv", rows.getvalue())
+    for n, (name, sheet, png) in enumerate(sheets):  # the first sheet is neighbours.png, the others are named
+        atomic_write_bytes(out / ("neighbours.png" if n == 0 else f"neighbours_{name}_{sheet + 1}.png"), png)
+    atomic_write_json(out / "summary.json", summary)
+    for name, s in summary["sets"].items():
+        print(f"{name}: {s['near_copies']} of {s['n']} near-copies ({s['near_copy_rate']:.1%}); median nearest "
+              f"distance {s['nearest_distance_median']:.4g} (near-copy below {threshold:.4g})", file=sys.stderr)
+    print(f"neighbours -> {out}/neighbours.csv, {len(sheets)} sheet(s), summary.json", file=sys.stderr)
     return 0
