@@ -89,7 +89,7 @@ def neighbour_sheet(generated: np.ndarray, real: np.ndarray, nb: Neighbours, row
             axes[r, j + 1].set_title(f"d={nb.distances[i, j]:.3g}", fontsize=6, pad=2)
     axes[0, 0].set_title("generated", fontsize=7, pad=2)
     fig.suptitle(title or f"nearest real images (near-copy: d < {nb.threshold:.3g})", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the title above the first row
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)

@@ -1,7 +1,7 @@
 """``python -m core <command>``: the pipeline from the command line, with progress bars.
 
 Commands (names and flags are a contract): train-diffusion, score, categorize, train-classifier,
-sample, evaluate. Every run also works under ``accelerate launch`` / ``torchrun``: work is split with
+sample, evaluate, neighbours, data, build-demo. Every run also works under ``accelerate launch`` / ``torchrun``: work is split with
 accelerate's ``split_between_processes`` and gathered with ``gather_object``; only the main
 process writes. Errors in the user's input end the command with one line on stderr and exit 2.
 """
