@@ -98,6 +98,32 @@ class GenerateRequest:
             raise MinorityError(f"invalid setting: {e}") from None
 
 
+@dataclass(frozen=True)
+class ClassSummary:
+    """Class l in the real data: ``count`` slices (``share`` of all), score range, ground truth (median, min,
+    max) or None, and the real rows of three examples."""
+
+    minority_class: int
+    count: int
+    share: float
+    score_min: float
+    score_max: float
+    truth: Optional[tuple]
+    examples: list
+
+    def text(self, num_classes: int) -> str:
+        words = rarity_label(self.minority_class, num_classes).split(": ")[1]
+        if not self.count:
+            return f"**Class {self.minority_class}** ({words}): no real image has this class."
+        top = ", the most unique" if self.minority_class == num_classes - 1 else \
+            ", the most common" if self.minority_class == 0 else ""
+        line = f"**Class {self.minority_class}** ({words}): {self.count} real images ({self.share:.0%} of the data{top})"
+        line += f"; minority score {self.score_min:.4f} … {self.score_max:.4f}"
+        if self.truth is not None:
+            line += f"; true atrophy median {self.truth[0]:.2f}, range {self.truth[1]:.2f} … {self.truth[2]:.2f}"
+        return line + ". Three real examples:"
+
+
 @dataclass
 class Run:
     """A finished (or stopped) generation: uint8 images (N, H, W, C) and their minority scores (N,)."""
@@ -386,6 +412,22 @@ class Studio:
             items.append((display(real.images[i]), cap))
         return items, page, pages
 
+    def class_summary(self, minority_class: int) -> "ClassSummary":
+        """What class l is in the real data: its share, score range, ground-truth severity median and range
+        (where the bundle has it), and three real examples (those nearest the class's median score)."""
+        real, L = self.bundle.real, self.bundle.num_classes
+        if not 0 <= int(minority_class) < L:
+            raise MinorityError(f"minority class l must be in [0, {L - 1}], got {minority_class}")
+        members = np.flatnonzero(real.label == int(minority_class))
+        if not len(members):
+            return ClassSummary(int(minority_class), 0, 0.0, float("nan"), float("nan"), None, [])
+        scores = real.score[members]
+        order = members[np.argsort(np.abs(scores - np.median(scores)), kind="stable")][:3]
+        sev = real.severity[members]
+        truth = (float(np.median(sev)), float(sev.min()), float(sev.max())) if np.isfinite(sev).all() else None
+        return ClassSummary(int(minority_class), len(members), len(members) / len(real.score), float(scores.min()),
+                            float(scores.max()), truth, [int(i) for i in order])
+
     def map_points(self, visit: Visit) -> dict:
         """2-D map: real coords (N, 2) and scores, plus the visitor's samples placed by k-NN (M, 2)."""
         from core.bundle import project
@@ -407,9 +449,27 @@ def display(image: np.ndarray) -> np.ndarray:
     return np.repeat(out[..., None], 3, axis=2) if out.ndim == 2 else out
 
 
-def captions(images: np.ndarray, scores: Optional[np.ndarray]) -> list:
-    """Gallery items [(image, caption)]; caption = minority score when known."""
-    return [(display(im), f"{scores[i]:.4f}" if scores is not None else "") for i, im in enumerate(images)]
+def captions(images: np.ndarray, scores: Optional[np.ndarray], severity: Optional[np.ndarray] = None) -> list:
+    """Gallery items [(image, caption)]; caption = minority score when known, then the estimated atrophy
+    when the bundle has ground truth to fit the estimator on ("0.036 · 0.71": short enough for a 4x4 grid)."""
+    def caption(i):
+        if scores is None:
+            return ""
+        return f"{scores[i]:.3f}" + (f" · {severity[i]:.2f}" if severity is not None else "")
+    return [(display(im), caption(i)) for i, im in enumerate(images)]
+
+
+def on_class(studio: Studio, minority_class) -> tuple:
+    """(markdown, uint8 strip (H, 3 W, 3)) describing class l in the real data, for the panel under the l slider:
+    the text and its three real examples side by side."""
+    c = studio.class_summary(int(minority_class))
+    real = studio.bundle.real
+    tiles = [display(real.images[i]) for i in c.examples]
+    if not tiles:
+        return c.text(studio.bundle.num_classes), None
+    gap = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
+    strip = np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], axis=1)
+    return c.text(studio.bundle.num_classes), strip
 
 
 def export_run(run: Run, folder: Optional[str | Path] = None) -> Path:
@@ -495,8 +555,12 @@ def on_generate(studio: Studio, minority_class, scale, steps, n, seed, sampler, 
             yield UNCHANGED, UNCHANGED, f"Stopped after {u.elapsed:.1f} s.", None, visit
             return
         # only the grid that changed is sent; the first update also clears the other grid
-        guided_items = captions(u.guided, u.run.guided_score if u.run else None) if u.guided is not None else UNCHANGED
-        standard_items = captions(u.standard, u.run.standard_score if u.run else None) \
+        est = studio.severity_estimator() if u.run else None  # finished grids: score and estimated atrophy
+        est = (lambda x, f=est: np.clip(f(x), 0, 1)) if est is not None else None  # the ridge extrapolates: shown in 0..1
+        guided_items = captions(u.guided, u.run.guided_score if u.run else None,
+                                est(u.guided) if est is not None else None) if u.guided is not None else UNCHANGED
+        standard_items = captions(u.standard, u.run.standard_score if u.run else None,
+                                  est(u.standard) if est is not None else None) \
             if u.standard is not None else ([] if first else UNCHANGED)
         first = False
         if u.stage == "done":

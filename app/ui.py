@@ -101,7 +101,9 @@ def build_ui(studio: h.Studio) -> gr.Blocks:
                 with gr.Column(scale=1, min_width=280):
                     l_slider = gr.Slider(0, L - 1, value=L - 1, step=1, label="Minority class l",
                                          info=f"0 = most common … {L - 1} = rarest", elem_id="minority-class")
-                    l_words = gr.Markdown(h.rarity_label(L - 1, L))
+                    l_words = gr.Markdown(h.rarity_label(L - 1, L), elem_id="class-panel")
+                    l_examples = gr.Image(label="Real examples of class l", show_label=False, height=90,
+                                          interactive=False, elem_id="class-examples")
                     spread = gr.Slider(*h.LIMITS["spread"], value=d["spread"], step=1, label="Range below l",
                                        info="each image's class drawn uniformly from l − r … l (0 = all at l; "
                                             "the paper samples l ~ U{90..99})", elem_id="spread")
@@ -133,7 +135,10 @@ def build_ui(studio: h.Studio) -> gr.Blocks:
                     status = gr.Markdown("Press **Generate**.", elem_id="status")
                     gr.Markdown("Captions: each image's minority score (Eq. 7, the bundle's distance and timestep, "
                                 f"{h.caption_draws(manifest['score'])} noise draws; "
-                                "higher = more unique). While sampling runs, the grids preview the current denoised estimate "
+                                "higher = more unique)"
+                                + (", then its estimated atrophy (0 … 1)"
+                                   if (manifest.get("dataset") or {}).get("ground_truth") else "")
+                                + ". While sampling runs, the grids preview the current denoised estimate "
                                 "(Tweedie x0_hat).")
                     with gr.Row():
                         guided = gr.Gallery(label="Chosen method", columns=4, height=560, object_fit="contain",
@@ -157,7 +162,8 @@ def build_ui(studio: h.Studio) -> gr.Blocks:
             map_plot = gr.Plot(label="2-D map of the real data")
 
         # ---- wiring -----------------------------------------------------------------------------
-        l_slider.change(lambda v: h.rarity_label(int(v), L), l_slider, l_words, queue=False, api_visibility="private")
+        class_fn = _readable(functools.partial(h.on_class, studio))
+        l_slider.change(class_fn, l_slider, [l_words, l_examples], api_visibility="private")
         method.change(_method_controls, method, [boost_box, self_box, sampler], queue=False,
                       api_visibility="private")
         gen = run_btn.click(_readable(functools.partial(h.on_generate, studio)),
@@ -179,6 +185,7 @@ def build_ui(studio: h.Studio) -> gr.Blocks:
         next_btn.click(lambda p: int(p or 1) + 1, page, page, queue=False, api_visibility="private").then(
             browse_fn, *browse_io, api_visibility="private")
         demo.load(browse_fn, *browse_io, api_name="browse")
+        demo.load(class_fn, l_slider, [l_words, l_examples], api_visibility="private")
         demo.load(_readable(functools.partial(h.on_density, studio)), visit, [density_plot, map_plot],
                   api_visibility="private")
     return demo

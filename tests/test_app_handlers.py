@@ -117,7 +117,7 @@ def test_on_generate_yields_gallery_items_and_a_download(studio, tmp_path):
     out = list(h.on_generate(studio, 49, 2.5, 5, 3, 4, "DDIM", "minority guidance", 3.0, 3, 5, 0, None))
     guided, standard, status, path, visit = out[-1]
     assert len(guided) == 3 and len(standard) == 3 and "l = 49" in status
-    assert guided[0][0].shape == (h.DISPLAY, h.DISPLAY, 3) and float(guided[0][1]) > 0
+    assert guided[0][0].shape == (h.DISPLAY, h.DISPLAY, 3) and float(guided[0][1].split(" · ")[0]) > 0
     assert status.startswith("Done") and len(visit.runs) == 1 and set(visit.samples) == {"standard", "minority guidance"}
     with zipfile.ZipFile(path) as z:
         rows = list(csv.DictReader(io.StringIO(z.read("samples.csv").decode())))
@@ -187,3 +187,35 @@ def test_self_guided_and_boost_skip_switch_to_the_ancestral_sampler():
         boost, self_box, sampler = _method_controls(method)
         assert (sampler.get("value") == "ancestral (DDPM)") is ancestral, method
         assert boost["visible"] is (method == "Boost-and-Skip") and self_box["visible"] is (method == "self-guided")
+
+
+def test_class_panel_numbers_are_those_of_real_csv(studio):
+    """Issue 18.2: the panel under the l slider says what class l is in the real data; its numbers equal those
+    computed from the bundle's real.csv (label, score, severity columns)."""
+    import csv as _csv
+
+    with open(h.DEFAULT_BUNDLE / "real.csv", newline="") as f:
+        rows = list(_csv.DictReader(f))
+    for l in (0, 25, 49):
+        members = [r for r in rows if int(r["label"]) == l]
+        sev = np.array([float(r["severity"]) for r in members])
+        sc = np.array([float(r["score"]) for r in members])
+        c = studio.class_summary(l)
+        assert c.count == len(members) and c.share == pytest.approx(len(members) / len(rows))
+        assert c.score_min == pytest.approx(sc.min(), rel=1e-5) and c.score_max == pytest.approx(sc.max(), rel=1e-5)
+        assert c.truth == pytest.approx((np.median(sev), sev.min(), sev.max()), abs=1e-4)
+        text, strip = h.on_class(studio, l)
+        assert f"**Class {l}**" in text and f"median {np.median(sev):.2f}" in text
+        assert strip.shape == (h.DISPLAY, 3 * h.DISPLAY + 2 * 4, 3) and strip.dtype == np.uint8  # three examples
+        assert all(int(rows[i]["label"]) == l for i in c.examples)
+    assert "most unique" in h.on_class(studio, 49)[0]
+    with pytest.raises(MinorityError, match="minority class l must be in"):
+        studio.class_summary(50)
+
+
+def test_finished_captions_show_the_estimated_atrophy(studio):
+    out = list(h.on_generate(studio, 49, 2.5, 5, 2, 4, "DDIM", "minority guidance", 3.0, 3, 5, 0, None))
+    guided_items = out[-1][0]
+    est = studio.severity_estimator()
+    run = out[-1][4].runs[-1]
+    assert [cap for _, cap in guided_items] == [f"{s:.3f} · {a:.2f}" for s, a in zip(run.guided_score, np.clip(est(run.guided), 0, 1))]
