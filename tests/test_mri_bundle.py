@@ -179,3 +179,41 @@ def test_damaged_bundles_are_refused(bundle, tmp_path, capsys):
         assert main(["sample", "--bundle", str(bad), "--out", str(tmp_path / "x.npz")]) == 2
         assert match in capsys.readouterr().err
     assert main(["build-demo", "--out", str(tmp_path / "z"), "--n", "0"]) == 2
+
+
+def test_score_new_data_with_a_bundle(tmp_path, capsys):
+    """Issue 18.3 (command line): `score --bundle B --data DIR` scores new images with the bundle's model,
+    distance, t, draws and seed, labels them with its thresholds and places them among its real data."""
+    import torch
+    from PIL import Image
+
+    from core.bundle import load_bundle
+    from core.categorize import categorize
+    from core.data import load_image_folder
+    from core.score import ScoreSettings, make_distance, minority_scores
+
+    shipped = Path(__file__).resolve().parent.parent / "assets" / "mri-atrophy"
+    b = load_bundle(shipped)
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i in (0, 1500, 4242):
+        Image.fromarray(b.real.images[i][..., 0]).save(folder / f"scan{i}.png")
+    out = tmp_path / "scores.csv"
+    assert main(["score", "--bundle", str(shipped), "--data", str(folder), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert [r["path"] for r in rows] == ["scan0.png", "scan1500.png", "scan4242.png"]
+    data = load_image_folder(folder, 32, 1)
+    m = b.manifest["score"]
+    st = ScoreSettings(m["distance"], int(m["t"]), int(m["draws"]), int(m["seed"]), bool(m.get("clip", True)))
+    want = minority_scores(b.model, data.images, torch.arange(3), st, make_distance(st.distance, seed=st.seed, model=b.model))
+    np.testing.assert_allclose([float(r["score"]) for r in rows], want, rtol=1e-5)
+    assert [int(r["label"]) for r in rows] == categorize(want.astype(np.float64), np.array(b.manifest["thresholds"])).tolist()
+    pct = [100 * (b.real.score < s).mean() for s in want]
+    np.testing.assert_allclose([float(r["percentile"]) for r in rows], pct, atol=0.01)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["settings"]["distance"] == m["distance"] and meta["bundle"] == str(shipped)
+    for extra, msg in ((["--draws", "3"], "drop --draws"), (["--model", str(shipped)], "give --model")):
+        capsys.readouterr()
+        assert main(["score", "--bundle", str(shipped), "--data", str(folder), "--out", str(tmp_path / "x.csv"), *extra]) == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "x.csv").exists()

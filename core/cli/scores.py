@@ -28,18 +28,21 @@ def _sidecar(csv_path: str | Path) -> Path:
 
 
 def write_scores(path: str | Path, paths: list, scores: np.ndarray, labels: Optional[np.ndarray],
-                 class_names: Optional[list], class_ids, meta: dict) -> None:
-    """scores.csv (path,score,label[,class]) and its JSON sidecar, both atomic."""
+                 class_names: Optional[list], class_ids, meta: dict, percentile: Optional[np.ndarray] = None) -> None:
+    """scores.csv (path,score,label[,class][,percentile]) and its JSON sidecar, both atomic."""
     from ..checkpoint import atomic_write_json, atomic_write_text
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    header = ["path", "score", "label"] + (["class"] if class_ids is not None else [])
+    header = ["path", "score", "label"] + (["class"] if class_ids is not None else []) \
+        + (["percentile"] if percentile is not None else [])
     w.writerow(header)
     for i, p in enumerate(paths):
         row = [p, f"{float(scores[i]):.8g}", "" if labels is None else int(labels[i])]
         if class_ids is not None:
             row.append(class_names[int(class_ids[i])])
+        if percentile is not None:
+            row.append(f"{float(percentile[i]):.2f}")
         w.writerow(row)
     atomic_write_text(path, buf.getvalue())
     atomic_write_json(_sidecar(path), meta)
@@ -86,6 +89,24 @@ def cmd_score(a) -> int:
     from ..models import load_diffusion
     from ..score import ScoreSettings, minority_scores
 
+    bundle = None
+    if (a.model is None) == (a.bundle is None):
+        raise ValueError("give --model (with the score flags) or --bundle (its model, score settings and thresholds)")
+    if a.bundle is not None:
+        given = [f for f, v in (("--distance", a.distance), ("--t", a.t), ("--draws", a.draws), ("--seed", a.seed),
+                                ("--classes", a.classes), ("--thresholds", a.thresholds)) if v is not None]
+        if given or a.no_clip or a.per_class:
+            raise ValueError(f"--bundle scores with the bundle's own settings and thresholds; drop "
+                             f"{', '.join(given) or '--no-clip/--per-class'}")
+        from ..bundle import check_bundle, load_real
+
+        bundle = check_bundle(a.bundle)
+        sc = bundle["score"]
+        a.model, a.distance, a.t, a.draws, a.seed = a.bundle, sc["distance"], int(sc["t"]), int(sc["draws"]), int(sc["seed"])
+        a.no_clip = not bool(sc.get("clip", True))
+    a.distance = a.distance or "lpips"
+    a.draws = 5 if a.draws is None else a.draws
+    a.seed = 0 if a.seed is None else a.seed
     _positive("draws", a.draws)
     _positive("batch-size", a.batch_size)
     if a.classes is not None:
@@ -128,9 +149,15 @@ def cmd_score(a) -> int:
             "skipped": [list(s) for s in data.skipped], "processes": acc.num_processes,
             "class_names": data.class_names, "thresholds": None, "num_classes": None, "per_class": False,
             "slice_band": list(_band(a.slice_band))}
-    labels = None
+    labels, percentile = None, None
     cls_np = data.class_ids.numpy() if data.class_ids is not None else None
-    if a.thresholds:
+    if bundle is not None:  # new data under the bundle's thresholds, placed among its real data
+        real_scores = np.sort(load_real(Path(a.bundle)).score.astype(np.float64))
+        th = bundle["thresholds"]
+        labels = categorize(full, np.array(th))
+        percentile = 100.0 * np.searchsorted(real_scores, full, side="left") / len(real_scores)
+        meta.update(thresholds=th, num_classes=bundle["num_classes"], bundle=str(a.bundle))
+    elif a.thresholds:
         meta_src = read_scores_meta(a.thresholds)
         th = meta_src.get("thresholds")
         if th is None:
@@ -143,7 +170,7 @@ def cmd_score(a) -> int:
     elif a.classes is not None:
         th, labels = fit_labels(full, a.classes, cls_np if a.per_class else None)
         meta.update(thresholds=_th_json(th), num_classes=a.classes, per_class=a.per_class)
-    write_scores(a.out, data.paths, full, labels, data.class_names, data.class_ids, meta)
+    write_scores(a.out, data.paths, full, labels, data.class_names, data.class_ids, meta, percentile)
     print(f"scored {len(data)} images ({settings.distance}, t={settings.t}, {settings.draws} draws) -> {a.out}"
           + (f"; skipped {len(data.skipped)}" if data.skipped else ""), file=sys.stderr)
     return 0
