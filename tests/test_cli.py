@@ -245,7 +245,8 @@ def test_bad_inputs_give_one_line(pipeline, tmp_path, capsys):
         (["train-classifier", "--model", str(run), "--data", str(data), "--scores", str(tmp_path / "none.csv"),
           "--out", str(tmp_path / "c")], "no such file"),
         (["sample", "--model", str(run), "--method", "minority", "--out", str(tmp_path / "x.npz")], "needs --classifier"),
-        (["score", "--bogus"], "the following arguments are required: --model, --data, --out"),
+        (["score", "--bogus"], "the following arguments are required: --data, --out"),
+        (["score", "--data", "d", "--out", "o.csv"], "give --model (with the score flags) or --bundle"),
         (["score", "--model", str(run), "--data", str(data), "--out", "x.csv", "--bogus"], "unrecognized arguments: --bogus"),
     ]
     for args, message in cases:
