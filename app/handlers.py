@@ -372,6 +372,12 @@ class Studio:
             self._real_severity = self._severity(self.bundle.real.images)
         return self._severity
 
+    def atrophy(self, images: np.ndarray) -> Optional[np.ndarray]:
+        """Estimated atrophy of uint8 images (N, H, W, C), clipped to [0, 1] for display (the ridge estimator
+        extrapolates), or None when the bundle has no ground truth."""
+        est = self.severity_estimator()
+        return None if est is None else np.clip(est(images), 0, 1)
+
     def density_values(self, visit: Visit) -> dict:
         """{series: {'AvgkNN': (N,), 'LOF': (N,), 'severity': (N,) or absent}} for real, standard, guided."""
         knn, lof = self.density_model()
@@ -555,12 +561,10 @@ def on_generate(studio: Studio, minority_class, scale, steps, n, seed, sampler, 
             yield UNCHANGED, UNCHANGED, f"Stopped after {u.elapsed:.1f} s.", None, visit
             return
         # only the grid that changed is sent; the first update also clears the other grid
-        est = studio.severity_estimator() if u.run else None  # finished grids: score and estimated atrophy
-        est = (lambda x, f=est: np.clip(f(x), 0, 1)) if est is not None else None  # the ridge extrapolates: shown in 0..1
-        guided_items = captions(u.guided, u.run.guided_score if u.run else None,
-                                est(u.guided) if est is not None else None) if u.guided is not None else UNCHANGED
-        standard_items = captions(u.standard, u.run.standard_score if u.run else None,
-                                  est(u.standard) if est is not None else None) \
+        atrophy = studio.atrophy if u.run else (lambda images: None)  # finished grids: score and atrophy
+        guided_items = captions(u.guided, u.run.guided_score if u.run else None, atrophy(u.guided)) \
+            if u.guided is not None else UNCHANGED
+        standard_items = captions(u.standard, u.run.standard_score if u.run else None, atrophy(u.standard)) \
             if u.standard is not None else ([] if first else UNCHANGED)
         first = False
         if u.stage == "done":

@@ -119,6 +119,15 @@ class DiffusionModel(nn.Module):
         return self.predict(x_t, t, class_labels).eps
 
 
+def predict_eps(model, x_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
+                precision: Optional[str] = None) -> ModelOutput:
+    """Any eps-model of the protocol as a ModelOutput: models with ``predict`` (DiffusionModel) give their
+    variance output and honour ``precision``; a plain callable ``model(x_t, t, class_labels)`` gives eps alone."""
+    if hasattr(model, "predict"):
+        return model.predict(x_t, t, class_labels, precision=precision)
+    return ModelOutput(model(x_t, t, class_labels))
+
+
 PRECISIONS = ("auto", "fp32", "bf16")
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .guidance import Guidance
+from .models import predict_eps
 from .schedule import VARIANCE_TYPES, RespacedSchedule, respace
 
 SAMPLERS = ("ddim", "ddpm")
@@ -73,15 +74,6 @@ def indexed(guidance: Optional[Guidance]) -> Optional[Guidance]:
     return lambda x_t, t, index: guidance(x_t, t)
 
 
-def predict(model, x_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor]):
-    """(eps (N, C, H, W), the model's variance output (N, C, H, W) or None): models with a learned variance
-    expose ``predict``; any other eps-model callable has none."""
-    if hasattr(model, "predict"):
-        out = model.predict(x_t, t, class_labels)
-        return out.eps, out.variance_values
-    return model(x_t, t, class_labels), None
-
-
 def ddpm_variance(variance_type: str, rs: RespacedSchedule, k: int, v: Optional[torch.Tensor]):
     """sigma^2 of the ancestral step at respaced index k (ADM ``p_mean_variance``): a float for the fixed types,
     a tensor like ``v`` (the model's variance output, (N, C, H, W)) for the learned ones."""
@@ -115,7 +107,8 @@ def sample_ddpm(model, x_T: torch.Tensor, timesteps: torch.Tensor, *, guidance: 
         t = torch.full((n,), int(timesteps[k]), dtype=torch.long, device=x.device)
         abar_t, abar_prev, beta_t = float(rs.abar[k]), float(rs.abar_prev[k]), float(rs.betas[k])
         # Tweedie's denoised estimate (Eq. 6), clipped to the data range
-        eps, v = predict(model, x, t, class_labels)
+        out = predict_eps(model, x, t, class_labels)
+        eps, v = out.eps, out.variance_values
         x0_hat = model.schedule.tweedie_x0(x, t, eps, clip=clip_denoised)
         # posterior q(x_{t-1} | x_t, x0_hat): mean; variance fixed or learned
         mean = (abar_prev ** 0.5 * beta_t / (1 - abar_t)) * x0_hat \

@@ -220,13 +220,14 @@ def sample_noise(indices: torch.Tensor, draws: int, shape: tuple, seed: int) -> 
 def minority_score_batch(model, x0: torch.Tensor, indices: torch.Tensor, settings: ScoreSettings,
                          distance: Distance, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Eq. 7 (Eq. 16 with ``class_labels``): x0 (N, C, H, W) in [-1, 1], indices (N,) int -> scores (N,) float32."""
+    from .models import predict_eps
+
     noise = sample_noise(indices, settings.draws, tuple(x0.shape[1:]), settings.seed).to(x0.device, x0.dtype)
     t = torch.full((x0.shape[0],), settings.t, dtype=torch.long, device=x0.device)
     total = torch.zeros(x0.shape[0], device=x0.device)
     for eps in noise:
         x_t = model.schedule.q_sample(x0, t, eps)  # Eq. 1
-        eps = model.predict(x_t, t, class_labels, precision=SCORE_PRECISION).eps if hasattr(model, "predict") \
-            else model(x_t, t, class_labels)
+        eps = predict_eps(model, x_t, t, class_labels, precision=SCORE_PRECISION).eps
         x0_hat = model.schedule.tweedie_x0(x_t, t, eps, clip=settings.clip)  # Eq. 6
         total += distance(x0, x0_hat).float()
     return total / settings.draws
