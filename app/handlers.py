@@ -60,7 +60,7 @@ class GenerateRequest:
     def targets(self) -> torch.Tensor:
         """Each image's target class (n,) int64: l, or l ~ U{l - spread .. l} seeded by the request's seed
         (the paper's l ~ U{90..99}); the same draws as ``python -m core sample --minority-class A-B``."""
-        from core.guidance import minority_targets
+        from core.maths.guidance import minority_targets
 
         lo = self.minority_class - self.spread
         spec = f"{lo}-{self.minority_class}" if self.spread else str(self.minority_class)
@@ -110,6 +110,7 @@ class ClassSummary:
     score_max: float
     truth: Optional[tuple]
     examples: list
+    truth_label: Optional[str] = "atrophy"  # words for the truth column
 
     def text(self, num_classes: int) -> str:
         words = rarity_label(self.minority_class, num_classes).split(": ")[1]
@@ -120,7 +121,9 @@ class ClassSummary:
         line = f"**Class {self.minority_class}** ({words}): {self.count} real images ({self.share:.0%} of the data{top})"
         line += f"; minority score {self.score_min:.4f} … {self.score_max:.4f}"
         if self.truth is not None:
-            line += f"; true atrophy median {self.truth[0]:.2f}, range {self.truth[1]:.2f} … {self.truth[2]:.2f}"
+            f = ".2f" if self.truth_label == "atrophy" else ".3g"  # atrophy lies in [0, 1]
+            line += (f"; true {self.truth_label} median {self.truth[0]:{f}}, range {self.truth[1]:{f}} … "
+                     f"{self.truth[2]:{f}}")
         return line + ". Three real examples:"
 
 
@@ -172,7 +175,7 @@ class Stopped(Exception):
 
 
 def _u8(x: torch.Tensor) -> np.ndarray:
-    from core.sampling import to_uint8
+    from core.maths.sampling import to_uint8
 
     return to_uint8(x)
 
@@ -180,35 +183,69 @@ def _u8(x: torch.Tensor) -> np.ndarray:
 class Studio:
     """The app's model side: one bundle, lazily loaded, and what is precomputed from it."""
 
-    def __init__(self, bundle: str | Path = DEFAULT_BUNDLE, device: str = "cpu"):
+    def __init__(self, bundle: str | Path = DEFAULT_BUNDLE, device: str = "cpu", pool: Optional["Pool"] = None):
         self.path = Path(bundle)
         self.device = device
-        self._bundle = None
+        self.pool = pool  # shared by the studios of one app: at most pool.capacity bundles hold their models
         self._lock = threading.Lock()
+        self._clear()
+        self.export_dir = Path(tempfile.mkdtemp(prefix="minority-studio-"))
+        self.warm_seconds: Optional[float] = None
+        self.steps_done = 0  # sampler steps run by this process (a Stop must freeze it)
+
+    def _clear(self) -> None:
+        """Drop the loaded bundle and everything computed from it."""
+        self._bundle = None
         self._standard_cache: dict = {}
         self._density = None
         self._severity = None
         self._real_severity = None  # the estimator applied to the real images (N,)
         self._distance = None
-        self.export_dir = Path(tempfile.mkdtemp(prefix="minority-studio-"))
-        self.warm_seconds: Optional[float] = None
-        self.steps_done = 0  # sampler steps run by this process (a Stop must freeze it)
+        self._real_features = None  # (N, D) classifier features of the real data
+        self._near_copy = None  # the near-copy threshold in those features
 
     # ---- loading ------------------------------------------------------------------------------
     @property
     def bundle(self):
         with self._lock:
             if self._bundle is None:
-                from core.bundle import load_bundle
+                from core.bundles.bundle import load_bundle
 
-                self._bundle = load_bundle(self.path, self.device)
-                self._bundle.model.eval().requires_grad_(False)
-                self._bundle.classifier.net.eval().requires_grad_(False)
-            return self._bundle
+                b = load_bundle(self.path, self.device)
+                b.model.eval().requires_grad_(False)
+                b.classifier.net.eval().requires_grad_(False)
+                self._bundle = b
+            b = self._bundle
+        if self.pool is not None:
+            self.pool.touch(self)  # outside our lock: the pool may unload another studio
+        return b
+
+    @property
+    def loaded(self) -> bool:
+        return self._bundle is not None
+
+    def unload(self) -> None:
+        """Free the weights and caches (the pool's eviction); the next use loads them again."""
+        with self._lock:
+            self._clear()
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest_cached().get("name") or self.path.name)
+
+    def manifest_cached(self) -> dict:
+        if getattr(self, "_manifest", None) is None:
+            self._manifest = self.manifest()
+        return self._manifest
+
+    def truth_label(self) -> Optional[str]:
+        """Words for the bundle's ground-truth column ('atrophy' for the MRI severity), or None."""
+        name = self.bundle.real.truth_name
+        return None if name is None else "atrophy" if name == "severity" else name.replace("_", " ")
 
     def manifest(self) -> dict:
         """The bundle's manifest without loading weights (for the UI's labels)."""
-        from core.bundle import check_bundle
+        from core.bundles.bundle import check_bundle
 
         return check_bundle(self.path)
 
@@ -227,7 +264,7 @@ class Studio:
     # ---- generation ---------------------------------------------------------------------------
     def guidance(self, req: GenerateRequest):
         """The guidance term of the request's method (None for standard and Boost-and-Skip)."""
-        from core.guidance import ClassifierGuidance, SelfGuidance, combine
+        from core.maths.guidance import ClassifierGuidance, SelfGuidance, combine
 
         if req.method == "minority guidance":
             target = req.targets() if req.spread else req.minority_class
@@ -239,13 +276,13 @@ class Studio:
 
     @staticmethod
     def init(req: GenerateRequest):
-        from core.sampling import BoostSkip
+        from core.maths.sampling import BoostSkip
 
         return BoostSkip(req.gamma, req.skip) if req.method == "Boost-and-Skip" else None
 
     def _sample(self, req: GenerateRequest, guidance, on_step, stop: Optional[threading.Event],
                 init=None) -> np.ndarray:
-        from core.sampling import sample
+        from core.maths.sampling import sample
 
         g = torch.Generator().manual_seed(req.seed)  # the same seed gives the same x_T for both grids
 
@@ -259,13 +296,13 @@ class Studio:
                    generator=g, callback=callback, init=init)
         return _u8(x)
 
-    def score(self, images: np.ndarray, seed: int = 0) -> np.ndarray:
-        """Minority score (Eq. 7) of uint8 images (N, H, W, C) with the bundle's distance and t, at most
-        CAPTION_DRAWS draws: float32 (N,)."""
-        from core.score import ScoreSettings, minority_scores
+    def score(self, images: np.ndarray, seed: int = 0, draws: Optional[int] = None) -> np.ndarray:
+        """Minority score (Eq. 7) of uint8 images (N, H, W, C) with the bundle's distance and t; ``draws`` noise
+        draws (default: at most CAPTION_DRAWS, the captions' cost): float32 (N,)."""
+        from core.maths.score import ScoreSettings, minority_scores
 
         s = self.bundle.manifest["score"]
-        settings = ScoreSettings(distance=s["distance"], t=int(s["t"]), draws=caption_draws(s),
+        settings = ScoreSettings(distance=s["distance"], t=int(s["t"]), draws=draws or caption_draws(s),
                                  seed=int(s["seed"]), clip=bool(s.get("clip", True)))
         x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
         idx = torch.arange(len(images)) + seed * 1000
@@ -273,7 +310,7 @@ class Studio:
 
     def distance(self):
         """The bundle's score distance, with its seed (lpips-rand's random trunk depends on it); built once."""
-        from core.score import make_distance
+        from core.maths.score import make_distance
 
         if self._distance is None:
             s = self.bundle.manifest["score"]
@@ -343,10 +380,26 @@ class Studio:
     # ---- density --------------------------------------------------------------------------------
     def features(self, images: np.ndarray) -> np.ndarray:
         """The bundle's feature space: the minority classifier's attention-pooled trunk at t = 0, (N, D)."""
-        from core.metrics import extract_features, make_extractor
+        from core.evaluation.metrics import extract_features, make_extractor
 
         ex = make_extractor("classifier", device=self.device, classifier=self.bundle.classifier)
         return extract_features(ex, images, batch_size=256, device=self.device).pooled
+
+    def real_features(self) -> np.ndarray:
+        """The real data in the bundle's feature space, float64 (N, D); computed once."""
+        if self._real_features is None:
+            self._real_features = self.features(self.bundle.real.images).astype(np.float64)
+        return self._real_features
+
+    def neighbours_of(self, images: np.ndarray, k: int = 5):
+        """core.evaluation.neighbours.Neighbours of uint8 images (M, H, W, C) among the real data, in the
+        classifier's features, with the near-copy threshold of the real data (computed once)."""
+        from core.evaluation.neighbours import find_neighbours, near_copy_threshold
+
+        real = self.real_features()
+        if self._near_copy is None:
+            self._near_copy = near_copy_threshold(real)
+        return find_neighbours(real, self.features(images).astype(np.float64), k, self._near_copy)
 
     def density_model(self):
         """PyOD AvgkNN (k=5) and LOF (k=20) fitted once on the real data's features."""
@@ -356,17 +409,19 @@ class Studio:
         from pyod.models.knn import KNN
         from pyod.models.lof import LOF
 
-        real = self.features(self.bundle.real.images).astype(np.float64)
+        real = self.real_features()
         knn, lof = KNN(method="mean", n_neighbors=5).fit(real), LOF(n_neighbors=20).fit(real)
         with self._lock:
             self._density = (knn, lof)
         return self._density
 
     def severity_estimator(self):
-        """Ridge estimator of atrophy severity, when the real data carries ground truth; else None."""
-        sev = self.bundle.real.severity
-        if self._severity is None and np.isfinite(sev).all():
-            from core.severity import SeverityEstimator
+        """Ridge estimator of atrophy severity, for MRI bundles whose real data carries it; else None (no
+        reader exists for other bundles' truth columns)."""
+        real = self.bundle.real
+        sev = real.truth
+        if self._severity is None and real.truth_name == "severity" and real.has_truth:
+            from core.evaluation.severity import SeverityEstimator
 
             self._severity = SeverityEstimator().fit(self.bundle.real.images, sev)
             self._real_severity = self._severity(self.bundle.real.images)
@@ -395,48 +450,63 @@ class Studio:
         return out
 
     # ---- browse ---------------------------------------------------------------------------------
+    def browse_orders(self) -> list:
+        """The Browse tab's orders: by minority score, then by each numeric metadata column of the bundle."""
+        cols = self.bundle.real.metadata
+        return ["most unique first", "most common first"] + [f"{c}: {d} first" for c in cols for d in ("high", "low")]
+
     def browse(self, order: str = "most unique first", class_filter: str = "all", page: int = 1,
-               per_page: int = 24) -> tuple[list, int, int]:
-        """A page of real images ranked by minority score: ([(image uint8 HWC, caption)], page, pages)."""
+               per_page: int = 24, where: str = "") -> tuple[list, int, int]:
+        """A page of real images in ``order``, optionally one class and rows matching ``where`` (e.g.
+        "hat = 1, rarity > 8"): ([(image uint8 HWC, caption)], page, pages). Captions: score, class, then every
+        numeric metadata column."""
         real = self.bundle.real
-        if order not in ("most unique first", "most common first"):
-            raise MinorityError("order must be 'most unique first' or 'most common first'")
-        idx = np.argsort(-real.score if order == "most unique first" else real.score, kind="stable")
+        orders = self.browse_orders()
+        if order not in orders:
+            raise MinorityError(f"order must be one of: {', '.join(orders)}")
+        if order in ("most unique first", "most common first"):
+            idx = np.argsort(-real.score if order == "most unique first" else real.score, kind="stable")
+        else:
+            col, direction = order.rsplit(": ", 1)
+            v = real.metadata[col]
+            key = np.where(np.isfinite(v), -v if direction.startswith("high") else v, np.inf)  # unknowns last
+            idx = np.argsort(key, kind="stable")
         if class_filter not in ("all", None, ""):
             try:
                 c = int(class_filter)
             except ValueError:
                 raise MinorityError(f"class filter must be 'all' or a class in [0, {self.bundle.num_classes})") from None
             idx = idx[real.label[idx] == c]
+        idx = idx[row_filter(real.metadata, where, len(real.score))[idx]]
         pages = max(1, -(-len(idx) // per_page))
         page = int(min(max(1, int(page)), pages))
         items = []
         for i in idx[(page - 1) * per_page: page * per_page]:
             cap = f"{real.score[i]:.4f} · c{int(real.label[i])}"
-            if np.isfinite(real.severity[i]):
-                cap += f" · sev {real.severity[i]:.2f}"
+            cap += "".join(f" · {c} {v[i]:.3g}" for c, v in real.metadata.items() if np.isfinite(v[i]))
             items.append((display(real.images[i]), cap))
         return items, page, pages
 
     def class_summary(self, minority_class: int) -> "ClassSummary":
-        """What class l is in the real data: its share, score range, ground-truth severity median and range
-        (where the bundle has it), and three real examples (those nearest the class's median score)."""
+        """What class l is in the real data: its share, score range, the ground truth's median and range
+        (where the bundle has one), and three real examples (those nearest the class's median score)."""
         real, L = self.bundle.real, self.bundle.num_classes
         if not 0 <= int(minority_class) < L:
             raise MinorityError(f"minority class l must be in [0, {L - 1}], got {minority_class}")
         members = np.flatnonzero(real.label == int(minority_class))
+        label = self.truth_label()
         if not len(members):
-            return ClassSummary(int(minority_class), 0, 0.0, float("nan"), float("nan"), None, [])
+            return ClassSummary(int(minority_class), 0, 0.0, float("nan"), float("nan"), None, [], label)
         scores = real.score[members]
         order = members[np.argsort(np.abs(scores - np.median(scores)), kind="stable")][:3]
-        sev = real.severity[members]
-        truth = (float(np.median(sev)), float(sev.min()), float(sev.max())) if np.isfinite(sev).all() else None
+        sev = real.truth[members]
+        truth = (float(np.median(sev)), float(sev.min()), float(sev.max())) if real.has_truth else None
         return ClassSummary(int(minority_class), len(members), len(members) / len(real.score), float(scores.min()),
-                            float(scores.max()), truth, [int(i) for i in order])
+                            float(scores.max()), truth, [int(i) for i in order], label)
 
     def map_points(self, visit: Visit) -> dict:
         """2-D map: real coords (N, 2) and scores, plus the visitor's samples placed by k-NN (M, 2)."""
-        from core.bundle import project
+        from core.bundles.bundle import project
 
         real = self.bundle.real
         out = {"real": (real.coords, real.score)}
@@ -463,6 +533,34 @@ def captions(images: np.ndarray, scores: Optional[np.ndarray], severity: Optiona
             return ""
         return f"{scores[i]:.3f}" + (f" · {severity[i]:.2f}" if severity is not None else "")
     return [(display(im), caption(i)) for i, im in enumerate(images)]
+
+
+FILTER_OPS = ("<=", ">=", "!=", "=", "<", ">")
+
+
+def row_filter(metadata: dict, where: str, n: int) -> np.ndarray:
+    """Rows (n,) bool matching every comma-separated condition ``column op number`` of ``where`` (ops: =, !=,
+    <, <=, >, >=); an empty ``where`` matches all. MinorityError naming the columns for anything else."""
+    keep = np.ones(n, bool)
+    for part in (where or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        op = next((o for o in FILTER_OPS if o in part), None)
+        col, _, value = part.partition(op) if op else (part, "", "")
+        col, value = col.strip(), value.strip()
+        if op is None or col not in metadata:
+            cols = ", ".join(metadata) or "none in this bundle"
+            raise MinorityError(f"filter {part!r}: write column op number, e.g. {next(iter(metadata), 'x')} > 0; "
+                                f"columns: {cols}")
+        try:
+            x = float(value)
+        except ValueError:
+            raise MinorityError(f"filter {part!r}: {value!r} is not a number") from None
+        v = metadata[col]
+        with np.errstate(invalid="ignore"):
+            keep &= {"=": v == x, "!=": v != x, "<": v < x, "<=": v <= x, ">": v > x, ">=": v >= x}[op]
+    return keep
 
 
 def on_class(studio: Studio, minority_class) -> tuple:
@@ -508,7 +606,7 @@ def export_run(run: Run, folder: Optional[str | Path] = None) -> Path:
                             r.gamma if boost else 1.0, r.skip if boost else 0,
                             r.interval if grid == "guided" and r.method == "self-guided" else "", f"{scores[i]:.6f}"])
         z.writestr("samples.csv", rows.getvalue())
-    from core.checkpoint import atomic_write_bytes
+    from core.nets.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(folder / name, buf.getvalue())
     return folder / name
@@ -580,13 +678,18 @@ def on_generate(studio: Studio, minority_class, scale, steps, n, seed, sampler, 
                None, visit)
 
 
-def on_browse(studio: Studio, order: str, class_filter: str, page) -> tuple:
+def on_browse(studio: Studio, order: str, class_filter: str, page, where: str = "") -> tuple:
     """(gallery items, page number, page caption) for the Browse tab."""
-    items, page, pages = studio.browse(order, class_filter, int(page or 1))
-    n = len(studio.bundle.real.score)
-    sev = " · ground-truth atrophy severity" if np.isfinite(studio.bundle.real.severity).all() else ""
-    return items, page, (f"Page {page} of {pages} · {n} real images ranked by minority score ({order}). "
-                         f"Captions: minority score · class c{sev}.")
+    items, page, pages = studio.browse(order, class_filter, int(page or 1), where=where)
+    real = studio.bundle.real
+    cols = "".join(f" · {c}" for c in real.metadata)
+    keep = row_filter(real.metadata, where, len(real.score))
+    if class_filter not in ("all", None, ""):
+        keep &= real.label == int(class_filter)
+    shown = f"{int(keep.sum())} of {len(real.score)} real images" if not keep.all() else f"{len(real.score)} real images"
+    by = "minority score" if order in ("most unique first", "most common first") else order.split(": ")[0]
+    return items, page, (f"Page {page} of {pages} · {shown} ranked by {by} ({order.split(': ')[-1]}). "
+                         f"Captions: minority score · class c{cols}.")
 
 
 def on_density(studio: Studio, visit: Optional[Visit]) -> tuple:

@@ -14,7 +14,7 @@ from . import handlers as h
 log = logging.getLogger("minority-studio")
 
 QUEUE_SIZE = 8  # pending requests beyond this get a clean "queue full" error
-MAX_FILE_SIZE = "1mb"  # the app takes no uploads; anything larger is refused with 413
+MAX_FILE_SIZE = "20mb"  # the one upload input ("Score an image"); larger uploads are refused with 413
 
 # "l2" in a code font reads as "12": the header names the distance in words
 DISTANCE_NAMES = {"l2": "L2 (mean squared error)", "l1": "L1 (mean absolute error)", "ssim": "1 − SSIM",
@@ -84,111 +84,228 @@ def _method_controls(method: str) -> tuple:
             gr.update(value="ancestral (DDPM)") if ancestral else gr.update())
 
 
-def build_ui(studio: h.Studio) -> gr.Blocks:
-    """The Blocks app over one Studio; builds the layout from the manifest alone (no weights loaded)."""
-    manifest = studio.manifest()
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_") or "bundle"
+
+
+def build_ui(studios) -> gr.Blocks:
+    """The Blocks app over a Library of bundles (or one Studio): a bundle selector on top switches the whole
+    page; each bundle's page is laid out from its manifest alone (no weights loaded). The first bundle keeps
+    the plain API names (/generate, /density, /browse, /score_image); the others add _<name>."""
+    from .library import Library
+
+    lib = studios if isinstance(studios, Library) else Library([studios])
+    names = lib.names()
+    with StudioBlocks(title="Minority guidance studio") as demo:
+        gr.Markdown(INTRO)
+        selector = gr.Radio(names, value=names[0], label="Bundle", elem_id="bundle-select", visible=len(names) > 1,
+                            info="each bundle is its own data set, model and classifier")
+        if lib.skipped:
+            gr.Markdown("\n".join(f"⚠ Bundle `{p}` was skipped: {why}" for p, why in lib.skipped), elem_id="skipped")
+        pages, loaders = [], []
+        for i, studio in enumerate(lib.studios):
+            sfx = "" if i == 0 else "_" + _slug(studio.name)
+            with gr.Column(visible=i == 0) as col:
+                loaders.append(_page(demo, studio, sfx, first=i == 0))
+            pages.append(col)
+
+        def show(name):
+            return tuple(gr.update(visible=n == name) for n in names)
+
+        selector.change(show, selector, pages, queue=False, api_visibility="private")
+        for name, (fns, inputs, outputs) in zip(names, loaders):
+            def load_if(selected, *values, _name=name, _fns=fns, _inputs=inputs, _outputs=outputs):
+                if selected != _name:
+                    return tuple(gr.skip() for outs in _outputs for _ in outs)
+                out, k = [], 0
+                for fn, ins, outs in zip(_fns, _inputs, _outputs):
+                    r = fn(*values[k:k + len(ins)])
+                    k += len(ins)
+                    out.extend(r if isinstance(r, tuple) else (r,))
+                return tuple(out)
+            flat_in = [c for ins in inputs for c in ins]
+            flat_out = [c for outs in outputs for c in outs]
+            selector.change(load_if, [selector, *flat_in], flat_out, api_visibility="private")
+    return demo
+
+
+def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
+    """One bundle's tabs; returns (handlers, inputs, outputs) of what its page shows on load."""
+    from . import verdicts as v
+
+    manifest = studio.manifest_cached()
     L = int(manifest["num_classes"])
     d = h.DEFAULTS
+    eid = (lambda name: name) if not sfx else (lambda name: f"{name}{sfx.replace('_', '-')}")
+    api = lambda name: name + sfx  # noqa: E731
+    truth = (manifest.get("dataset") or {}).get("truth") or ("severity" if (manifest.get("dataset") or {}).get(
+        "ground_truth") else None)
+    channels = int(manifest.get("channels", 1))
+    sc = manifest["score"]
+    gr.Markdown(f"Bundle: `{manifest.get('name', studio.path.name)}` · {L} classes · "
+                f"{manifest['image_size']}x{manifest['image_size']} {'RGB' if channels == 3 else 'grey'} · "
+                f"minority score: {DISTANCE_NAMES.get(sc['distance'], sc['distance'])} at t = {sc['t']}, "
+                f"{sc['draws']} noise draws" + (f" · ground truth: `{truth}`" if truth else ""))
+    visit = gr.State(None)
+    with gr.Tab("Generate"):
+        with gr.Row():
+            with gr.Column(scale=1, min_width=280):
+                l_slider = gr.Slider(0, L - 1, value=L - 1, step=1, label="Minority class l",
+                                     info=f"0 = most common … {L - 1} = rarest", elem_id=eid("minority-class"))
+                l_words = gr.Markdown(h.rarity_label(L - 1, L), elem_id=eid("class-panel"))
+                l_examples = gr.Image(label="Real examples of class l", show_label=False, height=90,
+                                      interactive=False, elem_id=eid("class-examples"))
+                spread = gr.Slider(*h.LIMITS["spread"], value=d["spread"], step=1, label="Range below l",
+                                   info="each image's class drawn uniformly from l − r … l (0 = all at l; "
+                                        "the paper samples l ~ U{90..99})", elem_id=eid("spread"))
+                w_slider = gr.Slider(*h.LIMITS["scale"], value=d["scale"], step=0.1, label="Guidance scale w",
+                                     info="classifier scale (minority guidance) or self-guided scale; "
+                                          "0 = standard sampler", elem_id=eid("scale"))
+                method = gr.Radio(list(h.METHODS), value=d["method"], label="Method", elem_id=eid("method"),
+                                  info="self-guided and Boost-and-Skip need no classifier (l is unused)")
+                with gr.Group(visible=False) as boost_box:
+                    gamma = gr.Slider(*h.LIMITS["gamma"], value=d["gamma"], step=0.1, label="Boost gamma",
+                                      info="initial noise scale (1 = standard)")
+                    skip = gr.Slider(*h.LIMITS["skip"], value=d["skip"], step=1, label="Skip Δt",
+                                     info="sampler steps skipped at the noisy end")
+                with gr.Group(visible=False) as self_box:
+                    interval = gr.Slider(*h.LIMITS["interval"], value=d["interval"], step=1,
+                                         label="Self-guidance interval k",
+                                         info="guide the steps whose index (counting down to 0) is a multiple "
+                                              "of k, as the official sampler does")
+                sampler = gr.Radio(list(h.SAMPLERS), value=d["sampler"], label="Sampler")
+                steps = gr.Slider(*h.LIMITS["steps"], value=d["steps"], step=1, label="Steps", elem_id=eid("steps"))
+                n = gr.Slider(*h.LIMITS["n"], value=d["n"], step=1, label="Number of images", elem_id=eid("n"))
+                seed = gr.Number(d["seed"], precision=0, label="Seed", minimum=0, maximum=h.LIMITS["seed"][1],
+                                 elem_id=eid("seed"))
+                with gr.Row():
+                    run_btn = gr.Button("Generate", variant="primary", elem_id=eid("generate"))
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id=eid("stop"))
+                download = gr.DownloadButton("Download PNGs + CSV", value=None, elem_id=eid("download"))
+            with gr.Column(scale=3):
+                status = gr.Markdown("Press **Generate**.", elem_id=eid("status"))
+                gr.Markdown("Captions: each image's minority score (Eq. 7, the bundle's distance and timestep, "
+                            f"{h.caption_draws(manifest['score'])} noise draws; higher = more unique)"
+                            + (", then its estimated atrophy (0 … 1)" if truth == "severity" else "")
+                            + ". While sampling runs, the grids preview the current denoised estimate "
+                            "(Tweedie x0_hat). Click a finished image to see its nearest real images.")
+                with gr.Row():
+                    guided = gr.Gallery(label="Chosen method", columns=4, height=560, object_fit="contain",
+                                        elem_id=eid("guided"), allow_preview=False)
+                    standard = gr.Gallery(label="Standard sampler, same seed", columns=4, height=560,
+                                          object_fit="contain", elem_id=eid("standard"), allow_preview=False)
+                nb_strip = gr.Image(label="Selected image and its nearest real images", height=110,
+                                    interactive=False, elem_id=eid("neighbours"))
+                nb_text = gr.Markdown(elem_id=eid("neighbours-text"))
+    with gr.Tab("Score an image", elem_id=eid("score-tab")):
+        gr.Markdown("Upload a PNG or JPEG, or a NIfTI volume (.nii / .nii.gz; then choose the axial slice), at most "
+                    "20 MB. It is converted, cropped and resized as the bundle's data were, scored with the bundle's "
+                    "settings, placed among the real data, and deleted from the server right after reading.")
+        up_state = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=1, min_width=280):
+                upload = gr.File(label="PNG, JPEG or NIfTI, at most 20 MB", file_count="single", type="filepath",
+                                 elem_id=eid("upload"))
+                z_slider = gr.Slider(0, 1, value=0, step=1, visible=False, label="Axial slice z", elem_id=eid("slice"))
+                seen = gr.Image(label="As the model sees it", height=200, interactive=False, elem_id=eid("seen"))
+            with gr.Column(scale=2):
+                verdict_md = gr.Markdown(elem_id=eid("verdict"))
+                verdict_nb = gr.Image(label="Nearest real images", height=110, interactive=False,
+                                      elem_id=eid("verdict-neighbours"))
+                verdict_map = gr.Plot(label="Where it lies on the 2-D map")
+    with gr.Tab("Density", elem_id=eid("density-tab")):
+        gr.Markdown("AvgkNN and LOF of the real data, and of every sample you generated in this visit "
+                    "(higher = rarer), as in Figure 3 of the paper; updated after each run.")
+        density_plot = gr.Plot(label="Density")
+    with gr.Tab("Browse real data", elem_id=eid("browse-tab")):
+        with gr.Row():
+            order = gr.Dropdown(_orders(manifest, studio), value="most unique first", label="Order",
+                                elem_id=eid("order"))
+            class_filter = gr.Dropdown(h.class_choices(L), value="all", label="Class")
+            where = gr.Textbox("", label="Filter", placeholder=_filter_hint(studio), elem_id=eid("where"),
+                               info="conditions on the real data's columns, e.g. " + _filter_hint(studio))
+            page = gr.Number(1, precision=0, minimum=1, label="Page")
+        with gr.Row():
+            prev_btn = gr.Button("◀ Previous")
+            next_btn = gr.Button("Next ▶")
+        page_info = gr.Markdown()
+        browse = gr.Gallery(label="Real images", columns=6, height=520, object_fit="contain", elem_id=eid("browse"))
+        map_plot = gr.Plot(label="2-D map of the real data")
 
-    with StudioBlocks(title="Minority guidance studio") as demo:
-        sc = manifest["score"]
-        gr.Markdown(INTRO + f"\n\nBundle: `{manifest.get('name', studio.path.name)}` · {L} classes · "
-                    f"{manifest['image_size']}x{manifest['image_size']} · minority score: "
-                    f"{DISTANCE_NAMES.get(sc['distance'], sc['distance'])} at t = {sc['t']}, {sc['draws']} noise draws")
-        visit = gr.State(None)
-        with gr.Tab("Generate"):
-            with gr.Row():
-                with gr.Column(scale=1, min_width=280):
-                    l_slider = gr.Slider(0, L - 1, value=L - 1, step=1, label="Minority class l",
-                                         info=f"0 = most common … {L - 1} = rarest", elem_id="minority-class")
-                    l_words = gr.Markdown(h.rarity_label(L - 1, L), elem_id="class-panel")
-                    l_examples = gr.Image(label="Real examples of class l", show_label=False, height=90,
-                                          interactive=False, elem_id="class-examples")
-                    spread = gr.Slider(*h.LIMITS["spread"], value=d["spread"], step=1, label="Range below l",
-                                       info="each image's class drawn uniformly from l − r … l (0 = all at l; "
-                                            "the paper samples l ~ U{90..99})", elem_id="spread")
-                    w_slider = gr.Slider(*h.LIMITS["scale"], value=d["scale"], step=0.1, label="Guidance scale w",
-                                         info="classifier scale (minority guidance) or self-guided scale; "
-                                              "0 = standard sampler", elem_id="scale")
-                    method = gr.Radio(list(h.METHODS), value=d["method"], label="Method", elem_id="method",
-                                      info="self-guided and Boost-and-Skip need no classifier (l is unused)")
-                    with gr.Group(visible=False) as boost_box:
-                        gamma = gr.Slider(*h.LIMITS["gamma"], value=d["gamma"], step=0.1, label="Boost gamma",
-                                          info="initial noise scale (1 = standard)")
-                        skip = gr.Slider(*h.LIMITS["skip"], value=d["skip"], step=1, label="Skip Δt",
-                                         info="sampler steps skipped at the noisy end")
-                    with gr.Group(visible=False) as self_box:
-                        interval = gr.Slider(*h.LIMITS["interval"], value=d["interval"], step=1,
-                                             label="Self-guidance interval k",
-                                             info="guide the steps whose index (counting down to 0) is a multiple "
-                                                  "of k, as the official sampler does")
-                    sampler = gr.Radio(list(h.SAMPLERS), value=d["sampler"], label="Sampler")
-                    steps = gr.Slider(*h.LIMITS["steps"], value=d["steps"], step=1, label="Steps", elem_id="steps")
-                    n = gr.Slider(*h.LIMITS["n"], value=d["n"], step=1, label="Number of images", elem_id="n")
-                    seed = gr.Number(d["seed"], precision=0, label="Seed", minimum=0, maximum=h.LIMITS["seed"][1],
-                                     elem_id="seed")
-                    with gr.Row():
-                        run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-                        stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
-                    download = gr.DownloadButton("Download PNGs + CSV", value=None, elem_id="download")
-                with gr.Column(scale=3):
-                    status = gr.Markdown("Press **Generate**.", elem_id="status")
-                    gr.Markdown("Captions: each image's minority score (Eq. 7, the bundle's distance and timestep, "
-                                f"{h.caption_draws(manifest['score'])} noise draws; "
-                                "higher = more unique)"
-                                + (", then its estimated atrophy (0 … 1)"
-                                   if (manifest.get("dataset") or {}).get("ground_truth") else "")
-                                + ". While sampling runs, the grids preview the current denoised estimate "
-                                "(Tweedie x0_hat).")
-                    with gr.Row():
-                        guided = gr.Gallery(label="Chosen method", columns=4, height=560, object_fit="contain",
-                                            elem_id="guided")
-                        standard = gr.Gallery(label="Standard sampler, same seed", columns=4, height=560,
-                                              object_fit="contain", elem_id="standard")
-        with gr.Tab("Density", elem_id="density-tab"):
-            gr.Markdown("AvgkNN and LOF of the real data, and of every sample you generated in this visit "
-                        "(higher = rarer), as in Figure 3 of the paper; updated after each run.")
-            density_plot = gr.Plot(label="Density")
-        with gr.Tab("Browse real data", elem_id="browse-tab"):
-            with gr.Row():
-                order = gr.Radio(["most unique first", "most common first"], value="most unique first", label="Order")
-                class_filter = gr.Dropdown(h.class_choices(L), value="all", label="Class")
-                page = gr.Number(1, precision=0, minimum=1, label="Page")
-            with gr.Row():
-                prev_btn = gr.Button("◀ Previous")
-                next_btn = gr.Button("Next ▶")
-            page_info = gr.Markdown()
-            browse = gr.Gallery(label="Real images", columns=6, height=520, object_fit="contain", elem_id="browse")
-            map_plot = gr.Plot(label="2-D map of the real data")
+    # ---- wiring -----------------------------------------------------------------------------
+    class_fn = _readable(functools.partial(h.on_class, studio))
+    l_slider.change(class_fn, l_slider, [l_words, l_examples], api_visibility="private")
+    method.change(_method_controls, method, [boost_box, self_box, sampler], queue=False, api_visibility="private")
+    gen = run_btn.click(_readable(functools.partial(h.on_generate, studio)),
+                        [l_slider, w_slider, steps, n, seed, sampler, method, gamma, skip, interval, spread, visit],
+                        [guided, standard, status, download, visit],
+                        api_name=api("generate"), trigger_mode="always_last", concurrency_limit=1,
+                        concurrency_id="sampling", show_progress="hidden")
+    density_fn = _readable(functools.partial(h.on_density, studio))
+    gen.success(density_fn, visit, [density_plot, map_plot], api_name=api("density"), concurrency_limit=1,
+                concurrency_id="sampling")
+    stop_btn.click(None, None, None, cancels=[gen], queue=False, api_visibility="private")
+    for grid, gallery in (("guided", guided), ("standard", standard)):
+        gallery.select(_selected(studio, grid), visit, [nb_strip, nb_text], api_visibility="private",
+                       concurrency_limit=1, concurrency_id="sampling")
 
-        # ---- wiring -----------------------------------------------------------------------------
-        class_fn = _readable(functools.partial(h.on_class, studio))
-        l_slider.change(class_fn, l_slider, [l_words, l_examples], api_visibility="private")
-        method.change(_method_controls, method, [boost_box, self_box, sampler], queue=False,
-                      api_visibility="private")
-        gen = run_btn.click(_readable(functools.partial(h.on_generate, studio)),
-                            [l_slider, w_slider, steps, n, seed, sampler, method, gamma, skip, interval, spread,
-                             visit],
-                            [guided, standard, status, download, visit],
-                            api_name="generate", trigger_mode="always_last", concurrency_limit=1,
-                            concurrency_id="sampling", show_progress="hidden")
-        gen.success(_readable(functools.partial(h.on_density, studio)), visit, [density_plot, map_plot],
-                    api_name="density", concurrency_limit=1, concurrency_id="sampling")
-        stop_btn.click(None, None, None, cancels=[gen], queue=False, api_visibility="private")
+    upload_fn = _readable(functools.partial(v.on_upload, studio))
+    upload.upload(lambda path: _with_slider(upload_fn(path)), upload,
+                  [up_state, z_slider, seen, verdict_md, verdict_map, verdict_nb], api_name=api("score_image"),
+                  concurrency_limit=1, concurrency_id="sampling")
+    z_slider.release(_readable(functools.partial(v.on_score, studio)), [up_state, z_slider],
+                     [seen, verdict_md, verdict_map, verdict_nb], api_visibility="private",
+                     concurrency_limit=1, concurrency_id="sampling")
 
-        browse_fn = _readable(functools.partial(h.on_browse, studio))
-        browse_io = ([order, class_filter, page], [browse, page, page_info])
-        for ev in (order.change, class_filter.change, page.submit):
-            ev(browse_fn, *browse_io, api_visibility="private")
-        prev_btn.click(lambda p: max(1, int(p or 1) - 1), page, page, queue=False, api_visibility="private").then(
-            browse_fn, *browse_io, api_visibility="private")
-        next_btn.click(lambda p: int(p or 1) + 1, page, page, queue=False, api_visibility="private").then(
-            browse_fn, *browse_io, api_visibility="private")
+    browse_fn = _readable(functools.partial(h.on_browse, studio))
+    browse_io = ([order, class_filter, page, where], [browse, page, page_info])
+    for ev in (order.change, class_filter.change, page.submit, where.submit):
+        ev(browse_fn, *browse_io, api_visibility="private")
+    prev_btn.click(lambda p: max(1, int(p or 1) - 1), page, page, queue=False, api_visibility="private").then(
+        browse_fn, *browse_io, api_visibility="private")
+    next_btn.click(lambda p: int(p or 1) + 1, page, page, queue=False, api_visibility="private").then(
+        browse_fn, *browse_io, api_visibility="private")
+    loads = ([browse_fn, class_fn, density_fn], [browse_io[0], [l_slider], [visit]],
+             [browse_io[1], [l_words, l_examples], [density_plot, map_plot]])
+    if first:  # the other bundles' pages fill in when the selector shows them
         demo.load(browse_fn, *browse_io, api_name="browse")
         demo.load(class_fn, l_slider, [l_words, l_examples], api_visibility="private")
-        demo.load(_readable(functools.partial(h.on_density, studio)), visit, [density_plot, map_plot],
-                  api_visibility="private")
-    return demo
+        demo.load(density_fn, visit, [density_plot, map_plot], api_visibility="private")
+    return loads
+
+
+def _orders(manifest: dict, studio: h.Studio) -> list:
+    """Browse orders from the bundle's real.csv header (no weights loaded): score, then numeric metadata."""
+    cols = _columns(studio)
+    return ["most unique first", "most common first"] + [f"{c}: {d} first" for c in cols for d in ("high", "low")]
+
+
+def _columns(studio: h.Studio) -> list:
+    import csv
+
+    with open(studio.path / "real.csv", newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    return [c for c in header if c not in ("path", "score", "label", "x", "y")]
+
+
+def _filter_hint(studio: h.Studio) -> str:
+    cols = _columns(studio)
+    return f"{cols[0]} > 0" + (f", {cols[1]} = 1" if len(cols) > 1 else "") if cols else "(this bundle has no columns)"
+
+
+def _selected(studio: h.Studio, grid: str):
+    from . import verdicts as v
+
+    def select(visit, evt: gr.SelectData):
+        return v.on_select(studio, visit, grid, evt.index)
+
+    return _readable(select)
+
+
+def _with_slider(out: tuple) -> tuple:
+    """on_upload's plain slider dict as a Gradio update."""
+    state, ctl, *rest = out
+    return (state, gr.update(**ctl), *rest)
 
 
 def launch(demo: gr.Blocks, queue_size: int = QUEUE_SIZE, **kwargs):

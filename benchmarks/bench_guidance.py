@@ -22,13 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, make_long_tailed, timed, write  # noqa: E402
 
-from core.categorize import fit_labels  # noqa: E402
-from core.data import load_image_folder  # noqa: E402
-from core.guidance import ClassifierGuidance  # noqa: E402
-from core.models import ClassifierConfig, UNetConfig, build_unet, load_diffusion  # noqa: E402
-from core.sampling import sample  # noqa: E402
-from core.score import ScoreSettings, make_distance, minority_scores  # noqa: E402
-from core.train import (ClassifierTrainConfig, DiffusionTrainConfig, param_count, train_classifier,  # noqa: E402
+from core.maths.categorize import fit_labels  # noqa: E402
+from core.bundles.data import load_image_folder  # noqa: E402
+from core.maths.guidance import ClassifierGuidance  # noqa: E402
+from core.nets.models import ClassifierConfig, UNetConfig, build_unet, load_diffusion  # noqa: E402
+from core.maths.sampling import sample  # noqa: E402
+from core.maths.score import ScoreSettings, make_distance, minority_scores  # noqa: E402
+from core.nets.train import (ClassifierTrainConfig, DiffusionTrainConfig, param_count, train_classifier,  # noqa: E402
                         train_diffusion)
 
 
@@ -61,15 +61,15 @@ def main():
         return timing_only(a, device)
     work = Path(a.work or tempfile.mkdtemp(prefix="bench_guidance_"))
     if a.bundle:
-        from core.bundle import load_bundle
-        from core.data import ImageSet
+        from core.bundles.bundle import load_bundle
+        from core.bundles.data import ImageSet
 
         b = load_bundle(a.bundle, device)
         model = b.model
         data = ImageSet(a.bundle, b.real.paths, torch.from_numpy(b.real.images).permute(0, 3, 1, 2).contiguous())
         labels, th = b.real.label, np.array(b.manifest["thresholds"])
         a.classes, a.n, a.widths, a.diffusion_steps = b.num_classes, len(data), "bundle", b.manifest["training"]["diffusion_steps"]
-        rho = spearman(b.real.score, b.real.severity)
+        rho = spearman(b.real.score, b.real.truth)
         print(f"bundle {a.bundle}: minority score vs severity Spearman {rho:.3f}", flush=True)
     else:
         truth = make_long_tailed(work / "data", a.n)
@@ -95,7 +95,7 @@ def main():
                                     net=ClassifierConfig(32, 1, a.classes, base_channels=base))
         out = work / f"clf{base}"
         res = train_classifier(data, labels, model.schedule, out, cfg, th.tolist(), {})
-        from core.models import load_classifier
+        from core.nets.models import load_classifier
 
         clf = load_classifier(out, device)
         guidance = ClassifierGuidance(clf.net, a.classes - 1, 2.0)
@@ -121,8 +121,8 @@ def main():
 
 
 def timing_only(a, device):
-    from core.models import DiffusionModel, NoiseConditionedClassifier
-    from core.schedule import make_schedule
+    from core.nets.models import DiffusionModel, NoiseConditionedClassifier
+    from core.maths.schedule import make_schedule
 
     rows = []
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731

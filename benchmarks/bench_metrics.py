@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write  # noqa: E402
 
-from core.evaluate import EvalSettings, evaluate_features  # noqa: E402
-from core.metrics import (Features, avg_knn, extract_features, fid, lof, make_extractor,  # noqa: E402
+from core.evaluation.evaluate import EvalSettings, evaluate_features  # noqa: E402
+from core.evaluation.metrics import (Features, avg_knn, extract_features, fid, lof, make_extractor,  # noqa: E402
                           precision_recall, rarity_score)
 
 
@@ -46,7 +46,7 @@ def main():
     setups = [("resnet50-random", 224), ("resnet50-random", 128), ("resnet50-random", 64)]
     classifier = None
     if Path(a.bundle, "classifier.json").is_file():
-        from core.models import load_classifier
+        from core.nets.models import load_classifier
 
         classifier = load_classifier(a.bundle)
         setups.append(("classifier", None))

@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, sync, write  # noqa: E402
 
-from core.categorize import fit_labels  # noqa: E402
-from core.models import DiffusionModel, UNetConfig, build_unet  # noqa: E402
-from core.schedule import make_schedule  # noqa: E402
-from core.score import ScoreSettings, make_distance, minority_scores  # noqa: E402
+from core.maths.categorize import fit_labels  # noqa: E402
+from core.nets.models import DiffusionModel, UNetConfig, build_unet  # noqa: E402
+from core.maths.schedule import make_schedule  # noqa: E402
+from core.maths.score import ScoreSettings, make_distance, minority_scores  # noqa: E402
 
 
 def main():

@@ -2,7 +2,7 @@
 
 On a seeded subset of a bundle's real slices, each noise draw gives one x0_hat per slice, and from that
 same x0_hat several distances are measured: pixel L2, and the LPIPS-style distance in the diffusion
-model's own encoder features (``core.score.unet_feature_distance``) for each block and feature timestep
+model's own encoder features (``core.maths.score.unet_feature_distance``) for each block and feature timestep
 t_f in a grid, and for the mean of the first two blocks (what ``--distance unet-feat`` computes, at
 t_f = T/5). Reports Spearman with severity over all slices, the mild (< 0.25) and tail slices, the
 split-half retest, and the mean severity of the top 2 %.
@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write  # noqa: E402
 
-from core.bundle import load_bundle  # noqa: E402
-from core.score import UNET_FEAT_BLOCKS, sample_noise, unet_feature_distance  # noqa: E402
+from core.bundles.bundle import load_bundle  # noqa: E402
+from core.maths.score import UNET_FEAT_BLOCKS, sample_noise, unet_feature_distance  # noqa: E402
 from score_variants import real_subset, top_mean  # noqa: E402
 from validate_demo import spearman  # noqa: E402
 

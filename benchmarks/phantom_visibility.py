@@ -1,7 +1,7 @@
 """How much of the MRI phantom's severity can be seen in its 32x32 slices, before any model is trained.
 
 For each rendering variant (atrophy magnitudes at severity 1 and the slice band) it builds ``--n`` slices
-with ``core.phantom`` and ranks them by a model-free uniqueness: the mean pixel distance to the 5 nearest
+with ``core.demos.phantom`` and ranks them by a model-free uniqueness: the mean pixel distance to the 5 nearest
 other slices. Spearman of that with the true severity, on all slices, on the mild ones (severity < 0.25,
 most of the data) and on the rest, tells whether the minority score can possibly track severity: if mild
 atrophy moves a slice by less than a pixel, nothing ranks the mild slices and the overall Spearman is
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write  # noqa: E402
 
-import core.phantom as phantom  # noqa: E402
+import core.demos.phantom as phantom  # noqa: E402
 
 MILD = 0.25
 

@@ -1,7 +1,7 @@
 """Issue 15.7: what bf16 does to the minority score and to guided samples, measured without a GPU.
 
-Sampling on CUDA runs the backbone under bf16 autocast (core.models.autocast_for, precision "auto"); the score runs in
-fp32 everywhere (core.score.SCORE_PRECISION), a choice made from this script's numbers. The score multiplies
+Sampling on CUDA runs the backbone under bf16 autocast (core.nets.models.autocast_for, precision "auto"); the score runs in
+fp32 everywhere (core.maths.score.SCORE_PRECISION), a choice made from this script's numbers. The score multiplies
 the backbone's eps error by sqrt((1 - abar_t) / abar_t) (about 1.1 at t = 0.6 T on the linear schedule, 6.5 on
 the cosine schedule's 0.9 T), so rounding in eps could move ranks. Here the same backbone runs on the CPU in fp32
 and under bf16 autocast ("bf16"), with the same noise draws:
@@ -27,12 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import core.score  # noqa: E402
-from core.bundle import load_bundle  # noqa: E402
-from core.guidance import ClassifierGuidance, combine  # noqa: E402
-from core.sampling import sample, to_uint8  # noqa: E402
-from core.score import ScoreSettings, make_distance, minority_score_batch  # noqa: E402
-from core.severity import SeverityEstimator  # noqa: E402
+import core.maths.score  # noqa: E402
+from core.bundles.bundle import load_bundle  # noqa: E402
+from core.maths.guidance import ClassifierGuidance, combine  # noqa: E402
+from core.maths.sampling import sample, to_uint8  # noqa: E402
+from core.maths.score import ScoreSettings, make_distance, minority_score_batch  # noqa: E402
+from core.evaluation.severity import SeverityEstimator  # noqa: E402
 from score_variants import real_subset  # noqa: E402
 from validate_demo import spearman  # noqa: E402
 
@@ -58,7 +58,7 @@ def main():
     scores, seconds = {}, {}
     for precision in ("fp32", "bf16"):
         b.model.precision = precision
-        core.score.SCORE_PRECISION = precision  # the library scores in fp32 whatever the model's precision
+        core.maths.score.SCORE_PRECISION = precision  # the library scores in fp32 whatever the model's precision
         distance = make_distance(settings.distance, seed=settings.seed, model=b.model)  # fresh x0-feature cache
         t0 = time.perf_counter()
         out = []
@@ -83,7 +83,7 @@ def main():
           f"{res['score_rel_change']['max']:.2e}" + (f"; same class for {res['class_agreement']:.1%}" if th is not None else ""),
           flush=True)
 
-    est = SeverityEstimator().fit(b.real.images, b.real.severity)
+    est = SeverityEstimator().fit(b.real.images, b.real.truth)
     thr = float(np.percentile(est(b.real.images), 90))
     imgs = {}
     for precision in ("fp32", "bf16"):
@@ -104,7 +104,7 @@ def main():
           f"{diff.mean():.3f} grey levels, {(diff > 8).mean():.2%} of pixels moved > 8, max {diff.max()}; share above "
           f"real p90 fp32 {res['samples']['share_above_p90']['fp32']:.3f} / bf16 {res['samples']['share_above_p90']['bf16']:.3f}",
           flush=True)
-    b.model.precision, core.score.SCORE_PRECISION = "auto", "fp32"
+    b.model.precision, core.maths.score.SCORE_PRECISION = "auto", "fp32"
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
 

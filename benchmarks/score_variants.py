@@ -31,17 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write  # noqa: E402
 
-from core.bundle import load_bundle  # noqa: E402
-from core.data import to_model_range  # noqa: E402
-from core.models import load_diffusion  # noqa: E402
-from core.score import sample_noise  # noqa: E402
+from core.bundles.bundle import load_bundle  # noqa: E402
+from core.bundles.data import to_model_range  # noqa: E402
+from core.nets.models import load_diffusion  # noqa: E402
+from core.maths.score import sample_noise  # noqa: E402
 from validate_demo import spearman  # noqa: E402
 
 
 @torch.no_grad()
 def per_draw_errors(model, x0, indices, t, draws, seed, batch=256, antithetic=False):
     """Per-draw L2 (clipped, unclipped) for x0 (N, C, H, W) in [-1, 1]: two arrays (draws, N).
-    Eq. 7 as core.score.minority_score_batch computes it, kept per draw (that function returns the mean).
+    Eq. 7 as core.maths.score.minority_score_batch computes it, kept per draw (that function returns the mean).
     ``antithetic``: draws come in pairs eps, -eps (adjacent), a variance reduction the paper does not use."""
     clipped, raw = np.empty((draws, len(x0))), np.empty((draws, len(x0)))
     for s in range(0, len(x0), batch):
@@ -66,7 +66,7 @@ def real_subset(real, n: int, seed: int):
     x0 (n, C, H, W) in [-1, 1], true severity (n,))."""
     sub = np.sort(np.random.default_rng(seed).choice(len(real.images), size=min(n, len(real.images)), replace=False))
     x0 = to_model_range(torch.from_numpy(real.images[sub]).permute(0, 3, 1, 2).contiguous())
-    return sub, x0, real.severity[sub]
+    return sub, x0, real.truth[sub]
 
 
 def zscore(x: np.ndarray) -> np.ndarray:

@@ -19,11 +19,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from core.bundle import load_bundle  # noqa: E402
-from core.guidance import SelfGuidance, combine  # noqa: E402
-from core.metrics import extract_features, make_extractor, precision_recall  # noqa: E402
-from core.score import make_distance  # noqa: E402
-from core.severity import SeverityEstimator  # noqa: E402
+from core.bundles.bundle import load_bundle  # noqa: E402
+from core.maths.guidance import SelfGuidance, combine  # noqa: E402
+from core.evaluation.metrics import extract_features, make_extractor, precision_recall  # noqa: E402
+from core.maths.score import make_distance  # noqa: E402
+from core.evaluation.severity import SeverityEstimator  # noqa: E402
 from validate_demo import run_sampler  # noqa: E402
 
 SETTINGS = {"official": dict(clip=False, count_from="last"), "before issue 15": dict(clip=True, count_from="first")}
@@ -40,7 +40,7 @@ def main():
     p.add_argument("--out", default="benchmarks/results/self_guided_settings.json")
     a = p.parse_args()
     b = load_bundle(a.bundle)
-    est = SeverityEstimator().fit(b.real.images, b.real.severity)
+    est = SeverityEstimator().fit(b.real.images, b.real.truth)
     thr = float(np.percentile(est(b.real.images), 90))
     extractor = make_extractor("resnet50-random", seed=a.seed, image_size=128)
     real_f = extract_features(extractor, b.real.images).pooled

@@ -1,9 +1,9 @@
 """A small sweep of the minority classifier on a bundle's real data and labels.
 
 Each variant (width, learning rate, steps) is trained like build-demo trains it, then measured two ways:
-held-out metrics (``core.train.evaluate_classifier``: accuracy over all t and at t < T/4, mean class error,
+held-out metrics (``core.nets.train.evaluate_classifier``: accuracy over all t and at t < T/4, mean class error,
 Spearman of the expected class with the class), and what guidance with it does: ``--n`` DDIM samples at
-the rarest class and ``--scale``, their share above the real 90th severity percentile (``core.severity``)
+the rarest class and ``--scale``, their share above the real 90th severity percentile (``core.evaluation.severity``)
 and precision against real slices in random ResNet-50 features (as validate_demo). The bundle's own
 classifier is the first row.
 
@@ -26,13 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write  # noqa: E402
 from validate_demo import run_sampler  # noqa: E402
 
-from core.bundle import load_bundle  # noqa: E402
-from core.data import ImageSet  # noqa: E402
-from core.guidance import ClassifierGuidance, combine  # noqa: E402
-from core.metrics import extract_features, make_extractor, precision_recall  # noqa: E402
-from core.models import ClassifierConfig, load_classifier  # noqa: E402
-from core.severity import SeverityEstimator  # noqa: E402
-from core.train import ClassifierTrainConfig, evaluate_classifier, split_holdout, train_classifier  # noqa: E402
+from core.bundles.bundle import load_bundle  # noqa: E402
+from core.bundles.data import ImageSet  # noqa: E402
+from core.maths.guidance import ClassifierGuidance, combine  # noqa: E402
+from core.evaluation.metrics import extract_features, make_extractor, precision_recall  # noqa: E402
+from core.nets.models import ClassifierConfig, load_classifier  # noqa: E402
+from core.evaluation.severity import SeverityEstimator  # noqa: E402
+from core.nets.train import ClassifierTrainConfig, evaluate_classifier, split_holdout, train_classifier  # noqa: E402
 
 
 def main():
@@ -54,7 +54,7 @@ def main():
     train_info = b.classifier.info.get("train", {})
     holdout, seed = float(train_info.get("holdout", 0.1)), int(train_info.get("seed", 0))
     _, val = split_holdout(len(images), holdout, seed)
-    est = SeverityEstimator().fit(real.images, real.severity)
+    est = SeverityEstimator().fit(real.images, real.truth)
     thr = float(np.percentile(est(real.images), 90))
     extractor = make_extractor("resnet50-random", seed=a.seed, image_size=128)
     rng = np.random.default_rng(a.seed)

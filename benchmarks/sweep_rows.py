@@ -1,4 +1,4 @@
-"""Rows of the build's distance x timestep sweep (core.demo.sweep_rows) on a bundle's own real data, e.g. to
+"""Rows of the build's distance x timestep sweep (core.bundles.demo.sweep_rows) on a bundle's own real data, e.g. to
 re-measure one distance after a fix (issue 15: lpips-rand with uniform channel weights) without a rebuild.
 
 The same subset rule as the build (600 seeded slices, 2 draws, t = 0.2 .. 0.8 T); rows of a distance the
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from core.bundle import load_bundle  # noqa: E402
-from core.demo import DemoConfig, sweep_rows  # noqa: E402
+from core.bundles.bundle import load_bundle  # noqa: E402
+from core.bundles.demo import DemoConfig, sweep_rows  # noqa: E402
 
 
 def main():
@@ -41,7 +41,7 @@ def main():
     n = a.n or int(sweep.get("n", cfg.sweep_n))
     draws = a.draws or int(sweep.get("draws", 2))
     same = n == int(sweep.get("n", cfg.sweep_n)) and draws == int(sweep.get("draws", 2))
-    _, rows = sweep_rows(b.model, images, b.real.severity, a.distances.split(","), t_fracs, n, seed, draws)
+    _, rows = sweep_rows(b.model, images, b.real.truth, a.distances.split(","), t_fracs, n, seed, draws)
     for r in rows:
         r["manifest"] = old.get((r["distance"], r["t"])) if same else None
         print(f"{r['distance']:10s} t={r['t']:4d}: Spearman {r['spearman']:+.3f}"

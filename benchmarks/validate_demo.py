@@ -7,7 +7,7 @@
 3. Standard sampler vs minority guidance at the rarest class, same seeds, N images each: mean
    estimated severity, share above the real data's 90th percentile of estimated severity,
    improved precision / recall (k=5), mean AvgkNN (k=5) and LOF (k=20) against all real images (--real-n) in a
-   random ResNet-50 feature space (core.metrics, input 128 px), wall time per image.
+   random ResNet-50 feature space (core.evaluation.metrics, input 128 px), wall time per image.
 4. Severity against the target class l (w fixed) and the scale w (l fixed), as in Figure 3, with a plot.
 
 5. Issue 6: self-guided and Boost-and-Skip beside minority guidance on the same seeds: a small sweep of
@@ -28,12 +28,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from core.bundle import load_bundle  # noqa: E402
-from core.guidance import ClassifierGuidance, SelfGuidance, combine  # noqa: E402
-from core.metrics import avg_knn, extract_features, lof, make_extractor, precision_recall  # noqa: E402
-from core.sampling import BoostSkip, sample, to_uint8  # noqa: E402
-from core.score import make_distance  # noqa: E402
-from core.severity import SeverityEstimator  # noqa: E402
+from core.bundles.bundle import load_bundle  # noqa: E402
+from core.maths.guidance import ClassifierGuidance, SelfGuidance, combine  # noqa: E402
+from core.evaluation.metrics import avg_knn, extract_features, lof, make_extractor, precision_recall  # noqa: E402
+from core.maths.sampling import BoostSkip, sample, to_uint8  # noqa: E402
+from core.maths.score import make_distance  # noqa: E402
+from core.evaluation.severity import SeverityEstimator  # noqa: E402
 
 
 def spearman(a, b) -> float:
@@ -85,7 +85,7 @@ def main():
     res = {"bundle": a.bundle, "n": a.n, "steps": a.steps, "sampler": a.sampler, "seed": a.seed, "L": L}
 
     # 1. score vs ground truth
-    res["score_spearman"] = spearman(real.score, real.severity)
+    res["score_spearman"] = spearman(real.score, real.truth)
     res["score_settings"] = {k: b.manifest["score"][k] for k in ("distance", "t", "draws", "seed")}
     res["sweep"] = b.manifest.get("sweep")
     print(f"minority score vs severity (all {len(real.score)} real images): Spearman {res['score_spearman']:+.3f} "
@@ -99,14 +99,14 @@ def main():
     rng = np.random.default_rng(a.seed)
     perm = rng.permutation(len(real.images))
     half = len(perm) // 2
-    est_half = SeverityEstimator().fit(real.images[perm[:half]], real.severity[perm[:half]])
-    res["estimator_spearman_heldout"] = spearman(est_half(real.images[perm[half:]]), real.severity[perm[half:]])
-    est = SeverityEstimator().fit(real.images, real.severity)
+    est_half = SeverityEstimator().fit(real.images[perm[:half]], real.truth[perm[:half]])
+    res["estimator_spearman_heldout"] = spearman(est_half(real.images[perm[half:]]), real.truth[perm[half:]])
+    est = SeverityEstimator().fit(real.images, real.truth)
     real_est = est(real.images)
     thr = float(np.percentile(real_est, 90))
     res["estimator"] = "ridge(lambda=100) on pixels / per-image median"
     res["real_p90_estimated"] = thr
-    res["real_p90_true"] = float(np.percentile(real.severity, 90))
+    res["real_p90_true"] = float(np.percentile(real.truth, 90))
     print(f"severity estimator: held-out Spearman {res['estimator_spearman_heldout']:+.3f}; real 90th percentile "
           f"(estimated) {thr:.3f}", flush=True)
 
@@ -180,12 +180,12 @@ def main():
 def _score_diagnostics(b, res, split=0.25):
     """Where the score's rank agreement comes from: mild vs moderate-to-severe slices, a test-retest of the
     score with fresh noise draws, and a plain pixel 5-NN distance as a model-free reference."""
-    from core.score import ScoreSettings, minority_scores
+    from core.maths.score import ScoreSettings, minority_scores
 
     real, m = b.real, b.manifest["score"]
-    mild = real.severity < split
-    res["score_spearman_mild"] = spearman(real.score[mild], real.severity[mild])
-    res["score_spearman_tail"] = spearman(real.score[~mild], real.severity[~mild])
+    mild = real.truth < split
+    res["score_spearman_mild"] = spearman(real.score[mild], real.truth[mild])
+    res["score_spearman_tail"] = spearman(real.score[~mild], real.truth[~mild])
     imgs = torch.from_numpy(real.images).permute(0, 3, 1, 2).contiguous()
     st = ScoreSettings(distance=m["distance"], t=int(m["t"]), draws=int(m["draws"]), seed=int(m["seed"]) + 1,
                        clip=bool(m.get("clip", True)))
@@ -194,11 +194,11 @@ def _score_diagnostics(b, res, split=0.25):
                              batch_size=256)
     res["score_seconds"] = time.perf_counter() - t0
     res["score_retest_spearman"] = spearman(real.score, retest)
-    res["score_2x_draws_spearman"] = spearman((real.score + retest) / 2, real.severity)
+    res["score_2x_draws_spearman"] = spearman((real.score + retest) / 2, real.truth)
     flat = imgs.flatten(1).float() / 255
     knn = torch.cat([torch.cdist(flat[i:i + 1024], flat).topk(6, largest=False).values[:, 1:].mean(1)
                      for i in range(0, len(flat), 1024)])
-    res["pixel_knn_spearman"] = spearman(knn.numpy(), real.severity)
+    res["pixel_knn_spearman"] = spearman(knn.numpy(), real.truth)
     print(f"  severity < {split}: {res['score_spearman_mild']:+.3f} ({mild.mean():.0%} of slices); >= {split}: "
           f"{res['score_spearman_tail']:+.3f}; test-retest with new draws {res['score_retest_spearman']:+.3f} "
           f"({res['score_seconds']:.0f} s); both draws averaged vs severity {res['score_2x_draws_spearman']:+.3f}; "
@@ -206,8 +206,8 @@ def _score_diagnostics(b, res, split=0.25):
 
 
 def _classifier_heldout(b, res):
-    """The classifier's metrics on the images its training held out (core.train.evaluate_classifier)."""
-    from core.train import evaluate_classifier, split_holdout
+    """The classifier's metrics on the images its training held out (core.nets.train.evaluate_classifier)."""
+    from core.nets.train import evaluate_classifier, split_holdout
 
     train = b.classifier.info.get("train", {})
     _, val = split_holdout(len(b.real.images), float(train.get("holdout", 0.1)), int(train.get("seed", 0)))
@@ -275,7 +275,7 @@ def _training_free(a, b, sets, evaluate, res, out):
     res["training_free_sweep"] = {k: [{"setting": c, **{kk: vv for kk, vv in r.items() if kk != "severity"}}
                                       for c, r in v] for k, v in sweep.items()}
     res["methods"] = [{"method": m, "setting": c, **{k: v for k, v in r.items() if k != "severity"}} for m, c, r in table]
-    lines = [f"| method | setting | share > real p90 | mean severity | AvgkNN | LOF | precision | recall | s/image |",
+    lines = ["| method | setting | share > real p90 | mean severity | AvgkNN | LOF | precision | recall | s/image |",
              "|---|---|---|---|---|---|---|---|---|"]
     for m, c, r in table:
         setting = ", ".join(f"{k} {v:g}" for k, v in c.items()) or "-"

@@ -1,7 +1,7 @@
 """``python -m core``: see core/cli.py."""
 import sys
 
-from .cli import main
+from core.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from core.schedule import make_schedule
+from core.maths.schedule import make_schedule
 
 
 class AnalyticMixture(nn.Module):

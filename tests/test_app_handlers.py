@@ -50,7 +50,7 @@ def test_a_range_of_classes_draws_each_images_l(studio, tmp_path):
     --minority-class A-B does with the same seed; the download's CSV lists each image's l."""
     import torch
 
-    from core.guidance import minority_targets
+    from core.maths.guidance import minority_targets
 
     req = h.GenerateRequest(49, 2.5, steps=5, n=4, seed=3, spread=4).check(studio.bundle.num_classes)
     t = req.targets()
@@ -77,7 +77,7 @@ def test_same_seed_same_images_other_seed_different(studio):
 def test_caption_scores_are_the_bundles_score_at_caption_draws(studio):
     import torch
 
-    from core.score import ScoreSettings, make_distance, minority_scores
+    from core.maths.score import ScoreSettings, make_distance, minority_scores
 
     b = studio.bundle
     s = b.manifest["score"]

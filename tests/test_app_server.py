@@ -126,7 +126,7 @@ def test_stop_freezes_the_sampler(served):
 def test_every_score_distance_has_a_name_in_words():
     """The header spells the bundle's distance out ("l2" in a code font read as "12"): no distance may be missing."""
     from app.ui import DISTANCE_NAMES
-    from core.score import DISTANCES
+    from core.maths.score import DISTANCES
 
     assert set(DISTANCE_NAMES) == set(DISTANCES)
 

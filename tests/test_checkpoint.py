@@ -1,4 +1,4 @@
-"""core.checkpoint and the model loaders: no unpickling, never half-loaded, atomic writes, clear errors."""
+"""core.nets.checkpoint and the model loaders: no unpickling, never half-loaded, atomic writes, clear errors."""
 from __future__ import annotations
 
 import hashlib
@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import core.checkpoint as ckpt
-from core.checkpoint import (SCHEMA_VERSION, atomic_write_bytes, atomic_write_json, check_schema, load_into,
+import core.nets.checkpoint as ckpt
+from core.nets.checkpoint import (SCHEMA_VERSION, atomic_write_bytes, atomic_write_json, check_schema, load_into,
                              load_tensors, read_json, save_tensors)
 from core.errors import CheckpointError
-from core.models import ClassifierConfig, NoiseConditionedClassifier, load_classifier, load_diffusion, save_classifier
+from core.nets.models import ClassifierConfig, NoiseConditionedClassifier, load_classifier, load_diffusion, save_classifier
 
 CFG = ClassifierConfig(image_size=16, channels=1, num_outputs=4, base_channels=16, channel_mult=(1, 2))
 THRESHOLDS = [0.1, 0.25, 0.5]
@@ -141,7 +141,7 @@ def test_pickle_renamed_to_safetensors(bundle, tmp_path, fmt):
 
 def test_diffusion_run_with_pickle_as_weights(tmp_path):
     """load_diffusion on our run layout (model.json + model.safetensors) never unpickles either."""
-    from core.models import UNetConfig, build_unet, save_diffusion
+    from core.nets.models import UNetConfig, build_unet, save_diffusion
 
     marker = tmp_path / "marker"
     cfg = UNetConfig(image_size=8, channels=1, block_out_channels=(8, 8), attention=False)
@@ -156,7 +156,7 @@ def test_diffusion_run_with_pickle_as_weights(tmp_path):
 
 def test_diffusers_folder_with_only_a_bin_pickle(tmp_path):
     """A diffusers UNet2DModel folder whose weights are a pickle (.bin) is refused, not unpickled."""
-    from core.models import UNetConfig, build_unet
+    from core.nets.models import UNetConfig, build_unet
 
     marker = tmp_path / "marker"
     folder = tmp_path / "unet"

@@ -8,14 +8,14 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from core.bundle import load_bundle
-from core.data import ImageSet
-from core.guidance import ClassifierGuidance, combine
-from core.models import ClassifierConfig, UNetConfig
-from core.sampling import sample, to_uint8
-from core.score import ScoreSettings, make_distance, minority_scores
-from core.severity import SeverityEstimator
-from core.train import ClassifierTrainConfig, DiffusionTrainConfig, train_classifier, train_diffusion
+from core.bundles.bundle import load_bundle
+from core.bundles.data import ImageSet
+from core.maths.guidance import ClassifierGuidance, combine
+from core.nets.models import ClassifierConfig, UNetConfig
+from core.maths.sampling import sample, to_uint8
+from core.maths.score import ScoreSettings, make_distance, minority_scores
+from core.evaluation.severity import SeverityEstimator
+from core.nets.train import ClassifierTrainConfig, DiffusionTrainConfig, train_classifier, train_diffusion
 
 BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "mri-atrophy"
 
@@ -47,7 +47,7 @@ def test_guidance_at_the_rarest_class_raises_score_and_severity(bundle):
     m = bundle.manifest["score"]
     settings = ScoreSettings(distance=m["distance"], t=int(m["t"]), draws=2, seed=int(m["seed"]))
     distance = make_distance(settings.distance, seed=settings.seed, model=bundle.model)
-    est = SeverityEstimator().fit(bundle.real.images, bundle.real.severity)
+    est = SeverityEstimator().fit(bundle.real.images, bundle.real.truth)
     score = {k: minority_scores(bundle.model, torch.from_numpy(v).permute(0, 3, 1, 2).contiguous(), torch.arange(len(v)),
                                 settings, distance).mean() for k, v in runs.items()}
     severity = {k: est(v).mean() for k, v in runs.items()}
@@ -56,9 +56,9 @@ def test_guidance_at_the_rarest_class_raises_score_and_severity(bundle):
 
 
 def test_severity_estimator_is_accurate_on_held_out_phantom_slices(tmp_path):
-    """core.severity reads every rare-share figure: its held-out Spearman with the true atrophy."""
-    from core.data import load_image_folder
-    from core.phantom import build_mri_phantom
+    """core.evaluation.severity reads every rare-share figure: its held-out Spearman with the true atrophy."""
+    from core.bundles.data import load_image_folder
+    from core.demos.phantom import build_mri_phantom
 
     folder = build_mri_phantom(tmp_path / "p", n=400, size=32, seed=11)
     data = load_image_folder(folder, 32, 1)
@@ -75,7 +75,7 @@ def test_phantom_severity_is_the_stated_long_tailed_mixture():
     """README: 90 % Beta(1.2, 10), 10 % U(0.25, 1)."""
     from scipy.stats import beta
 
-    from core.phantom import draw_severity
+    from core.demos.phantom import draw_severity
 
     s = draw_severity(np.random.default_rng(0), 40000)
     expected_above = 0.9 * (1 - beta.cdf(0.25, 1.2, 10)) + 0.1  # P(severity > 0.25)
@@ -106,7 +106,7 @@ def test_diffusion_training_lowers_the_loss(tmp_path):
 
 def test_classifier_training_lowers_the_held_out_cross_entropy(tmp_path):
     data, bright = _tiny(n=40)
-    from core.schedule import make_schedule
+    from core.maths.schedule import make_schedule
 
     cfg = ClassifierTrainConfig(steps=150, batch_size=16, lr=2e-3, holdout=0.25, eval_every=75, seed=0,
                                 net=ClassifierConfig(image_size=16, channels=1, num_outputs=2, base_channels=8,

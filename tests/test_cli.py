@@ -81,9 +81,9 @@ def test_score_with_unet_feat_from_the_cli(pipeline, tmp_path):
     """--distance unet-feat builds its distance from the --model being scored; the CSV equals the library's score."""
     import torch
 
-    from core.data import load_image_folder
-    from core.models import load_diffusion
-    from core.score import ScoreSettings, make_distance, minority_scores
+    from core.bundles.data import load_image_folder
+    from core.nets.models import load_diffusion
+    from core.maths.score import ScoreSettings, make_distance, minority_scores
 
     base, data, run = pipeline
     out = tmp_path / "s.csv"
@@ -150,7 +150,7 @@ def test_minority_class_range_draws_each_samples_class(pipeline, tmp_path):
     seeded and independent of the batch size; one integer works as before."""
     import torch
 
-    from core.guidance import minority_targets
+    from core.maths.guidance import minority_targets
 
     _, _, run = pipeline
     assert main(sample_args(run, tmp_path / "r.npz", minority_class="1-3", n=6) + ["--batch-size", "4"]) == 0
@@ -318,7 +318,7 @@ def test_diffusers_unet_folder_as_model(tmp_path):
     import torch
     from diffusers import UNet2DModel
 
-    from core.models import UNetConfig, load_diffusion
+    from core.nets.models import UNetConfig, load_diffusion
 
     torch.manual_seed(0)
     net = UNet2DModel(**UNetConfig(16, 1, (8, 16), attention=False).diffusers_kwargs())
@@ -345,7 +345,7 @@ def test_score_with_stored_thresholds_labels_new_data(pipeline, tmp_path):
     make_images(fresh, 10, seed=9)
     assert main(["score", "--model", str(run), "--data", str(fresh), "--out", str(tmp_path / "new.csv"),
                  "--distance", "l2", "--draws", "2", "--thresholds", str(run / "scores.json")]) == 0
-    from core.categorize import categorize
+    from core.maths.categorize import categorize
 
     th = json.loads((run / "scores.json").read_text())["thresholds"]
     rows = [l.split(",") for l in (tmp_path / "new.csv").read_text().splitlines()[1:]]

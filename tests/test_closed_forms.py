@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from analytic import AnalyticMixture, PosteriorClassifier
-from core.guidance import ClassifierGuidance, GuidanceSum, MixtureGuidance, combine
-from core.sampling import sample
-from core.schedule import make_schedule
+from core.maths.guidance import ClassifierGuidance, GuidanceSum, MixtureGuidance, combine
+from core.maths.sampling import sample
+from core.maths.schedule import make_schedule
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])

@@ -1,4 +1,4 @@
-"""core.data: every bad image becomes an InvalidImageError naming the file; modes, crops, folders."""
+"""core.bundles.data: every bad image becomes an InvalidImageError naming the file; modes, crops, folders."""
 from __future__ import annotations
 
 import io
@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from core.data import MAX_PIXELS, ImageSet, list_images, load_image, load_image_folder, to_model_range
+from core.bundles.data import MAX_PIXELS, ImageSet, list_images, load_image, load_image_folder, to_model_range
 from core.errors import DataError, InvalidImageError
 
 

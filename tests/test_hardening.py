@@ -217,7 +217,7 @@ def test_stale_temp_files_of_a_killed_run_are_removed(places, capsys):
     """Issue 16.7: temp files from a killed run (atomic-write temps, pending weights the JSON does not name)
     are removed by a later run writing in the same folder; a pending file the JSON names (a save to roll
     forward) and fresh temps (a write in progress elsewhere) are kept."""
-    from core.checkpoint import save_weights_and_config
+    from core.nets.checkpoint import save_weights_and_config
 
     run = places["tmp"] / "run"
     run.mkdir()
@@ -238,7 +238,7 @@ def test_stale_temp_files_of_a_killed_run_are_removed(places, capsys):
 
 def test_manifest_must_list_every_file(tmp_path, capsys):
     """Issue 16.3: "files": {} skipped every sha256 check, so edited weights loaded."""
-    from core.bundle import check_bundle
+    from core.bundles.bundle import check_bundle
     from core.errors import CheckpointError
 
     for case in ("empty", "one-missing"):

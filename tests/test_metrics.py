@@ -9,8 +9,8 @@ from PIL import Image
 
 from core.cli import main
 from core.errors import DataError, OfflineError
-from core.evaluate import EvalSettings, check_sets, evaluate_features
-from core.metrics import (Features, avg_knn, extract_features, fid, frechet_distance, knn_radii, lof,
+from core.evaluation.evaluate import EvalSettings, check_sets, evaluate_features
+from core.evaluation.metrics import (Features, avg_knn, extract_features, fid, frechet_distance, knn_radii, lof,
                           make_extractor, precision_recall, rarity_score, top_unique)
 
 
@@ -170,7 +170,7 @@ def _trunk(net, h):
 def test_inception_input_matches_torchvisions_own_transform():
     """Inception's ported weights expect (x - 0.5) / 0.5: our layer-by-layer path must equal torchvision's
     forward with transform_input=True (which takes ImageNet-normalised input and converts it)."""
-    from core.metrics import IMAGENET_MEAN, IMAGENET_STD, _inception
+    from core.evaluation.metrics import IMAGENET_MEAN, IMAGENET_STD, _inception
 
     ex = _inception(96, "cpu", pretrained=False)
     net = ex.fn.__closure__[[c.cell_contents.__class__.__name__ for c in ex.fn.__closure__].index("Inception3")].cell_contents
@@ -188,7 +188,7 @@ def test_inception_input_matches_torchvisions_own_transform():
 
 
 def test_classifier_features():
-    from core.models import ClassifierConfig, LoadedClassifier, NoiseConditionedClassifier
+    from core.nets.models import ClassifierConfig, LoadedClassifier, NoiseConditionedClassifier
 
     net = NoiseConditionedClassifier(ClassifierConfig(image_size=16, channels=1, num_outputs=4, base_channels=8))
     ex = make_extractor("classifier", classifier=LoadedClassifier(net, [0.0, 1.0, 2.0, 3.0]))
@@ -264,7 +264,7 @@ def test_cli_evaluate_bad_input_is_one_line(tmp_path, capsys):
 def test_sfid_map_is_tf_mixed_6_conv():
     """Issue 15.5: sFID uses the first 7 channels of TF's mixed_6/conv = Mixed_6d.branch1x1 (192 x 17 x 17 at
     299 px), computed here layer by layer from torchvision's own modules (not by the extractor's hook)."""
-    from core.metrics import SFID_LAYER, _imagenet_input, _inception
+    from core.evaluation.metrics import SFID_LAYER, _imagenet_input, _inception
 
     ex = _inception(299, "cpu", pretrained=False)
     net = ex.fn.__closure__[[c.cell_contents.__class__.__name__ for c in ex.fn.__closure__].index("Inception3")].cell_contents
@@ -288,7 +288,7 @@ def test_inception_fid_loads_only_from_the_cache(tmp_path, monkeypatch):
     checks every key and shape) and both give the same pool3 features."""
     from pytorch_fid import inception as pf
 
-    from core.metrics import FID_INCEPTION_FILES
+    from core.evaluation.metrics import FID_INCEPTION_FILES
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(OfflineError, match=FID_INCEPTION_FILES[0].replace(".", "\\.")):

@@ -7,12 +7,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from core.bundle import check_bundle, load_bundle, project
+from core.bundles.bundle import check_bundle, load_bundle, project
 from core.cli import main
-from core.data import load_image_folder, load_nifti_slices
-from core.demo import DemoConfig
+from core.bundles.data import load_image_folder, load_nifti_slices
+from core.bundles.demo import DemoConfig
 from core.errors import CheckpointError, InvalidImageError
-from core.phantom import _templates, build_mri_phantom, render_atrophy, slice_maps
+from core.demos.phantom import _templates, build_mri_phantom, render_atrophy, slice_maps
 
 
 def test_phantom_is_deterministic_and_long_tailed(tmp_path):
@@ -97,7 +97,7 @@ def test_build_demo_bundle_loads_in_one_call(bundle, tmp_path):
     assert len(m["sweep"]["rows"]) == len(cfg.sweep_distances) * len(cfg.sweep_t)  # every distance x timestep
     assert {r["distance"] for r in m["sweep"]["rows"]} == set(cfg.sweep_distances) and "unet-feat" in cfg.sweep_distances
     assert b.real.images.shape == (60, 16, 16, 1) and b.real.coords.shape == (60, 2)
-    assert set(np.unique(b.real.label)) <= set(range(4)) and np.all((b.real.severity >= 0) & (b.real.severity <= 1))
+    assert set(np.unique(b.real.label)) <= set(range(4)) and np.all((b.real.truth >= 0) & (b.real.truth <= 1))
     xy = project(b.real, b.real.images[:3])
     assert xy.shape == (3, 2) and np.isfinite(xy).all()
     assert main(["sample", "--bundle", str(bundle), "--minority-class", "3", "--scale", "2", "--n", "2", "--steps", "3",
@@ -148,10 +148,10 @@ def test_build_demo_sweeps_again_when_the_sweep_settings_change(bundle, tmp_path
 
 
 def test_build_demo_refuses_an_unusable_score_distance_before_any_work(tmp_path, monkeypatch, capsys):
-    import core.score
+    import core.maths.score
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(core.score, "lpips_weights_present", lambda net="vgg": False)
+    monkeypatch.setattr(core.maths.score, "lpips_weights_present", lambda net="vgg": False)
     assert main(["build-demo", "--out", str(tmp_path / "b"), "--score-distance", "lpips"]) == 2
     assert "cannot be downloaded offline" in capsys.readouterr().err
     assert not (tmp_path / "b.work").exists()
@@ -187,10 +187,10 @@ def test_score_new_data_with_a_bundle(tmp_path, capsys):
     import torch
     from PIL import Image
 
-    from core.bundle import load_bundle
-    from core.categorize import categorize
-    from core.data import load_image_folder
-    from core.score import ScoreSettings, make_distance, minority_scores
+    from core.bundles.bundle import load_bundle
+    from core.maths.categorize import categorize
+    from core.bundles.data import load_image_folder
+    from core.maths.score import ScoreSettings, make_distance, minority_scores
 
     shipped = Path(__file__).resolve().parent.parent / "assets" / "mri-atrophy"
     b = load_bundle(shipped)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from core.cli import main
-from core.neighbours import find_neighbours, near_copy_threshold, nearest
+from core.evaluation.neighbours import find_neighbours, near_copy_threshold, nearest
 
 
 def _real(n=60, size=16, seed=0):

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from analytic import AnalyticMixture
-from core.models import DiffusionModel, UNetConfig, load_diffusion, variance_type_for
-from core.sampling import ddpm_variance, sample, sample_ddim, sample_ddpm
-from core.schedule import VARIANCE_TYPES, make_schedule, respace
+from core.nets.models import DiffusionModel, UNetConfig, load_diffusion, variance_type_for
+from core.maths.sampling import ddpm_variance, sample, sample_ddim, sample_ddpm
+from core.maths.schedule import VARIANCE_TYPES, make_schedule, respace
 
 
 class _Out:
@@ -41,7 +41,7 @@ def _model(v, variance_type="learned_range", T=1000):
 
 
 def _independent_respacing(schedule, ts):
-    """beta_k and beta~_k of the respaced grid written out from abar directly (not via core.schedule.respace)."""
+    """beta_k and beta~_k of the respaced grid written out from abar directly (not via core.maths.schedule.respace)."""
     abar = [float(schedule.abar[int(t)]) for t in ts]
     prev = [1.0] + abar[:-1]
     beta = [1 - a / p for a, p in zip(abar, prev)]
@@ -223,7 +223,7 @@ def test_the_score_runs_in_fp32_whatever_the_models_precision():
     when the model samples in bf16; sampling follows the model's precision."""
     from test_score_categorize import tiny_model
 
-    from core.score import ScoreSettings, make_distance, minority_scores
+    from core.maths.score import ScoreSettings, make_distance, minority_scores
 
     model = tiny_model(size=16)
     imgs = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from analytic import AnalyticMixture
-from core.categorize import categorize, categorize_per_class, fit_labels, quantile_thresholds
+from core.maths.categorize import categorize, categorize_per_class, fit_labels, quantile_thresholds
 from core.errors import DataError, OfflineError
-from core.models import DiffusionModel, UNetConfig, build_unet
-from core.schedule import make_schedule
-from core.score import (ScoreSettings, make_distance, minority_score_batch, minority_scores, sample_noise,
+from core.nets.models import DiffusionModel, UNetConfig, build_unet
+from core.maths.schedule import make_schedule
+from core.maths.score import (ScoreSettings, make_distance, minority_score_batch, minority_scores, sample_noise,
                         ssim_distance)
 
 

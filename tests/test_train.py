@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.checkpoint import load_tensors
-from core.data import load_image_folder
+from core.nets.checkpoint import load_tensors
+from core.bundles.data import load_image_folder
 from core.errors import MinorityError
-from core.models import UNetConfig, load_diffusion
-from core.train import DiffusionTrainConfig, train_diffusion
+from core.nets.models import UNetConfig, load_diffusion
+from core.nets.train import DiffusionTrainConfig, train_diffusion
 from test_cli import make_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +46,7 @@ def test_resume_equals_uninterrupted(data, tmp_path):
 
 
 def test_nan_loss_stops_cleanly_and_never_writes_nan(data, tmp_path, monkeypatch):
-    import core.train as tr
+    import core.nets.train as tr
 
     real = tr.F.mse_loss
     calls = {"n": 0}
@@ -115,8 +115,8 @@ class _MeanOracle(torch.nn.Module):
 
 
 def test_classifier_metrics_oracle_and_constant():
-    from core.schedule import make_schedule
-    from core.train import evaluate_classifier
+    from core.maths.schedule import make_schedule
+    from core.nets.train import evaluate_classifier
 
     schedule = make_schedule("linear", 1000)
     L = 5

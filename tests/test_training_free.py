@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from analytic import AnalyticMixture
-from core.guidance import GuidanceSum, SelfGuidance, combine
-from core.sampling import BoostSkip, sample
-from core.score import l2_distance
+from core.maths.guidance import GuidanceSum, SelfGuidance, combine
+from core.maths.sampling import BoostSkip, sample
+from core.maths.score import l2_distance
 
 
 def _three_way():

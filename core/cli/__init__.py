@@ -1,7 +1,7 @@
 """``python -m core <command>``: the pipeline from the command line, with progress bars.
 
 Commands (names and flags are a contract): train-diffusion, score, categorize, train-classifier,
-sample, evaluate, neighbours, data, build-demo. Every run also works under ``accelerate launch`` / ``torchrun``: work is split with
+sample, evaluate, neighbours, data, build, build-demo. Every run also works under ``accelerate launch`` / ``torchrun``: work is split with
 accelerate's ``split_between_processes`` and gathered with ``gather_object``; only the main
 process writes. Errors in the user's input end the command with one line on stderr and exit 2.
 """
@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from ..errors import MinorityError
-from ..score import DISTANCES
-from .common import EXIT_USER_ERROR, _fail, _Parser, check_output, close_bars, finite_float, seed_int
-from .data import cmd_build_demo, cmd_data_mri_phantom
-from .evaluate import cmd_evaluate, cmd_neighbours
-from .sample import cmd_sample
-from .scores import cmd_score
-from .train import cmd_categorize, cmd_train_classifier, cmd_train_diffusion
+from core.errors import MinorityError
+from core.maths.score import DISTANCES
+from core.cli.common import EXIT_USER_ERROR, _fail, _Parser, check_output, close_bars, finite_float, seed_int
+from core.cli.data import cmd_build, cmd_build_demo, cmd_data_faces, cmd_data_mri_phantom
+from core.cli.evaluate import cmd_evaluate, cmd_neighbours
+from core.cli.sample import cmd_sample
+from core.cli.scores import cmd_score
+from core.cli.train import cmd_categorize, cmd_train_classifier, cmd_train_diffusion
 
 __all__ = ["main", "build_parser", "EXIT_USER_ERROR"]
 
@@ -35,6 +35,41 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--size", type=int, default=32)
     mp.add_argument("--seed", type=seed_int, default=0)
     mp.set_defaults(func=cmd_data_mri_phantom)
+    fc = dsub.add_parser("faces", help="colour cartoon faces with independent long-tailed attributes and a rarity column")
+    fc.add_argument("--out", required=True)
+    fc.add_argument("--n", type=int, default=8000)
+    fc.add_argument("--size", type=int, default=32)
+    fc.add_argument("--seed", type=seed_int, default=0)
+    fc.set_defaults(func=cmd_data_faces)
+
+    b = sub.add_parser("build", help="any image or NIfTI folder to a bundle: model, score, classes, classifier, map")
+    b.add_argument("--data", required=True, help="image folder (any mode and size), NIfTI folder, or class sub-folders; "
+                                                 "an optional metadata.csv (path + numeric columns) travels along")
+    b.add_argument("--out", required=True, help="bundle folder")
+    b.add_argument("--model", default=None, help="use this diffusion model (run folder, diffusers folder or hub id) "
+                                                 "instead of training one; size, channels and schedule come from it")
+    b.add_argument("--size", type=int, default=None, help="image side (default 32, or the --model's)")
+    b.add_argument("--channels", type=int, choices=[1, 3], default=None, help="1 grey or 3 RGB (default 1, or the --model's)")
+    b.add_argument("--classes", type=int, default=50, help="L, the number of minority classes")
+    b.add_argument("--diffusion-steps", type=int, default=8000)
+    b.add_argument("--widths", default="32,64,64", help="UNet channels per level of a trained model")
+    b.add_argument("--clf-steps", type=int, default=6000)
+    b.add_argument("--clf-base-channels", type=int, default=16)
+    b.add_argument("--score-distance", choices=list(DISTANCES), default=None,
+                   help="distance of the score (default: the sweep's best with --truth, else unet-feat)")
+    b.add_argument("--score-t", type=finite_float, default=None,
+                   help="timestep of the score, a fraction of T or an integer step (default: the sweep's best, else 0.6T)")
+    b.add_argument("--draws", type=int, default=20, help="noise draws per image for the score")
+    b.add_argument("--truth", default=None, help="metadata.csv column of ground-truth rarity or severity: the "
+                                                 "distance x timestep sweep picks the score's settings by Spearman against it")
+    b.add_argument("--sweep-n", type=int, default=600, help="images in the sweep (with --truth)")
+    b.add_argument("--name", default=None, help="bundle name shown in the app (default: the --out folder's name)")
+    b.add_argument("--slice-band", default="0.4,0.6", help="NIfTI volumes: axial slices from this z fraction LO,HI")
+    b.add_argument("--map", choices=["umap", "pca"], default="umap", help="2-D map of the real data")
+    b.add_argument("--work", default=None, help="intermediate files (default OUT.work); a rerun resumes from them")
+    b.add_argument("--force", action="store_true", help="replace a different bundle already in --out")
+    b.add_argument("--seed", type=seed_int, default=0)
+    b.set_defaults(func=cmd_build)
 
     bd = sub.add_parser("build-demo", help="the whole pipeline on the MRI phantom, written as a bundle")
     bd.add_argument("--out", required=True, help="bundle folder, e.g. assets/mri-atrophy")
@@ -216,7 +251,7 @@ def main(argv: Optional[list] = None) -> int:
 
 
 # what each command writes: (argument, "dir" | "file"), checked before any work
-OUTPUTS = {"data": (("out", "dir"),), "build-demo": (("out", "dir"), ("work", "dir")),
+OUTPUTS = {"data": (("out", "dir"),), "build-demo": (("out", "dir"), ("work", "dir")), "build": (("out", "dir"), ("work", "dir")),
            "train-diffusion": (("out", "dir"),), "score": (("out", "file"),), "categorize": (("scores", "file"),),
            "train-classifier": (("out", "dir"), ("scores", "file")), "sample": (("out", "file"),),
            "evaluate": (("out", "dir"),), "neighbours": (("out", "dir"),)}
@@ -228,9 +263,9 @@ def prepare_outputs(args) -> None:
     process only."""
     import os
 
-    from ..checkpoint import clean_stale_temps
+    from core.nets.checkpoint import clean_stale_temps
 
-    if args.command == "build-demo" and args.work is None:
+    if args.command in ("build", "build-demo") and args.work is None:
         args.work = f"{args.out.rstrip('/')}.work"  # the one place the default work folder is made
     for attr, kind in OUTPUTS.get(args.command, ()):
         check_output(getattr(args, attr), f"--{attr}", kind)

@@ -60,7 +60,7 @@ seed_int.__name__ = "seed (integer >= 0)"
 def check_output(path, flag: str, kind: str) -> None:
     """Before any work: ``path`` is a folder that can be made and written (kind "dir") or a file that can be
     written or replaced (kind "file"); otherwise one DataError naming ``flag``. Nothing is created."""
-    from ..errors import DataError
+    from core.errors import DataError
 
     p = Path(path)
     if kind == "dir" and p.exists() and not p.is_dir():
@@ -84,7 +84,7 @@ def check_output(path, flag: str, kind: str) -> None:
 
 
 def _accelerator():
-    from ..train import make_accelerator
+    from core.nets.train import make_accelerator
 
     return make_accelerator()
 
@@ -123,7 +123,7 @@ def _band(text: str) -> tuple:
 
 
 def _load_data(root: str, size: int, channels: int, quiet: bool = False, band: str = "0.4,0.6"):
-    from ..data import list_images, load_image_folder
+    from core.bundles.data import list_images, load_image_folder
 
     slice_band = _band(band)
     n = len(list_images(root)[0])

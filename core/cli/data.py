@@ -1,18 +1,18 @@
-"""data mri-phantom and build-demo."""
+"""data mri-phantom, data faces, build and build-demo."""
 from __future__ import annotations
 
 import sys
 
 
-from ..score import make_distance, resolve_t
-from .common import _bar, _positive, _widths
+from core.maths.score import make_distance, resolve_t
+from core.cli.common import _band, _bar, _positive, _widths
 
 
 # ----------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------
 def cmd_data_mri_phantom(a) -> int:
-    from ..phantom import build_mri_phantom
+    from core.demos.phantom import build_mri_phantom
 
     _positive("n", a.n)
     bar = _bar(a.n, "mri-phantom")
@@ -28,24 +28,26 @@ def cmd_data_mri_phantom(a) -> int:
     return 0
 
 
-def cmd_build_demo(a) -> int:
-    from ..demo import DemoConfig, build_demo
+def cmd_data_faces(a) -> int:
+    from core.demos.faces import build_faces, expected_rare_share
 
-    for name in ("n", "diffusion_steps", "clf_steps", "draws", "sweep_n"):
-        _positive(name.replace("_", "-"), getattr(a, name))
-    _positive("classes", a.classes, 2)
-    cfg = DemoConfig(n=a.n, size=a.size, seed=a.seed, diffusion_steps=a.diffusion_steps, widths=_widths(a.widths),
-                     sweep_n=a.sweep_n, draws=a.draws, classes=a.classes, clf_steps=a.clf_steps,
-                     clf_base_channels=a.clf_base_channels, map_method=a.map, score_distance=a.score_distance,
-                     score_t=a.score_t)
-    # fail before hours of work, not after: a bad timestep, or lpips without its VGG weights offline
-    if a.score_t is not None:
-        from ..train import DiffusionTrainConfig
+    _positive("n", a.n)
+    bar = _bar(a.n, "faces")
 
-        resolve_t(a.score_t, DiffusionTrainConfig().T, "--score-t")  # build-demo trains with the default T
-    if a.score_distance is not None and a.score_distance != "unet-feat":  # unet-feat needs only the model
-        make_distance(a.score_distance)
-    work = a.work  # main() set the default, OUT.work, when the flag was not given
+    def progress(i, total):
+        bar.n = i
+        if i == total or i % 200 == 0:
+            bar.refresh()
+
+    out = build_faces(a.out, n=a.n, size=a.size, seed=a.seed, progress=progress)
+    bar.close()
+    print(f"{a.n} faces {a.size}x{a.size} RGB -> {out}/images; attributes and rarity in {out}/metadata.csv "
+          f"(expected share with a rare attribute {expected_rare_share():.3f})", file=sys.stderr)
+    return 0
+
+
+def _stage_bars():
+    """(progress, log) callbacks that draw one bar per stage and print stage lines between bars."""
     bars: dict = {}
 
     def progress(stage, i, total, m):
@@ -67,7 +69,62 @@ def cmd_build_demo(a) -> int:
         bars.clear()
         print(msg, file=sys.stderr, flush=True)
 
+    return progress, log
+
+
+def _check_score_flags(a, T: int) -> None:
+    """Fail before hours of work, not after: a bad timestep, or lpips without its VGG weights offline."""
+    if a.score_t is not None:
+        resolve_t(a.score_t, T, "--score-t")
+    if a.score_distance is not None and a.score_distance != "unet-feat":  # unet-feat needs only the model
+        make_distance(a.score_distance)
+
+
+def cmd_build(a) -> int:
+    from core.bundles.build import BuildConfig, build_bundle
+
+    for name in ("diffusion_steps", "clf_steps", "draws", "sweep_n"):
+        _positive(name.replace("_", "-"), getattr(a, name))
+    _positive("classes", a.classes, 2)
+    if a.size is not None and not 8 <= a.size <= 1024:
+        raise ValueError(f"--size must be in [8, 1024], got {a.size}")
+    cfg = BuildConfig(size=a.size, channels=a.channels, seed=a.seed, model=a.model, diffusion_steps=a.diffusion_steps,
+                      widths=_widths(a.widths), truth=a.truth, sweep_n=a.sweep_n, draws=a.draws, classes=a.classes,
+                      score_distance=a.score_distance, score_t=a.score_t, clf_steps=a.clf_steps,
+                      clf_base_channels=a.clf_base_channels, map_method=a.map, name=a.name,
+                      slice_band=_band(a.slice_band), force=a.force)
+    if a.model is None:
+        from core.nets.train import DiffusionTrainConfig
+
+        _check_score_flags(a, DiffusionTrainConfig().T)  # a given model's T is checked once it is loaded
+    elif a.score_distance is not None and a.score_distance != "unet-feat":
+        make_distance(a.score_distance)
+    progress, log = _stage_bars()
+    manifest = build_bundle(a.data, a.out, a.work, cfg, log, progress)
+    rho = manifest["score"].get("spearman_vs_truth")
+    times = ", ".join(f"{k} {v / 60:.1f} min" for k, v in manifest["stage_seconds"].items())
+    log(f"bundle -> {a.out} (score {manifest['score']['distance']} t={manifest['score']['t']}"
+        + (f", Spearman vs {a.truth} {rho:+.3f}" if rho is not None else "") + f"; stages: {times}; "
+        f"intermediate files in {a.work})")
+    return 0
+
+
+def cmd_build_demo(a) -> int:
+    from core.bundles.demo import DemoConfig, build_demo
+
+    for name in ("n", "diffusion_steps", "clf_steps", "draws", "sweep_n"):
+        _positive(name.replace("_", "-"), getattr(a, name))
+    _positive("classes", a.classes, 2)
+    cfg = DemoConfig(n=a.n, size=a.size, seed=a.seed, diffusion_steps=a.diffusion_steps, widths=_widths(a.widths),
+                     sweep_n=a.sweep_n, draws=a.draws, classes=a.classes, clf_steps=a.clf_steps,
+                     clf_base_channels=a.clf_base_channels, map_method=a.map, score_distance=a.score_distance,
+                     score_t=a.score_t)
+    from core.nets.train import DiffusionTrainConfig
+
+    _check_score_flags(a, DiffusionTrainConfig().T)  # build-demo trains with the default T
+    work = a.work  # main() set the default, OUT.work, when the flag was not given
+    progress, log = _stage_bars()
     manifest = build_demo(a.out, work, cfg, log, progress)
     log(f"bundle -> {a.out} (score {manifest['score']['distance']} t={manifest['score']['t']}, Spearman vs severity "
-        f"{manifest['score']['spearman_vs_severity']:+.3f}; intermediate files in {work})")
+        f"{manifest['score']['spearman_vs_truth']:+.3f}; intermediate files in {work})")
     return 0

@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import _bar, _positive
+from core.cli.common import _bar, _positive
 
 
 # ----------------------------------------------------------------------------------------------
 # evaluate
 # ----------------------------------------------------------------------------------------------
 def cmd_evaluate(a) -> int:
-    from ..evaluate import (PROTOCOLS, EvalSettings, check_sets, evaluate_features, load_image_set, paper_spaces,
+    from core.evaluation.evaluate import (PROTOCOLS, EvalSettings, check_sets, evaluate_features, load_image_set, paper_spaces,
                            write_report)
-    from ..metrics import FEATURES, extract_features, make_extractor
+    from core.evaluation.metrics import FEATURES, extract_features, make_extractor
 
     _positive("batch-size", a.batch_size)
     if a.protocol not in PROTOCOLS:
@@ -56,8 +56,8 @@ def cmd_evaluate(a) -> int:
     check_sets(real, generated)
     classifier = None
     if "classifier" in (density_name, quality_name):
-        from ..bundle import resolve
-        from ..models import load_classifier
+        from core.bundles.bundle import resolve
+        from core.nets.models import load_classifier
 
         path = a.classifier or (resolve(a.real, None, None)[1] if real_info["kind"] == "bundle" else None)
         classifier = load_classifier(path, "cpu") if path else None
@@ -88,10 +88,10 @@ def cmd_evaluate(a) -> int:
 
 def cmd_neighbours(a) -> int:
     """neighbours: each generated image's k nearest real images, the near-copy rule, sheets as Figure 24."""
-    from ..checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
-    from ..evaluate import check_sets, load_image_set
-    from ..metrics import extract_features, make_extractor
-    from ..neighbours import NEAR_COPY_PERCENTILE, find_neighbours, neighbour_sheet
+    from core.nets.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+    from core.evaluation.evaluate import check_sets, load_image_set
+    from core.evaluation.metrics import extract_features, make_extractor
+    from core.evaluation.neighbours import NEAR_COPY_PERCENTILE, find_neighbours, neighbour_sheet
 
     _positive("k", a.k)
     _positive("rows", a.rows)
@@ -111,8 +111,8 @@ def cmd_neighbours(a) -> int:
     if features == "classifier":
         if real_info["kind"] != "bundle":
             raise ValueError("--features classifier needs a bundle as --real (its minority classifier)")
-        from ..bundle import resolve
-        from ..models import load_classifier
+        from core.bundles.bundle import resolve
+        from core.nets.models import load_classifier
 
         classifier = load_classifier(resolve(a.real, None, None)[1], "cpu")
     device = "cuda" if torch.cuda.is_available() else "cpu"

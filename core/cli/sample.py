@@ -9,8 +9,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..score import make_distance
-from .common import _accelerator, _bar, _positive
+from core.maths.score import make_distance
+from core.cli.common import _accelerator, _bar, _positive
 
 
 # ----------------------------------------------------------------------------------------------
@@ -22,7 +22,7 @@ METHODS = ("standard", "minority", "mixture", "self-guided", "boost-skip")
 def self_guided_distance(name: str, device, model=None, warn=None):
     """--sg-distance auto: LPIPS-Alex (the official sampler's) when its AlexNet weights are present; else
     unet-feat when the backbone is a UNet2DModel, else l2 (``warn`` is told which fallback was taken)."""
-    from ..score import lpips_weights_present
+    from core.maths.score import lpips_weights_present
 
     if name == "auto":
         if lpips_weights_present("alex"):
@@ -41,7 +41,7 @@ def self_guided_distance(name: str, device, model=None, warn=None):
 
 def build_init(a):
     """The initialisation term for --method boost-skip (None otherwise)."""
-    from ..sampling import BoostSkip
+    from core.maths.sampling import BoostSkip
 
     if a.method != "boost-skip":
         return None
@@ -57,8 +57,8 @@ def build_guidance(a, model, device, warn=None):
     validated against the classifier; classifiers are loaded once."""
     from dataclasses import replace
 
-    from ..guidance import ClassifierGuidance, MixtureGuidance, SelfGuidance, combine, minority_targets
-    from ..models import load_classifier
+    from core.maths.guidance import ClassifierGuidance, MixtureGuidance, SelfGuidance, combine, minority_targets
+    from core.nets.models import load_classifier
 
     terms, minority = [], None
     a.minority_targets = None
@@ -118,9 +118,9 @@ def build_guidance(a, model, device, warn=None):
 def cmd_sample(a) -> int:
     from accelerate.utils import gather_object
 
-    from ..checkpoint import atomic_write_bytes
-    from ..models import load_diffusion
-    from ..sampling import SAMPLERS, sample, to_uint8
+    from core.nets.checkpoint import atomic_write_bytes
+    from core.nets.models import load_diffusion
+    from core.maths.sampling import SAMPLERS, sample, to_uint8
 
     _positive("n", a.n)
     _positive("steps", a.steps)
@@ -133,7 +133,7 @@ def cmd_sample(a) -> int:
         raise ValueError(f"unknown --method {a.method!r}; allowed: {', '.join(METHODS)}")
     if a.sampler not in SAMPLERS:
         raise ValueError(f"unknown --sampler {a.sampler!r}; allowed: {', '.join(SAMPLERS)}")
-    from ..bundle import resolve
+    from core.bundles.bundle import resolve
 
     a.model, a.classifier = resolve(a.bundle, a.model, a.classifier)
     if a.method is None:

@@ -11,9 +11,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..errors import DataError
-from ..score import make_distance, resolve_t
-from .common import _accelerator, _band, _bar, _load_data, _positive
+from core.errors import DataError
+from core.maths.score import make_distance, resolve_t
+from core.cli.common import _accelerator, _band, _bar, _load_data, _positive
 
 
 # ----------------------------------------------------------------------------------------------
@@ -30,7 +30,7 @@ def _sidecar(csv_path: str | Path) -> Path:
 def write_scores(path: str | Path, paths: list, scores: np.ndarray, labels: Optional[np.ndarray],
                  class_names: Optional[list], class_ids, meta: dict, percentile: Optional[np.ndarray] = None) -> None:
     """scores.csv (path,score,label[,class][,percentile]) and its JSON sidecar, both atomic."""
-    from ..checkpoint import atomic_write_json, atomic_write_text
+    from core.nets.checkpoint import atomic_write_json, atomic_write_text
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -60,7 +60,7 @@ class ScoreTable:
 
 
 def read_scores(path: str | Path) -> ScoreTable:
-    from ..checkpoint import read_json
+    from core.nets.checkpoint import read_json
 
     path = Path(path)
     if not path.is_file():
@@ -85,9 +85,9 @@ def read_scores(path: str | Path) -> ScoreTable:
 def cmd_score(a) -> int:
     from accelerate.utils import gather_object
 
-    from ..categorize import categorize, categorize_per_class, fit_labels
-    from ..models import load_diffusion
-    from ..score import ScoreSettings, minority_scores
+    from core.maths.categorize import categorize, categorize_per_class, fit_labels
+    from core.nets.models import load_diffusion
+    from core.maths.score import ScoreSettings, minority_scores
 
     bundle = None
     if (a.model is None) == (a.bundle is None):
@@ -98,7 +98,7 @@ def cmd_score(a) -> int:
         if given or a.no_clip or a.per_class:
             raise ValueError(f"--bundle scores with the bundle's own settings and thresholds; drop "
                              f"{', '.join(given) or '--no-clip/--per-class'}")
-        from ..bundle import check_bundle, load_real
+        from core.bundles.bundle import check_bundle, load_real
 
         bundle = check_bundle(a.bundle)
         sc = bundle["score"]
@@ -177,7 +177,7 @@ def cmd_score(a) -> int:
 
 
 def read_scores_meta(path: str) -> dict:
-    from ..checkpoint import read_json
+    from core.nets.checkpoint import read_json
 
     p = Path(path)
     return read_json(p if p.suffix == ".json" else _sidecar(p))

@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
-from .common import _bar, _ints, _load_data, _positive, _widths
-from .scores import _th_json, read_scores, write_scores
+from core.errors import DataError
+from core.cli.common import _bar, _ints, _load_data, _positive, _widths
+from core.cli.scores import _th_json, read_scores, write_scores
 
 
 def cmd_train_diffusion(a) -> int:
-    from ..models import UNetConfig
-    from ..train import DiffusionTrainConfig, lr_is_sane, param_count, train_diffusion
+    from core.nets.models import UNetConfig
+    from core.nets.train import DiffusionTrainConfig, lr_is_sane, param_count, train_diffusion
 
     _positive("steps", a.steps)
     _positive("batch-size", a.batch_size)
@@ -44,7 +44,7 @@ def cmd_train_diffusion(a) -> int:
 
     result = train_diffusion(data, a.out, cfg, resume=a.resume, progress=progress)
     bar.close()
-    from ..models import build_unet
+    from core.nets.models import build_unet
 
     print(f"trained {param_count(build_unet(unet))/1e6:.2f}M-parameter UNet for {result['steps']} steps "
           f"on {len(data)} images -> {a.out}/model.safetensors (EMA)", file=sys.stderr)
@@ -56,7 +56,7 @@ def cmd_train_diffusion(a) -> int:
 # ----------------------------------------------------------------------------------------------
 def _categorize_file(scores_path: str, num_classes: int, per_class: bool):
     """Fit thresholds on a score table and write its labels back (atomic). Returns (table, labels, thresholds)."""
-    from ..categorize import fit_labels
+    from core.maths.categorize import fit_labels
 
     table = read_scores(scores_path)
     if per_class and table.class_ids is None:
@@ -77,8 +77,8 @@ def cmd_categorize(a) -> int:
 
 
 def cmd_train_classifier(a) -> int:
-    from ..models import ClassifierConfig, load_diffusion
-    from ..train import ClassifierTrainConfig, lr_is_sane, param_count, train_classifier
+    from core.nets.models import ClassifierConfig, load_diffusion
+    from core.nets.train import ClassifierTrainConfig, lr_is_sane, param_count, train_classifier
 
     _positive("steps", a.steps)
     _positive("classes", a.classes, 2)
@@ -127,7 +127,7 @@ def cmd_train_classifier(a) -> int:
     result = train_classifier(data, y, model.schedule, a.out, cfg, th, extra, class_cond=class_cond, progress=progress)
     bar.close()
     m = result["metrics"]
-    from ..models import NoiseConditionedClassifier
+    from core.nets.models import NoiseConditionedClassifier
 
     print(f"classifier ({param_count(NoiseConditionedClassifier(net_cfg))/1e6:.2f}M params) -> {a.out}; held-out "
           f"acc {m.get('val_acc', float('nan')):.3f} (chance {1/a.classes:.3f}), mean |class error| "

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from .metrics import CHUNK, check_features, distance_chunks, knn_radii
+from core.evaluation.metrics import CHUNK, check_features, distance_chunks, knn_radii
 
 NEAR_COPY_PERCENTILE = 1.0  # percent of the real leave-one-out nearest-neighbour distances
 

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import CheckpointError
+from core.errors import CheckpointError
 
 SCHEMA_VERSION = 1
 

@@ -16,9 +16,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .guidance import Guidance
-from .models import predict_eps
-from .schedule import VARIANCE_TYPES, RespacedSchedule, respace
+from core.maths.guidance import Guidance
+from core.nets.models import predict_eps
+from core.maths.schedule import VARIANCE_TYPES, RespacedSchedule, respace
 
 SAMPLERS = ("ddim", "ddpm")
 

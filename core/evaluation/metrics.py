@@ -14,8 +14,8 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from .errors import DataError, OfflineError
-from .score import _offline
+from core.errors import DataError, OfflineError
+from core.maths.score import _offline
 
 FEATURES = ("resnet50-random", "resnet50", "inception", "inception-fid", "inception-random", "classifier", "pixels")
 # the TF FID Inception graph ported to PyTorch (pytorch-fid; torch-fidelity ships the same file, same hash)

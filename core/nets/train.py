@@ -17,12 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_tensors, save_tensors
-from .data import ImageSet, to_model_range
-from .errors import CheckpointError, MinorityError
-from .models import (ClassifierConfig, NoiseConditionedClassifier, UNetConfig, build_unet, save_classifier,
+from core.nets.checkpoint import load_tensors, save_tensors
+from core.bundles.data import ImageSet, to_model_range
+from core.errors import CheckpointError, MinorityError
+from core.nets.models import (ClassifierConfig, NoiseConditionedClassifier, UNetConfig, build_unet, save_classifier,
                      save_diffusion, schedule_config)
-from .schedule import NoiseSchedule, make_schedule
+from core.maths.schedule import NoiseSchedule, make_schedule
 
 Progress = Callable[[int, int, dict], None]
 MAX_BAD_STEPS = 10
@@ -304,7 +304,7 @@ def train_classifier(data: ImageSet, labels: np.ndarray, schedule: NoiseSchedule
         if progress is not None and acc.is_main_process:
             progress(step, cfg.steps, metrics)
     if acc.is_main_process:
-        from .checkpoint import atomic_write_text
+        from core.nets.checkpoint import atomic_write_text
 
         raw = acc.unwrap_model(net).eval()
         final = {k: v for k, v in metrics.items() if k.startswith("val_")}

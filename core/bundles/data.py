@@ -8,6 +8,7 @@ a square and resized with Lanczos (antialiased) to ``size``. Images cross this m
 """
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DataError, InvalidImageError
+from core.errors import DataError, InvalidImageError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 NIFTI_EXTS = (".nii", ".nii.gz")
@@ -80,21 +81,59 @@ def _square_resize(arr01: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_nifti_slices(path: str | os.PathLike, size: int, band: tuple = DEFAULT_BAND) -> list[tuple[int, np.ndarray]]:
+def load_nifti_slices(path: str | os.PathLike, size: int, band: tuple = DEFAULT_BAND,
+                      max_bytes: int = MAX_VOLUME_BYTES, data: Optional[bytes] = None) -> list[tuple[int, np.ndarray]]:
     """Axial slices of a 3-D NIfTI volume from ``band`` (fractions of z), each min-max normalised to
-    [0, 1] (Section C) and resized: [(z, uint8 (1, size, size))]. The header is validated before any
-    voxel is read; every failure is an InvalidImageError naming the file."""
-    import nibabel as nib
+    [0, 1] (Section C) and resized: [(z, uint8 (1, size, size))]. The format is read from the content
+    (gzip or not, NIfTI-1 or -2 by the header size), never from the name; the header is validated before
+    any voxel is read; ``data``: the file's bytes already in memory (an upload), ``path`` then only names it.
+    Every failure is an InvalidImageError naming the file."""
+    import gzip
 
     path = Path(path)
     if not 0 <= band[0] < band[1] <= 1:
         raise ValueError(f"slice band must satisfy 0 <= lo < hi <= 1, got {band}")
     try:
-        img = nib.load(str(path))  # reads the header only
+        raw = io.BytesIO(data) if data is not None else open(path, "rb")
+    except OSError as e:
+        raise InvalidImageError(f"{path}: cannot open ({e.strerror or type(e).__name__})") from None
+    with raw:
+        compressed = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
+        vol = _read_nifti(stream, path, compressed, max_bytes, len(data) if data is not None else path.stat().st_size)
+    lo, hi = int(np.floor(band[0] * vol.shape[2])), int(np.ceil(band[1] * vol.shape[2]))
+    out = []
+    for z in range(lo, max(hi, lo + 1)):
+        sl = np.rot90(vol[:, :, min(z, vol.shape[2] - 1)])
+        a, b = float(sl.min()), float(sl.max())
+        if b <= a:
+            continue  # empty slice
+        out.append((z, _square_resize((sl - a) / (b - a), size)[None]))
+    if not out:
+        raise InvalidImageError(f"{path}: no non-empty slice in band {band}")
+    return out
+
+
+def _read_nifti(stream, path: Path, compressed: bool, max_bytes: int, file_bytes: int) -> np.ndarray:
+    """The float32 3-D volume of a NIfTI-1/2 stream, header checks first (type, ndim, size, truncation)."""
+    import nibabel as nib
+
+    try:
+        head = stream.read(4)
+        stream.seek(0)
+    except (OSError, EOFError) as e:
+        raise InvalidImageError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
+    if len(head) < 4:
+        raise InvalidImageError(f"{path}: not a NIfTI file (empty or too short)")
+    sizeof_hdr = {int.from_bytes(head, "little"), int.from_bytes(head, "big")}
+    cls = nib.Nifti1Image if 348 in sizeof_hdr else nib.Nifti2Image if 540 in sizeof_hdr else None
+    if cls is None:
+        raise InvalidImageError(f"{path}: not a NIfTI-1/2 file (its header does not start with a NIfTI header size)")
+    try:
+        img = cls.from_stream(stream)  # reads the header only; voxels stay behind an array proxy
     except Exception as e:  # noqa: BLE001 - nibabel raises many types for foreign files
         raise InvalidImageError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise InvalidImageError(f"{path}: is a {type(img).__name__}, not NIfTI-1/2")
     shape = tuple(int(v) for v in img.shape)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
@@ -103,29 +142,19 @@ def load_nifti_slices(path: str | os.PathLike, size: int, band: tuple = DEFAULT_
     if min(shape) < 1:
         raise InvalidImageError(f"{path}: empty volume {shape}")
     nbytes = int(np.prod(shape, dtype=np.int64)) * img.get_data_dtype().itemsize
-    if nbytes > MAX_VOLUME_BYTES:
-        raise InvalidImageError(f"{path}: header promises {nbytes / 2**30:.1f} GiB of voxels (limit {MAX_VOLUME_BYTES / 2**30:.0f} GiB)")
-    if not path.name.lower().endswith(".gz"):
+    if nbytes > max_bytes:
+        raise InvalidImageError(f"{path}: header promises {nbytes / 2**20:,.0f} MiB of voxels (limit {max_bytes / 2**20:,.0f} MiB)")
+    if not compressed:
         offset = int(img.header.get("vox_offset", 0))
-        if path.stat().st_size < offset + nbytes:
-            raise InvalidImageError(f"{path}: truncated ({path.stat().st_size} bytes, header needs {offset + nbytes})")
+        if file_bytes < offset + nbytes:
+            raise InvalidImageError(f"{path}: truncated ({file_bytes} bytes, header needs {offset + nbytes})")
     try:
         vol = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     except Exception as e:  # noqa: BLE001 - EOFError, zlib.error, OSError, ValueError from truncated data
         raise InvalidImageError(f"{path}: cannot read voxels ({type(e).__name__}: {e})") from None
     if not np.isfinite(vol).all():
         raise InvalidImageError(f"{path}: contains NaN or infinite voxels")
-    lo, hi = int(np.floor(band[0] * shape[2])), int(np.ceil(band[1] * shape[2]))
-    out = []
-    for z in range(lo, max(hi, lo + 1)):
-        sl = np.rot90(vol[:, :, min(z, shape[2] - 1)])
-        a, b = float(sl.min()), float(sl.max())
-        if b <= a:
-            continue  # empty slice
-        out.append((z, _square_resize((sl - a) / (b - a), size)[None]))
-    if not out:
-        raise InvalidImageError(f"{path}: no non-empty slice in band {band}")
-    return out
+    return vol
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -138,15 +167,16 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray((scaled * 255).round().astype(np.uint8), mode="L")
 
 
-def load_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
-    """Decode one image to uint8 (C, size, size); any failure is an InvalidImageError naming the file."""
+def load_image(path: str | os.PathLike, size: int, channels: int, data: Optional[bytes] = None) -> np.ndarray:
+    """Decode one image to uint8 (C, size, size); any failure is an InvalidImageError naming the file.
+    ``data``: the file's bytes already in memory (an upload); ``path`` then only names it."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(data) if data is not None else path) as img:
                 w, h = img.size
                 if w * h > MAX_PIXELS:
                     raise InvalidImageError(f"{path}: {w}x{h} pixels is over the {MAX_PIXELS:,}-pixel limit")
@@ -210,3 +240,61 @@ def load_image_folder(root: str | os.PathLike, size: int, channels: int,
 def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
     """uint8 (N, C, H, W) in [0, 255] -> float32 in [-1, 1]."""
     return images_u8.float() / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# one uploaded file (the app's "Score an image" tab): size, then type from content, then the decoders' checks
+UPLOAD_MAX_BYTES = 20 * 2**20  # a public Space takes at most this much per upload
+UPLOAD_MAX_VOXEL_BYTES = 256 * 2**20  # an uploaded NIfTI's header may promise at most this much voxel data
+UPLOAD_KINDS = ("PNG", "JPEG", "NIfTI")
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A decoded upload: ``kind`` in UPLOAD_KINDS; ``slices`` [(z or None, uint8 (C, size, size))]: one image,
+    or a NIfTI volume's axial slices in the band (z = index in the volume)."""
+
+    name: str
+    kind: str
+    slices: list
+
+
+def sniff(head: bytes) -> Optional[str]:
+    """The upload kind from a file's first bytes (PNG, JPEG, NIfTI plain or gzipped), or None."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x1f\x8b") or (len(head) >= 4 and {int.from_bytes(head[:4], "little"),
+                                                            int.from_bytes(head[:4], "big")} & {348, 540}):
+        return "NIfTI"
+    return None
+
+
+def read_upload(path: str | os.PathLike, size: int, channels: int, band: tuple = DEFAULT_BAND,
+                max_bytes: int = UPLOAD_MAX_BYTES, name: Optional[str] = None) -> Upload:
+    """Read one uploaded file into memory and decode it as the bundle's data is decoded (conversion to
+    ``channels``, centre crop, Lanczos resize to ``size``; NIfTI: slices of ``band``). The size is checked
+    before reading, the type comes from the content (never the name), and the decoders' checks (pixel
+    limit, decompression bomb, NIfTI header) run before any pixel or voxel is decoded. One InvalidImageError
+    line for anything refused. Writes nothing; the caller deletes the file."""
+    path = Path(path)
+    label = name or path.name
+    try:
+        n = path.stat().st_size
+    except OSError as e:
+        raise InvalidImageError(f"{label}: cannot read the upload ({e.strerror or type(e).__name__})") from None
+    if n > max_bytes:
+        raise InvalidImageError(f"{label}: {n / 2**20:.1f} MB is over the {max_bytes / 2**20:.0f} MB upload limit")
+    if n == 0:
+        raise InvalidImageError(f"{label}: the file is empty")
+    data = path.read_bytes()
+    kind = sniff(data[:8])
+    if kind is None:
+        raise InvalidImageError(f"{label}: not a PNG, JPEG or NIfTI file (judged by its content, not its name)")
+    if kind == "NIfTI":
+        slices = load_nifti_slices(label, size, band, max_bytes=UPLOAD_MAX_VOXEL_BYTES, data=data)
+        if channels == 3:
+            slices = [(z, np.repeat(a, 3, 0)) for z, a in slices]
+        return Upload(label, kind, slices)
+    return Upload(label, kind, [(None, load_image(label, size, channels, data=data))])

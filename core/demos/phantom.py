@@ -144,7 +144,7 @@ def build_mri_phantom(out: str | os.PathLike, n: int = 6000, size: int = 32, see
 
     from PIL import Image
 
-    from .checkpoint import atomic_write_bytes, atomic_write_text
+    from core.nets.checkpoint import atomic_write_bytes, atomic_write_text
 
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")

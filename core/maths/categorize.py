@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import DataError
+from core.errors import DataError
 
 
 def quantile_thresholds(scores: np.ndarray, num_classes: int) -> np.ndarray:

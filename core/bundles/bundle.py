@@ -4,23 +4,25 @@
                              seeds, training steps, package versions, sha256 of every file below
     model.json/.safetensors  the diffusion model (EMA weights), as a run folder
     classifier.json/.safetensors  the minority classifier, as a classifier folder
-    real.safetensors         the scored real data: images uint8 (N, H, W, C), score, label, severity,
+    real.safetensors         the scored real data: images uint8 (N, H, W, C), score, label, severity (the
+                             --truth column's values, NaN without one; the key keeps the MRI bundle's name),
                              coords (N, 2) of the precomputed 2-D map, and the PCA basis behind it
-    real.csv                 the same table for people: path, score, label, severity, x, y
+    real.csv                 the same table for people: path, score, label, every numeric metadata.csv
+                             column of the data (the truth among them), x, y
 """
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from .checkpoint import load_tensors, read_json
-from .errors import CheckpointError
+from core.nets.checkpoint import load_tensors, read_json
+from core.errors import CheckpointError
 
 BUNDLE_SCHEMA = 1
 BUNDLE_FILES = ("model.json", "model.safetensors", "classifier.json", "classifier.safetensors",
@@ -31,16 +33,24 @@ REAL_KEYS = ("images", "score", "label", "severity", "coords", "pca_mean", "pca_
 @dataclass(frozen=True)
 class RealData:
     """The bundle's real data: images uint8 (N, H, W, C); score float32 (N,); label int64 (N,) in [0, L);
-    severity float32 (N,) (NaN when unknown); coords float32 (N, 2); pca_* project pixels to the map's input."""
+    truth float32 (N,): the ground-truth column named ``truth_name`` (MRI: atrophy severity in [0, 1]; NaN when
+    the bundle has none); coords float32 (N, 2); pca_* project pixels to the map's input; ``metadata``: every
+    numeric column of real.csv beyond path/score/label/x/y, float64 (N,) with NaN where unknown."""
 
     paths: list
     images: np.ndarray
     score: np.ndarray
     label: np.ndarray
-    severity: np.ndarray
+    truth: np.ndarray
     coords: np.ndarray
     pca_mean: np.ndarray
     pca_components: np.ndarray
+    truth_name: Optional[str] = None
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def has_truth(self) -> bool:
+        return self.truth_name is not None and bool(np.isfinite(self.truth).all())
 
 
 @dataclass(frozen=True)
@@ -87,31 +97,47 @@ def check_bundle(root: str | os.PathLike) -> dict:
     return manifest
 
 
-def load_real(root: Path) -> RealData:
+def load_real(root: Path, manifest: Optional[dict] = None) -> RealData:
+    """The real data of a bundle folder; ``manifest`` (default: read from the folder) names the truth column."""
     import csv
 
+    if manifest is None:
+        manifest = read_json(root / "manifest.json")
     t = load_tensors(root / "real.safetensors")
     missing = [k for k in REAL_KEYS if k not in t]
     if missing:
         raise CheckpointError(f"{root / 'real.safetensors'}: missing key {missing[0]!r}")
     with open(root / "real.csv", newline="", encoding="utf-8") as f:
-        paths = [r["path"] for r in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        header = list(reader.fieldnames or [])
+    paths = [r["path"] for r in rows]
     n = t["images"].shape[0]
     if len(paths) != n or any(t[k].shape[0] != n for k in ("score", "label", "severity", "coords")):
         raise CheckpointError(f"--bundle {root}: real.csv and real.safetensors disagree on the number of images")
+    metadata = {}
+    for col in header:
+        if col in ("path", "score", "label", "x", "y"):
+            continue
+        try:
+            metadata[col] = np.array([float(r[col]) if r[col] not in ("", None) else np.nan for r in rows])
+        except ValueError:
+            continue  # a non-numeric column is for people only
+    dataset = manifest.get("dataset", {})
+    truth_name = dataset.get("truth", "severity" if "severity" in metadata else None)  # schema-1 MRI bundles
     return RealData(paths, t["images"].numpy(), t["score"].numpy(), t["label"].numpy(), t["severity"].numpy(),
-                    t["coords"].numpy(), t["pca_mean"].numpy(), t["pca_components"].numpy())
+                    t["coords"].numpy(), t["pca_mean"].numpy(), t["pca_components"].numpy(), truth_name, metadata)
 
 
 def load_bundle(root: str | os.PathLike, device: str | torch.device = "cpu", load_models: bool = True) -> Bundle:
     """One call: validate and load a bundle (never unpickles)."""
-    from .models import load_classifier, load_diffusion
+    from core.nets.models import load_classifier, load_diffusion
 
     root = Path(root)
     manifest = check_bundle(root)
     model = load_diffusion(root, device) if load_models else None
     classifier = load_classifier(root, device) if load_models else None
-    return Bundle(root, manifest, model, classifier, load_real(root))
+    return Bundle(root, manifest, model, classifier, load_real(root, manifest))
 
 
 def project(real: RealData, images_u8: np.ndarray, k: int = 10) -> np.ndarray:

@@ -12,9 +12,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .errors import DataError
-from .metrics import (Features, avg_knn, check_images, fid, lof, precision_recall, rarity_score, top_unique)
-from .neighbours import find_neighbours, near_copy_threshold
+from core.errors import DataError
+from core.evaluation.metrics import (Features, avg_knn, check_images, fid, lof, precision_recall, rarity_score, top_unique)
+from core.evaluation.neighbours import find_neighbours, near_copy_threshold
 
 
 PROTOCOLS = ("single", "paper")
@@ -126,9 +126,9 @@ def paper_spaces(channels: int, quality: Optional[str] = None, density: Optional
     import torch
     from torchvision.models import Inception_V3_Weights, ResNet50_Weights
 
-    from .errors import OfflineError
-    from .metrics import FID_INCEPTION_FILES, fid_inception_file
-    from .score import _offline
+    from core.errors import OfflineError
+    from core.evaluation.metrics import FID_INCEPTION_FILES, fid_inception_file
+    from core.maths.score import _offline
 
     hub = Path(torch.hub.get_dir()) / "checkpoints"
     if density is None:
@@ -274,7 +274,7 @@ def density_figure(report: Report) -> bytes:
 
 def write_report(report: Report, out: str | Path, extra: Optional[dict] = None) -> Path:
     """report.json, report.md and density.png in ``out``, each written atomically."""
-    from .checkpoint import atomic_write_bytes, atomic_write_text
+    from core.nets.checkpoint import atomic_write_bytes, atomic_write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -305,8 +305,8 @@ def load_image_set(path: str | Path, size: Optional[int] = None, channels: Optio
                    progress: Optional[Callable[[int, int], None]] = None) -> tuple[np.ndarray, dict]:
     """uint8 NHWC images from a .npz, a bundle folder (its real data) or an image/NIfTI folder (loaded at
     ``size`` x ``size`` with ``channels``); returns (images, description with each image's ``paths``)."""
-    from .bundle import load_real
-    from .data import load_image_folder
+    from core.bundles.bundle import load_real
+    from core.bundles.data import load_image_folder
 
     path = Path(path)
     if path.is_file():
@@ -315,7 +315,7 @@ def load_image_set(path: str | Path, size: Optional[int] = None, channels: Optio
     if not path.is_dir():
         raise DataError(f"{path}: no such file or folder")
     if (path / "manifest.json").is_file():
-        from .bundle import check_bundle
+        from core.bundles.bundle import check_bundle
 
         manifest = check_bundle(path)
         real = load_real(path)

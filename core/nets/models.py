@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import SCHEMA_VERSION, check_schema, load_weights_for, read_json, save_weights_and_config
-from .errors import CheckpointError, OfflineError
-from .schedule import VARIANCE_TYPES, NoiseSchedule, make_schedule
+from core.nets.checkpoint import SCHEMA_VERSION, check_schema, load_weights_for, read_json, save_weights_and_config
+from core.errors import CheckpointError, OfflineError
+from core.maths.schedule import VARIANCE_TYPES, NoiseSchedule, make_schedule
 
 MODEL_FILES = ("model.json", "model.safetensors")
 CLASSIFIER_FILES = ("classifier.json", "classifier.safetensors")
@@ -158,6 +158,20 @@ def save_diffusion(run: str | os.PathLike, net: nn.Module, cfg: UNetConfig, sche
     })
 
 
+def save_model_run(run: str | os.PathLike, model: DiffusionModel, extra: Optional[dict] = None) -> None:
+    """Write any loaded DiffusionModel (ours, a diffusers folder, a hub id) as a run folder: model.json keeps the
+    UNet2DModel config, the schedule and the variance type; model.safetensors the weights."""
+    betas = model.schedule.betas
+    sched = {"name": model.schedule.name, "T": model.schedule.T, "beta_start": float(betas[0]), "beta_end": float(betas[-1])}
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(model.net.config).items() if not k.startswith("_")}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
+    Path(run).mkdir(parents=True, exist_ok=True)
+    save_weights_and_config(run, "model", state, {
+        "schema": SCHEMA_VERSION, "kind": "diffusion", "unet_diffusers": config, "image_size": model.image_size,
+        "channels": model.channels, "num_classes": model.num_classes, "variance_type": model.variance_type,
+        "schedule": sched, "class_names": model.class_names, **(extra or {})})
+
+
 def load_diffusion(spec: str | os.PathLike, device: str | torch.device = "cpu") -> DiffusionModel:
     """Load a run folder of ours, a diffusers UNet2DModel folder, or a hub id (needs internet)."""
     path = Path(spec)
@@ -175,6 +189,8 @@ def load_diffusion(spec: str | os.PathLike, device: str | torch.device = "cpu") 
 def _load_own(path: Path, device) -> DiffusionModel:
     cfg_json = read_json(path / "model.json")
     check_schema(cfg_json, str(path / "model.json"), "diffusion")
+    if "unet_diffusers" in cfg_json:  # written by save_model_run from any UNet2DModel
+        return _load_saved_diffusers(path, cfg_json, device)
     try:
         u = dict(cfg_json["unet"])
         u["block_out_channels"] = tuple(u["block_out_channels"])
@@ -187,6 +203,23 @@ def _load_own(path: Path, device) -> DiffusionModel:
     net = load_weights_for(net, path, "model", cfg_json)
     model = DiffusionModel(net, schedule, cfg.image_size, cfg.channels, cfg.num_classes,
                            list(cfg_json.get("class_names") or []), source=str(path))
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _load_saved_diffusers(path: Path, cfg_json: dict, device) -> DiffusionModel:
+    from diffusers import UNet2DModel
+
+    try:
+        net = UNet2DModel.from_config(dict(cfg_json["unet_diffusers"]))
+        s = cfg_json["schedule"]
+        schedule = make_schedule(s["name"], int(s["T"]), float(s["beta_start"]), float(s["beta_end"]))
+        size, channels = int(cfg_json["image_size"]), int(cfg_json["channels"])
+        variance_type = cfg_json.get("variance_type", "fixed_small")
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
+        raise CheckpointError(f"{path / 'model.json'}: malformed config ({type(e).__name__}: {e})") from None
+    net = load_weights_for(net, path, "model", cfg_json)
+    model = DiffusionModel(net, schedule, size, channels, int(cfg_json.get("num_classes") or 0),
+                           list(cfg_json.get("class_names") or []), source=str(path), variance_type=variance_type)
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -1,0 +1,429 @@
+"""``build``: any image or NIfTI folder (grey or colour) to a bundle the app and every command open.
+
+Stages (each skipped when its output already exists in the work folder, so a killed build resumes;
+each redone when the settings it was made with changed):
+data (+ metadata.csv) -> diffusion model (trained, or given by --model) -> distance x timestep sweep
+against the --truth column (only with --truth) -> minority score of all images -> L quantile classes ->
+minority classifier -> 2-D map -> bundle (written file by file, the manifest with every sha256 last).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from core.bundles.bundle import BUNDLE_FILES, BUNDLE_SCHEMA, sha256_file
+from core.nets.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text, save_tensors
+from core.bundles.data import DEFAULT_BAND, is_nifti
+from core.errors import DataError
+
+Log = Callable[[str], None]
+Progress = Callable[[str, int, int, dict], None]
+SWEEP_VERSION = 2  # 2: lpips-rand with uniform channel weights (issue 15); a work folder's older sweep is redone
+# Without --truth the score cannot be chosen by a sweep. unet-feat at 0.6T measured best of the five distances
+# on the one data set with ground truth (MRI sweep, docs/RESULTS.md), needs no weights beyond the model's own,
+# and works offline; lpips (VGG, the paper's choice) needs torchvision weights a fresh machine may not have.
+DEFAULT_DISTANCE, DEFAULT_T_FRAC = "unet-feat", 0.6
+MIN_PER_CLASS = 2
+RESERVED_COLUMNS = ("path", "score", "label", "x", "y")
+
+
+@dataclass
+class BuildConfig:
+    size: Optional[int] = None  # image side; None = 32, or the --model's size
+    channels: Optional[int] = None  # 1 grey / 3 RGB; None = 1, or the --model's channels
+    seed: int = 0
+    model: Optional[str] = None  # run folder, diffusers folder or hub id; None = train one
+    diffusion_steps: int = 8000  # UNet optimiser steps (batch 32)
+    widths: tuple = (32, 64, 64)  # UNet channels per level
+    truth: Optional[str] = None  # metadata.csv column with the ground-truth rarity / severity
+    sweep_n: int = 600  # images in the distance / timestep sweep (with --truth)
+    sweep_distances: tuple = ("l2", "l1", "ssim", "lpips-rand", "unet-feat")
+    sweep_t: tuple = (0.2, 0.4, 0.6, 0.8)  # fractions of T
+    draws: int = 20  # noise draws for the final score (5 draws gave a test-retest Spearman of only ~0.6)
+    score_distance: Optional[str] = None  # None = the sweep's best (with --truth) or DEFAULT_DISTANCE
+    score_t: Optional[float] = None  # fraction of T in (0, 1) or an integer step; None = sweep's best or 0.6T
+    classes: int = 50  # L
+    clf_steps: int = 6000
+    clf_base_channels: int = 16
+    clf_batch: int = 64
+    map_method: str = "umap"  # umap (PCA 50 then UMAP) or pca (first two components; fast, for tests)
+    name: Optional[str] = None  # bundle name; None = the output folder's name
+    slice_band: tuple = DEFAULT_BAND
+    dataset: dict = field(default_factory=dict)  # extra manifest facts about the data (build-demo: its source)
+    force: bool = False  # replace a different bundle already in the output folder
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    ok = np.isfinite(a) & np.isfinite(b)
+    return float(spearmanr(a[ok], b[ok]).statistic)
+
+
+def read_metadata(data_dir: Path, paths: list[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """``metadata.csv`` of a data folder, aligned to the loaded images' ``paths``: ({numeric column: float64
+    (N,) with NaN where an image has no row or no value}, [ignored non-numeric columns]). NIfTI slices
+    ``FILE#zNNN`` take their volume's row. No file: ({}, []). DataError for a file without a ``path``
+    column or a row naming a file that is not in the folder."""
+    meta = data_dir / "metadata.csv"
+    if not meta.is_file():
+        return {}, []
+    try:
+        with open(meta, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = list(reader.fieldnames or [])
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{meta}: not a readable CSV file ({type(e).__name__}: {e})") from None
+    if "path" not in header:
+        raise DataError(f"{meta}: needs a 'path' column (the image's path relative to the data folder); "
+                        f"found {', '.join(header) or 'no header'}")
+    by_path = {}
+    for k, r in enumerate(rows, start=2):
+        p = (r.get("path") or "").strip()
+        if not (data_dir / p).is_file():
+            raise DataError(f"{meta} line {k}: {p!r} is not a file in {data_dir}")
+        by_path[Path(p).as_posix()] = r
+    numeric, ignored = {}, []
+    for col in header:
+        if col == "path" or col in RESERVED_COLUMNS:
+            continue
+        vals = np.full(len(paths), np.nan)
+        ok = True
+        for i, p in enumerate(paths):
+            r = by_path.get(p.split("#z")[0])
+            v = (r.get(col) or "").strip() if r is not None else ""
+            if v == "":
+                continue
+            try:
+                vals[i] = float(v)
+            except ValueError:
+                ok = False
+                break
+            if not math.isfinite(vals[i]):
+                vals[i] = np.nan
+        if ok:
+            numeric[col] = vals
+        else:
+            ignored.append(col)
+    return numeric, ignored
+
+
+def check_inputs(data_dir: Path, cfg: BuildConfig) -> None:
+    """Refusals that need no image decoded: a NIfTI folder mixed with images."""
+    from core.bundles.data import list_images
+
+    paths, _, _ = list_images(data_dir)
+    kinds = {is_nifti(p) for p in paths}
+    if len(kinds) == 2:
+        n_nii = sum(is_nifti(p) for p in paths)
+        raise DataError(f"--data {data_dir}: mixes {n_nii} NIfTI volumes with {len(paths) - n_nii} images; "
+                        "build one bundle per kind (NIfTI slices are min-max normalised grey, images are not)")
+
+
+def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: BuildConfig, log: Log,
+                 progress: Optional[Progress] = None) -> dict:
+    """The whole pipeline on ``data_dir``; writes the bundle to ``out`` and returns its manifest."""
+    from core.maths.categorize import fit_labels
+    from core.bundles.data import load_image_folder
+    from core.nets.models import ClassifierConfig, UNetConfig, load_classifier, load_diffusion, save_model_run
+    from core.maths.score import ScoreSettings, make_distance, minority_scores, resolve_t
+    from core.nets.train import ClassifierTrainConfig, DiffusionTrainConfig, train_classifier, train_diffusion
+
+    data_dir, out, work = Path(data_dir), Path(out), Path(work)
+    report = lambda stage: (lambda i, n, m=None: progress(stage, i, n, m or {})) if progress else None  # noqa: E731
+    timings: dict = {}
+    clock = [time.perf_counter()]
+
+    def stage_done(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = round(now - clock[0], 1)
+        clock[0] = now
+
+    check_inputs(data_dir, cfg)
+    given = None
+    if cfg.model is not None:  # size, channels and schedule come from the model; a clash fails before any work
+        given = load_diffusion(cfg.model)
+        for flag, want, has in (("--size", cfg.size, given.image_size), ("--channels", cfg.channels, given.channels)):
+            if want is not None and want != has:
+                raise DataError(f"{flag} {want} disagrees with --model {cfg.model}, which takes {has} "
+                                f"({'pixels' if flag == '--size' else 'channels'}); drop {flag} or pass {has}")
+        size, channels = given.image_size, given.channels
+    else:
+        size, channels = cfg.size or 32, cfg.channels or 1
+    if channels not in (1, 3):
+        raise ValueError(f"--channels must be 1 or 3, got {channels}")
+    if cfg.classes < 2:
+        raise ValueError(f"--classes must be >= 2, got {cfg.classes}")
+    log(f"1/6 data: {data_dir} at {size}x{size}, {channels} channel{'s' if channels > 1 else ''}")
+    data = load_image_folder(data_dir, size, channels, progress=report("load"), slice_band=tuple(cfg.slice_band))
+    if data.skipped:
+        log(f"   skipped {len(data.skipped)} unreadable file(s), first: {data.skipped[0][0]}: {data.skipped[0][1]}")
+    if len(data) < MIN_PER_CLASS * cfg.classes:
+        raise DataError(f"--data {data_dir}: {len(data)} image(s) is too few for --classes {cfg.classes} "
+                        f"(at least {MIN_PER_CLASS} per class, {MIN_PER_CLASS * cfg.classes} in all); "
+                        "add images or lower --classes")
+    metadata, ignored = read_metadata(data_dir, data.paths)
+    if ignored:
+        log(f"   metadata.csv: non-numeric column(s) not carried: {', '.join(ignored)}")
+    if metadata:
+        log(f"   metadata.csv: numeric column(s) carried into the bundle: {', '.join(metadata)}")
+    truth = None
+    if cfg.truth is not None:
+        if cfg.truth not in metadata:
+            why = ("has no metadata.csv" if not (data_dir / "metadata.csv").is_file() else
+                   "metadata.csv's column is not numeric" if cfg.truth in ignored else "metadata.csv has no such column")
+            raise DataError(f"--truth {cfg.truth}: {data_dir} {why}; numeric columns: {', '.join(metadata) or 'none'}")
+        truth = metadata[cfg.truth]
+        if np.isfinite(truth).sum() < 10:
+            raise DataError(f"--truth {cfg.truth}: only {int(np.isfinite(truth).sum())} image(s) have a value (need 10)")
+    stage_done("data")
+    work.mkdir(parents=True, exist_ok=True)
+
+    run = work / "run"
+    if given is not None:
+        model = given
+        log(f"2/6 diffusion model: given ({cfg.model}), {model.schedule.name} schedule, T={model.schedule.T}")
+    else:
+        state = run / "train_state.safetensors"
+        done_steps = json.loads((run / "model.json").read_text()).get("step", 0) if (run / "model.json").is_file() else 0
+        if (run / "model.json").is_file():
+            u = json.loads((run / "model.json").read_text()).get("unet", {})
+            if (u.get("image_size"), u.get("channels"), list(u.get("block_out_channels", []))) != (size, channels, list(cfg.widths)):
+                raise DataError(f"--work {work}: holds a diffusion model for {u.get('image_size')} px, {u.get('channels')} "
+                                f"channel(s), widths {u.get('block_out_channels')}; this build asks for {size} px, {channels}, "
+                                f"{list(cfg.widths)}: pass another --work or delete it")
+        if done_steps < cfg.diffusion_steps:
+            est = _estimate_minutes(cfg.diffusion_steps - done_steps, size, channels)
+            log(f"2/6 diffusion model: {cfg.diffusion_steps} steps" + (f" (resuming at {done_steps})" if done_steps else "")
+                + f"; about {est:.0f} min on 2 CPU cores")
+            train_diffusion(data, run, DiffusionTrainConfig(steps=cfg.diffusion_steps, batch_size=32, seed=cfg.seed,
+                                                            save_every=250, unet=UNetConfig(size, channels, tuple(cfg.widths))),
+                            resume=state.is_file(), progress=report("diffusion"))
+        model = load_diffusion(run)
+    stage_done("diffusion")
+
+    sweep = None
+    if truth is not None:
+        sweep_path = work / "sweep.json"
+        want = {"n": min(cfg.sweep_n, len(data)), "distances": sorted(cfg.sweep_distances),
+                "t_fracs": sorted(float(f) for f in cfg.sweep_t), "truth": cfg.truth, "version": SWEEP_VERSION}
+        if sweep_path.is_file():  # a sweep of other distances, timesteps, size or truth is redone, not reused
+            old = json.loads(sweep_path.read_text())
+            done = {"n": old.get("n"), "distances": sorted({r["distance"] for r in old.get("rows", [])}),
+                    "t_fracs": sorted({float(r["t_frac"]) for r in old.get("rows", [])}),
+                    "truth": old.get("truth", "severity"), "version": old.get("version")}
+            if done != want:
+                log("   sweep settings changed since the last run: sweeping again")
+                sweep_path.unlink()
+        if not sweep_path.is_file():
+            log(f"3/6 distance x timestep sweep on {want['n']} images against {cfg.truth}")
+            sub, rows = sweep_rows(model, data.images, truth, cfg.sweep_distances, cfg.sweep_t, cfg.sweep_n, cfg.seed,
+                                   log=log)
+            atomic_write_json(sweep_path, {"n": int(len(sub)), "draws": 2, "rows": rows, "truth": cfg.truth,
+                                           "version": SWEEP_VERSION})
+        sweep = json.loads(sweep_path.read_text())
+        best = max(sweep["rows"], key=lambda r: r["spearman"])
+        best_distance, best_t = best["distance"], int(best["t"])
+    else:
+        best_distance, best_t = DEFAULT_DISTANCE, resolve_t(DEFAULT_T_FRAC, model.schedule.T)
+        log(f"3/6 no --truth: no sweep; the score uses {cfg.score_distance or best_distance} at "
+            f"t={best_t if cfg.score_t is None else cfg.score_t} (the documented default)")
+    stage_done("sweep")
+
+    scores_path, scores_meta = work / "scores.npy", work / "scores.json"
+    t_final = best_t if cfg.score_t is None else resolve_t(cfg.score_t, model.schedule.T, "--score-t")
+    settings = ScoreSettings(distance=cfg.score_distance or best_distance, t=t_final, draws=cfg.draws, seed=cfg.seed)
+    fingerprint = {**settings.to_dict(), "n": len(data), "model": _model_fingerprint(model, run, cfg)}
+    if scores_meta.is_file() and json.loads(scores_meta.read_text()) not in (fingerprint, settings.to_dict()):
+        log("   score settings changed since the last run: rescoring")
+        scores_path.unlink(missing_ok=True)
+    if not scores_path.is_file():
+        log(f"4/6 minority score of {len(data)} images: {settings.distance}, t={settings.t}, {settings.draws} draws")
+        scores = minority_scores(model, data.images, torch.arange(len(data)), settings,
+                                 make_distance(settings.distance, seed=cfg.seed, model=model), batch_size=128,
+                                 progress=report("score"))
+        buf = io.BytesIO()
+        np.save(buf, scores, allow_pickle=False)
+        atomic_write_bytes(scores_path, buf.getvalue())
+        atomic_write_json(scores_meta, fingerprint)
+    scores = np.load(scores_path, allow_pickle=False)
+    if len(scores) != len(data):
+        raise DataError(f"--work {work}: scores.npy has {len(scores)} rows for {len(data)} images; delete it to rescore")
+    thresholds, labels = fit_labels(scores, cfg.classes)
+    rho_full = spearman(scores, truth) if truth is not None else None
+    if rho_full is not None:
+        log(f"   Spearman(score, {cfg.truth}) on all {len(data)} images: {rho_full:+.3f}")
+    stage_done("score")
+
+    clf_dir = work / "classifier"
+    if (clf_dir / "classifier.json").is_file():
+        info = json.loads((clf_dir / "classifier.json").read_text())
+        net = info.get("config", {})
+        if (info.get("score_settings"), info.get("steps"), net.get("base_channels"), net.get("num_outputs"),
+                net.get("image_size"), net.get("channels")) != (
+                settings.to_dict(), cfg.clf_steps, cfg.clf_base_channels, cfg.classes, size, channels):
+            log("   classifier was trained for other labels or settings: retraining")
+            (clf_dir / "classifier.json").unlink()
+    if not (clf_dir / "classifier.json").is_file():
+        log(f"5/6 minority classifier: L={cfg.classes}, {cfg.clf_steps} steps")
+        ccfg = ClassifierTrainConfig(steps=cfg.clf_steps, batch_size=cfg.clf_batch, seed=cfg.seed, eval_every=250,
+                                     net=ClassifierConfig(size, channels, cfg.classes, base_channels=cfg.clf_base_channels))
+        train_classifier(data, labels, model.schedule, clf_dir, ccfg, thresholds.tolist(),
+                         {"score_settings": settings.to_dict()}, progress=report("classifier"))
+    clf = load_classifier(clf_dir)
+    stage_done("classifier")
+
+    log("6/6 2-D map and bundle")
+    images_nhwc = data.images.permute(0, 2, 3, 1).numpy()
+    coords, pca_mean, pca_comps, map_method = two_d_map(images_nhwc, cfg.seed, log, cfg.map_method)
+    _check_out(out, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # no manifest while the files change: never a half-valid bundle
+    if given is not None:
+        save_model_run(out, model, {"source": cfg.model})
+    else:
+        for name in ("model.json", "model.safetensors"):
+            atomic_write_bytes(out / name, (run / name).read_bytes())
+    for name in ("classifier.json", "classifier.safetensors"):
+        atomic_write_bytes(out / name, (clf_dir / name).read_bytes())
+    truth_values = truth if truth is not None else np.full(len(data), np.nan)
+    save_tensors(out / "real.safetensors", {
+        "images": torch.from_numpy(np.ascontiguousarray(images_nhwc)), "score": torch.from_numpy(scores.astype(np.float32)),
+        "label": torch.from_numpy(labels), "severity": torch.from_numpy(truth_values.astype(np.float32)),
+        "coords": torch.from_numpy(coords), "pca_mean": torch.from_numpy(pca_mean),
+        "pca_components": torch.from_numpy(pca_comps)})
+    columns = list(metadata)
+    table = io.StringIO()
+    w = csv.writer(table, lineterminator="\n")
+    w.writerow(["path", "score", "label", *columns, "x", "y"])
+    for i, p in enumerate(data.paths):
+        w.writerow([p, f"{scores[i]:.6g}", int(labels[i]), *(_fmt(metadata[c][i]) for c in columns),
+                    f"{coords[i, 0]:.4f}", f"{coords[i, 1]:.4f}"])
+    atomic_write_text(out / "real.csv", table.getvalue())
+    stage_done("map and bundle")
+    score_info = {**settings.to_dict()}
+    if truth is not None:
+        score_info["spearman_vs_truth"] = rho_full
+        if cfg.truth == "severity":
+            score_info["spearman_vs_severity"] = rho_full  # the key older readers of the MRI bundle know
+    manifest = {
+        "schema_version": BUNDLE_SCHEMA, "name": cfg.name or out.name,
+        "dataset": {"name": data_dir.name, "n": len(data), "seed": cfg.seed, "truth": cfg.truth,
+                    "metadata_columns": columns, "skipped": len(data.skipped), **cfg.dataset},
+        "image_size": size, "channels": channels, "schedule": model.schedule.name, "T": model.schedule.T,
+        "num_classes": cfg.classes, "thresholds": thresholds.tolist(),
+        "score": score_info, "sweep": sweep,
+        "training": {"diffusion_steps": None if given is not None else cfg.diffusion_steps,
+                     "model": cfg.model, "widths": None if given is not None else list(cfg.widths),
+                     "classifier_steps": cfg.clf_steps, "classifier_base_channels": cfg.clf_base_channels,
+                     "classifier_metrics": clf.info.get("metrics")},
+        "map": map_method, "seeds": {"data": cfg.seed, "training": cfg.seed, "score": cfg.seed},
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items() if k not in ("dataset", "force")},
+        "stage_seconds": timings, "versions": _versions(),
+        "files": {name: sha256_file(out / name) for name in BUNDLE_FILES},
+    }
+    atomic_write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _check_out(out: Path, cfg: BuildConfig) -> None:
+    """Refuse to overwrite a folder that holds something other than this bundle, unless forced."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"--out {out}: exists and is not a folder")
+    if cfg.force:
+        return
+    m = out / "manifest.json"
+    if m.is_file():
+        try:
+            name = json.loads(m.read_text()).get("name")
+        except (OSError, ValueError):
+            name = None
+        if name != (cfg.name or out.name):
+            raise DataError(f"--out {out}: already holds the bundle {name!r}; pass --force to replace it, or another --out")
+        return
+    others = [p.name for p in out.iterdir() if p.name not in BUNDLE_FILES and not p.name.startswith(".")]
+    if others:
+        raise DataError(f"--out {out}: is not empty and not a bundle (holds {others[0]!r}); pass --force or another --out")
+
+
+def _fmt(v: float) -> str:
+    return "" if not np.isfinite(v) else f"{v:.6g}"
+
+
+def _model_fingerprint(model, run: Path, cfg: BuildConfig) -> str:
+    if cfg.model is not None:
+        return str(cfg.model)
+    try:
+        return json.loads((run / "model.json").read_text()).get("weights_sha256", "")
+    except (OSError, ValueError):
+        return ""
+
+
+def _estimate_minutes(steps: int, size: int, channels: int) -> float:
+    """Diffusion training time on 2 CPU cores: 8000 steps at 32x32 took 52 min (MRI build); scales with pixels."""
+    return 52.0 * steps / 8000 * (size / 32) ** 2
+
+
+def two_d_map(images: np.ndarray, seed: int, log: Log, method: str = "umap") -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """PCA(50) of the pixels of uint8 (N, H, W, C), then UMAP to 2-D (PCA's first two components without umap-learn)."""
+    x = images.reshape(len(images), -1).astype(np.float32) / 255.0
+    mean = x.mean(0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    comps = vt[:50].astype(np.float32)
+    z = (x - mean) @ comps.T
+    if method == "pca":
+        return z[:, :2].astype(np.float32), mean.astype(np.float32), comps, "pca2"
+    try:
+        import umap
+
+        coords = umap.UMAP(n_components=2, n_neighbors=30, min_dist=0.1, random_state=seed).fit_transform(z)
+        method = "umap(pca50)"
+    except ImportError:
+        log("umap-learn is not installed: the 2-D map is the first two PCA components")
+        coords, method = z[:, :2], "pca2"
+    return coords.astype(np.float32), mean.astype(np.float32), comps, method
+
+
+def sweep_rows(model, images: torch.Tensor, truth: np.ndarray, distances, t_fracs, n: int, seed: int,
+               draws: int = 2, log: Optional[Log] = None) -> tuple[np.ndarray, list]:
+    """The build's distance x timestep sweep: Spearman(minority score, truth) on a seeded subset of ``n`` of the
+    uint8 images (N, C, H, W) for each distance and t = frac * T; returns (subset indices, rows)."""
+    from core.maths.score import ScoreSettings, make_distance, minority_scores
+
+    rng = np.random.default_rng(seed)
+    sub = np.sort(rng.choice(len(images), size=min(n, len(images)), replace=False))
+    sub_t = torch.as_tensor(sub)
+    rows = []
+    for dist_name in distances:
+        dist = make_distance(dist_name, seed=seed, model=model)
+        for frac in t_fracs:
+            st = ScoreSettings(distance=dist_name, t=int(round(frac * model.schedule.T)), draws=draws, seed=seed)
+            s = minority_scores(model, images[sub_t], sub_t, st, dist, batch_size=128)
+            rows.append({"distance": dist_name, "t_frac": frac, "t": st.t, "spearman": spearman(s, truth[sub])})
+            if log is not None:
+                log(f"   {dist_name:10s} t={st.t:4d}: Spearman {rows[-1]['spearman']:+.3f}")
+    return sub, rows
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "diffusers", "accelerate", "numpy", "nilearn", "nibabel", "umap-learn", "lpips"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out

@@ -1,0 +1,1 @@
+"""Evaluation: feature spaces, density and quality metrics, nearest neighbours, truth readers."""

@@ -1,0 +1,1 @@
+"""The paper's maths: noise schedules, the minority score, guidance terms, samplers, quantile classes."""

@@ -1,0 +1,1 @@
+"""Networks and their files: the diffusion model and minority classifier, checkpoints, training loops."""
