@@ -304,7 +304,7 @@ class Studio:
         s = self.bundle.manifest["score"]
         settings = ScoreSettings(distance=s["distance"], t=int(s["t"]), draws=draws or caption_draws(s),
                                  seed=int(s["seed"]), clip=bool(s.get("clip", True)))
-        x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+        x = torch.from_numpy(np.array(images.transpose(0, 3, 1, 2)))  # a writable copy (uploads are read-only)
         idx = torch.arange(len(images)) + seed * 1000
         return minority_scores(self.bundle.model, x, idx, settings, self.distance())
 

@@ -64,3 +64,70 @@ def test_sliders_generate_and_browse_in_chromium(url, tmp_path):
                                timeout=60_000)
         page.screenshot(path=str(tmp_path / "density.png"), full_page=True)
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def library_url(tmp_path_factory):
+    """The app as ``python app.py`` opens it: every shipped bundle (MRI first, then faces)."""
+    from app.library import Library
+
+    lib = Library.open(Library.default_paths())
+    assert len(lib.studios) >= 2, f"expected the MRI and faces bundles under assets/, got {lib.names()}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = build_ui(lib)
+    launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/", lib
+    demo.close()
+
+
+def _generate(page, sfx, n=2, steps=5):
+    for eid, value in (("n", n), ("steps", steps)):
+        _set_number(page, eid + sfx, value)
+    page.click(f"#generate{sfx}")
+    page.wait_for_function(f"document.querySelector('#status{sfx}').innerText.startsWith('Done')", timeout=180_000)
+    return page.locator(f"#guided{sfx} img").count()
+
+
+def test_switch_bundles_generate_on_each_and_score_uploads(library_url, tmp_path):
+    """The selector switches the whole page; each bundle generates; a clicked image shows its neighbours; on the
+    MRI page a severe-atrophy phantom slice uploaded in the browser lands in a higher class than a mild one."""
+    from PIL import Image
+
+    from core.demos.phantom import Z_BAND, _templates, make_sample, slice_maps
+
+    url, lib = library_url
+    maps = slice_maps(_templates(), (Z_BAND[0] + Z_BAND[1]) // 2)
+    for name, sev in (("mild", 0.02), ("severe", 0.95)):
+        Image.fromarray(make_sample(maps, sev, __import__("numpy").random.default_rng(0), 32)[0]).save(tmp_path / f"{name}.png")
+    second = "-" + "".join(c if c.isalnum() else "-" for c in lib.names()[1].lower())
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url, wait_until="domcontentloaded")
+        page.wait_for_selector("#bundle-select", timeout=60_000)
+        assert _generate(page, "") == 2
+        page.locator("#guided img").first.click()
+        page.wait_for_function("document.querySelector('#neighbours-text').innerText.includes('near-copy')",
+                               timeout=60_000)
+        classes = {}
+        page.get_by_role("tab", name="Score an image").first.click()
+        for name in ("mild", "severe"):
+            page.set_input_files("#upload input[type=file]", str(tmp_path / f"{name}.png"))
+            page.wait_for_function(f"document.querySelector('#verdict').innerText.includes('{name}.png')",
+                                   timeout=120_000)
+            text = page.inner_text("#verdict")
+            classes[name] = int(text.split("class ")[1].split(" ")[0])
+        assert classes["severe"] > classes["mild"], classes
+        page.locator("#bundle-select label").nth(1).click()  # the second bundle's page replaces the first
+        page.wait_for_selector(f"#generate{second}", state="visible", timeout=30_000)
+        assert not page.locator("#generate").is_visible()
+        page.wait_for_function(f"document.querySelector('#class-panel{second}').innerText.includes('real images')",
+                               timeout=120_000)
+        assert _generate(page, second) == 2
+        page.screenshot(path=str(tmp_path / "second-bundle.png"), full_page=True)
+        page.locator("#bundle-select label").nth(0).click()
+        page.wait_for_selector("#generate", state="visible", timeout=30_000)
+        browser.close()
+    assert len(lib.pool.loaded()) <= 2

@@ -1,0 +1,224 @@
+"""Issue 17: `build` on any folder (grey, colour, NIfTI, class sub-folders), metadata.csv and --truth, a given
+--model, the faces demo, and every bad-input row: one clear line each, nothing lost."""
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.bundles.bundle import load_bundle
+from core.cli import main
+from core.demos.faces import ATTRIBUTES, RARE_VALUES, build_faces, expected_rare_share, rare_count, rarity_of
+
+TINY = ["--size", "16", "--widths", "8,16", "--diffusion-steps", "3", "--clf-steps", "3", "--clf-base-channels", "8",
+        "--draws", "1", "--classes", "4", "--map", "pca", "--sweep-n", "16"]
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1] if err else ""
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    out = tmp_path_factory.mktemp("faces") / "data"
+    build_faces(out, n=48, size=16, seed=3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def colour_bundle(faces, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cb") / "faces-bundle"
+    assert main(["build", "--data", str(faces), "--out", str(out), "--channels", "3", "--truth", "rarity", *TINY]) == 0
+    return out
+
+
+def test_faces_are_deterministic_long_tailed_and_carry_their_rarity(tmp_path, faces):
+    again = tmp_path / "again"
+    build_faces(again, n=48, size=16, seed=3)
+    assert (again / "metadata.csv").read_bytes() == (faces / "metadata.csv").read_bytes()
+    assert all((again / f"images/{i:05d}.png").read_bytes() == (faces / f"images/{i:05d}.png").read_bytes()
+               for i in range(48))
+    rows = list(csv.DictReader(open(faces / "metadata.csv")))
+    codes = {a: np.array([int(r[a]) for r in rows]) for a in ATTRIBUTES}
+    # rarity = -sum log p of the face's values, and the rare count counts values of frequency <= 6 %
+    want = sum(-np.log([ATTRIBUTES[a][c][1] for c in codes[a]]) for a in ATTRIBUTES)
+    assert np.allclose([float(r["rarity"]) for r in rows], want, atol=1e-4)
+    assert np.allclose(rarity_of(codes), want)
+    assert [int(r["rare_attributes"]) for r in rows] == rare_count(codes).tolist()
+    assert ("eyeglasses", "yes") in RARE_VALUES and ("hat", "yes") in RARE_VALUES
+    img = np.asarray(Image.open(faces / "images/00000.png"))
+    assert img.shape == (16, 16, 3) and img.dtype == np.uint8 and img.std() > 10
+    # the frequencies hold on a large draw (no rendering: only the attribute draw)
+    from core.demos.faces import draw_attributes
+
+    big = draw_attributes(np.random.default_rng(0), 40_000)
+    assert abs((big["eyeglasses"] == 1).mean() - 0.06) < 0.005 and abs((big["hat"] == 1).mean() - 0.05) < 0.005
+    assert abs((rare_count(big) > 0).mean() - expected_rare_share()) < 0.01
+
+
+def test_data_faces_command(tmp_path, capsys):
+    assert main(["data", "faces", "--out", str(tmp_path / "f"), "--n", "5", "--size", "8"]) == 0
+    assert len(list((tmp_path / "f/images").glob("*.png"))) == 5 and "rare attribute" in capsys.readouterr().err
+
+
+def test_colour_build_end_to_end(colour_bundle, tmp_path):
+    b = load_bundle(colour_bundle)
+    m = b.manifest
+    assert m["channels"] == 3 and b.real.images.shape == (48, 16, 16, 3) and b.model.channels == 3
+    assert m["dataset"]["truth"] == "rarity" and b.real.truth_name == "rarity"
+    assert m["sweep"]["truth"] == "rarity" and len(m["sweep"]["rows"]) == 20  # 5 distances x 4 timesteps
+    assert np.isfinite(m["score"]["spearman_vs_truth"]) and set(m["stage_seconds"]) >= {"diffusion", "score"}
+    # every numeric metadata.csv column travels, aligned to the bundle's rows
+    assert set(b.real.metadata) == set(ATTRIBUTES) | {"rare_attributes", "rarity"}
+    assert np.allclose(b.real.truth, b.real.metadata["rarity"], atol=1e-4)
+    # the other commands take the colour bundle unchanged
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--bundle", str(colour_bundle), "--minority-class", "3", "--scale", "1", "--n", "6",
+                 "--steps", "3", "--out", str(out)]) == 0
+    assert np.load(out)["images"].shape[-1] == 3
+    rep = tmp_path / "rep"
+    assert main(["evaluate", "--real", str(colour_bundle), "--generated", str(out), "--out", str(rep),
+                 "--features", "classifier", "--baseline-top", "1.0"]) == 0
+    assert (rep / "report.json").is_file()
+
+
+def test_colour_bundle_in_the_app(colour_bundle):
+    from app import handlers as h
+
+    studio = h.Studio(colour_bundle)
+    run = studio.generate_all(h.GenerateRequest(3, 1.0, steps=5, n=2))
+    assert run.guided.shape == (2, 16, 16, 3) and np.isfinite(run.guided_score).all()
+    items, _, info = h.on_browse(studio, "rarity: high first", "all", 1, "hat = 0")
+    real = studio.bundle.real
+    shown = [float(c.split("rarity ")[1].split(" ")[0]) for _, c in items]
+    assert shown == sorted(shown, reverse=True) and "rarity" in info and "hat 0" in items[0][1]
+    assert all(real.metadata["hat"][i] == 0 for i in np.flatnonzero(real.metadata["hat"] == 0))
+    text, strip = h.on_class(studio, 3)
+    assert "true rarity median" in text and strip.shape[2] == 3
+    assert studio.atrophy(run.guided) is None  # no reader of the rarity column: no estimate in the captions
+    with pytest.raises(h.MinorityError, match="columns: "):
+        h.on_browse(studio, "most unique first", "all", 1, "nonsense > 2")
+    dens, fig = h.on_density(studio, h.Visit().add(run))
+    assert dens is not None and fig is not None
+
+
+def test_build_resumes_and_keeps_the_bundle_whole(faces, tmp_path, capsys):
+    out = tmp_path / "b"
+    args = ["build", "--data", str(faces), "--out", str(out), "--channels", "3", *TINY]
+    assert main(args) == 0
+    first = json.loads((out / "manifest.json").read_text())
+    assert first["sweep"] is None and first["score"]["distance"] == "unet-feat"  # the documented default
+    capsys.readouterr()
+    assert main(args) == 0  # a rerun resumes every stage: nothing trained or scored again
+    err = capsys.readouterr().err
+    assert "2/6 diffusion model: 3 steps" not in err and "4/6 minority score" not in err
+    again = json.loads((out / "manifest.json").read_text())
+    assert again["files"] == first["files"]
+
+
+def test_metadata_and_truth_errors(tmp_path, faces, capsys):
+    data = tmp_path / "d"
+    (data / "images").mkdir(parents=True)
+    for i in range(10):
+        Image.fromarray(np.full((8, 8, 3), i * 20, np.uint8)).save(data / f"images/{i}.png")
+    base = ["build", "--data", str(data), "--out", str(tmp_path / "o"), *TINY]
+    assert main([*base, "--truth", "rarity"]) == 2
+    assert "has no metadata.csv" in _err(capsys)
+    (data / "metadata.csv").write_text("path,grade,site\n" + "".join(f"images/{i}.png,{i},A{i}\n" for i in range(10)))
+    assert main([*base, "--truth", "site"]) == 2
+    assert "not numeric" in _err(capsys) and not (tmp_path / "o").exists()
+    assert main([*base, "--truth", "nope"]) == 2
+    assert "no such column; numeric columns: grade" in _err(capsys)
+    (data / "metadata.csv").write_text("path,grade\nimages/0.png,1\nimages/missing.png,2\n")
+    assert main([*base]) == 2
+    assert "line 3: 'images/missing.png' is not a file" in _err(capsys)
+    (data / "metadata.csv").write_text("name,grade\nimages/0.png,1\n")
+    assert main([*base]) == 2
+    assert "needs a 'path' column" in _err(capsys)
+
+
+def test_tiny_and_mixed_data_are_refused(tmp_path, capsys):
+    data = tmp_path / "tiny"
+    data.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((8, 8), i * 40, np.uint8)).save(data / f"{i}.png")
+    assert main(["build", "--data", str(data), "--out", str(tmp_path / "o"), *TINY]) == 2
+    assert "5 image(s) is too few for --classes 4 (at least 2 per class, 8 in all)" in _err(capsys)
+    nib.save(nib.Nifti1Image(np.random.rand(8, 8, 8).astype(np.float32), np.eye(4)), str(data / "v.nii.gz"))
+    assert main(["build", "--data", str(data), "--out", str(tmp_path / "o"), *TINY]) == 2
+    assert "mixes 1 NIfTI volumes with 5 images" in _err(capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["build", "--data", str(empty), "--out", str(tmp_path / "o"), *TINY]) == 2
+    assert "no images found" in _err(capsys)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_nifti_folder_builds(tmp_path):
+    data = tmp_path / "nii"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        nib.save(nib.Nifti1Image(rng.random((12, 12, 10)).astype(np.float32), np.eye(4)), str(data / f"s{i}.nii.gz"))
+    (data / "metadata.csv").write_text("path,age\n" + "".join(f"s{i}.nii.gz,{60 + i}\n" for i in range(4)))
+    out = tmp_path / "b"
+    assert main(["build", "--data", str(data), "--out", str(out), *TINY]) == 0
+    b = load_bundle(out)
+    assert b.real.paths[:2] == ["s0.nii.gz#z004", "s0.nii.gz#z005"] and len(b.real.paths) == 8  # z 4, 5 of 10
+    assert sorted(set(b.real.metadata["age"])) == [60, 61, 62, 63]  # each slice takes its volume's row
+
+
+def test_out_holding_another_bundle_is_refused_unless_forced(colour_bundle, faces, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "taken"
+    shutil.copytree(colour_bundle, out)
+    before = (out / "manifest.json").read_bytes()
+    args = ["build", "--data", str(faces), "--out", str(out), "--name", "other", "--work", str(tmp_path / "w"), *TINY]
+    assert main(args) == 2
+    assert "already holds the bundle 'faces-bundle'; pass --force" in _err(capsys)
+    assert (out / "manifest.json").read_bytes() == before  # nothing lost
+    assert main([*args, "--force"]) == 0 and json.loads((out / "manifest.json").read_text())["name"] == "other"
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("precious")
+    assert main(["build", "--data", str(faces), "--out", str(notes), "--work", str(tmp_path / "w2"), *TINY]) == 2
+    assert "not empty and not a bundle" in _err(capsys) and (notes / "thesis.tex").read_text() == "precious"
+
+
+def test_given_model_sets_size_and_channels(colour_bundle, faces, tmp_path, capsys):
+    out = tmp_path / "m"
+    assert main(["build", "--data", str(faces), "--out", str(out), "--model", str(colour_bundle), "--size", "32",
+                 *TINY[2:]]) == 2
+    assert "--size 32 disagrees with --model" in _err(capsys) and not out.exists()
+    assert main(["build", "--data", str(faces), "--out", str(out), "--model", str(colour_bundle), "--channels", "1",
+                 *TINY[2:]]) == 2
+    assert "--channels 1 disagrees with --model" in _err(capsys)
+    assert main(["build", "--data", str(faces), "--out", str(out), "--model", str(colour_bundle), *TINY[2:]]) == 0
+    b = load_bundle(out)
+    assert b.manifest["channels"] == 3 and b.manifest["image_size"] == 16 and b.manifest["training"]["model"]
+    src = load_bundle(colour_bundle).model.net.state_dict()
+    assert all(np.array_equal(v.numpy(), src[k].numpy()) for k, v in b.model.net.state_dict().items())
+
+
+def test_diffusers_model_is_written_into_the_bundle(faces, tmp_path):
+    """A diffusers UNet2DModel folder as --model: the bundle holds it as a run folder that loads back equal."""
+    import torch
+    from diffusers import UNet2DModel
+
+    from core.nets.models import load_diffusion
+
+    net = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                      down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                      norm_num_groups=4)
+    folder = tmp_path / "unet"
+    net.save_pretrained(folder, safe_serialization=True)
+    (folder / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "linear", "num_train_timesteps": 1000}))
+    out = tmp_path / "b"
+    assert main(["build", "--data", str(faces), "--out", str(out), "--model", str(folder), *TINY[2:]]) == 0
+    a, b = load_diffusion(folder), load_diffusion(out)
+    x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([5, 500])
+    assert torch.equal(a(x, t), b(x, t)) and b.schedule.T == 1000
