@@ -222,3 +222,26 @@ def test_diffusers_model_is_written_into_the_bundle(faces, tmp_path):
     a, b = load_diffusion(folder), load_diffusion(out)
     x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([5, 500])
     assert torch.equal(a(x, t), b(x, t)) and b.schedule.T == 1000
+
+
+def test_a_build_killed_while_writing_the_bundle_leaves_no_valid_bundle_and_resumes(faces, tmp_path, monkeypatch,
+                                                                                     capsys):
+    import core.bundles.build as build
+    from core.bundles.bundle import check_bundle
+    from core.errors import CheckpointError
+
+    out = tmp_path / "b"
+    args = ["build", "--data", str(faces), "--out", str(out), "--channels", "3", *TINY]
+    assert main(args) == 0
+    real = build.save_tensors
+
+    def killed(path, tensors):
+        raise KeyboardInterrupt  # the process dies between the model files and real.safetensors
+
+    monkeypatch.setattr(build, "save_tensors", killed)
+    assert main([*args, "--force"]) == 2 and "interrupted" in _err(capsys)
+    with pytest.raises(CheckpointError, match="manifest.json"):
+        check_bundle(out)  # no manifest while the files change: nothing half-written passes as a bundle
+    monkeypatch.setattr(build, "save_tensors", real)
+    assert main(args) == 0  # the rerun finishes from the work folder
+    assert check_bundle(out)["channels"] == 3

@@ -148,6 +148,8 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
         now = time.perf_counter()
         timings[name] = round(now - clock[0], 1)
         clock[0] = now
+        if timings[name] >= 1:
+            log(f"   {name}: {timings[name] / 60:.1f} min")
 
     check_inputs(data_dir, cfg)
     given = None
@@ -248,7 +250,9 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
         log("   score settings changed since the last run: rescoring")
         scores_path.unlink(missing_ok=True)
     if not scores_path.is_file():
-        log(f"4/6 minority score of {len(data)} images: {settings.distance}, t={settings.t}, {settings.draws} draws")
+        est = ESTIMATES["score"] * len(data) * settings.draws * (size / 32) ** 2 / 60
+        log(f"4/6 minority score of {len(data)} images: {settings.distance}, t={settings.t}, {settings.draws} draws; "
+            f"about {est:.0f} min on 2 CPU cores")
         scores = minority_scores(model, data.images, torch.arange(len(data)), settings,
                                  make_distance(settings.distance, seed=cfg.seed, model=model), batch_size=128,
                                  progress=report("score"))
@@ -275,7 +279,8 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
             log("   classifier was trained for other labels or settings: retraining")
             (clf_dir / "classifier.json").unlink()
     if not (clf_dir / "classifier.json").is_file():
-        log(f"5/6 minority classifier: L={cfg.classes}, {cfg.clf_steps} steps")
+        est = ESTIMATES["classifier"] * cfg.clf_steps * (size / 32) ** 2 * cfg.clf_base_channels / 16 / 60
+        log(f"5/6 minority classifier: L={cfg.classes}, {cfg.clf_steps} steps; about {est:.0f} min on 2 CPU cores")
         ccfg = ClassifierTrainConfig(steps=cfg.clf_steps, batch_size=cfg.clf_batch, seed=cfg.seed, eval_every=250,
                                      net=ClassifierConfig(size, channels, cfg.classes, base_channels=cfg.clf_base_channels))
         train_classifier(data, labels, model.schedule, clf_dir, ccfg, thresholds.tolist(),
@@ -371,9 +376,14 @@ def _model_fingerprint(model, run: Path, cfg: BuildConfig) -> str:
         return ""
 
 
+# seconds on 2 CPU cores at 32x32, from the MRI build (docs/RESULTS.md): a diffusion step (batch 32, widths
+# 32,64,64), one image-draw of the unet-feat score, a classifier step (batch 64, base 16); scaled by pixels
+ESTIMATES = {"diffusion": 52 * 60 / 8000, "score": 14.5 * 60 / (6000 * 20), "classifier": 9.5 * 60 / 6000}
+
+
 def _estimate_minutes(steps: int, size: int, channels: int) -> float:
-    """Diffusion training time on 2 CPU cores: 8000 steps at 32x32 took 52 min (MRI build); scales with pixels."""
-    return 52.0 * steps / 8000 * (size / 32) ** 2
+    """Diffusion training time on 2 CPU cores, scaled from the MRI build by steps and pixels."""
+    return ESTIMATES["diffusion"] * steps * (size / 32) ** 2 / 60
 
 
 def two_d_map(images: np.ndarray, seed: int, log: Log, method: str = "umap") -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
