@@ -245,3 +245,26 @@ def test_a_build_killed_while_writing_the_bundle_leaves_no_valid_bundle_and_resu
     monkeypatch.setattr(build, "save_tensors", real)
     assert main(args) == 0  # the rerun finishes from the work folder
     assert check_bundle(out)["channels"] == 3
+
+
+def test_packed_real_images_round_trip_and_refuse_bad_streams():
+    import zlib
+
+    import torch
+
+    from core.bundles.bundle import pack_images, unpack_images
+    from core.errors import CheckpointError
+
+    imgs = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    t = pack_images(imgs)
+    assert np.array_equal(unpack_images(t, "x"), imgs) and np.array_equal(unpack_images({"images": torch.from_numpy(imgs)}, "x"), imgs)
+    bomb = np.frombuffer(zlib.compress(b"\0" * (10 * imgs.size)), np.uint8).copy()  # inflates past the promised shape
+    with pytest.raises(CheckpointError, match="more than images_shape"):
+        unpack_images({"images_deflate": torch.from_numpy(bomb), "images_shape": t["images_shape"]}, "x")
+    with pytest.raises(CheckpointError, match="less than"):
+        unpack_images({"images_deflate": t["images_deflate"], "images_shape": torch.tensor([6, 8, 8, 3])}, "x")
+    with pytest.raises(CheckpointError, match="damaged"):
+        unpack_images({"images_deflate": torch.from_numpy(np.frombuffer(b"garbage!" * 4, np.uint8).copy()),
+                       "images_shape": t["images_shape"]}, "x")
+    with pytest.raises(CheckpointError, match="is not"):
+        unpack_images({"images_deflate": t["images_deflate"], "images_shape": torch.tensor([5, 8, 8, 2])}, "x")

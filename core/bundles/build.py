@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from core.bundles.bundle import BUNDLE_FILES, BUNDLE_SCHEMA, sha256_file
+from core.bundles.bundle import BUNDLE_FILES, BUNDLE_SCHEMA, pack_images, sha256_file
 from core.nets.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text, save_tensors
 from core.bundles.data import DEFAULT_BAND, is_nifti
 from core.errors import DataError
@@ -303,7 +303,7 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
         atomic_write_bytes(out / name, (clf_dir / name).read_bytes())
     truth_values = truth if truth is not None else np.full(len(data), np.nan)
     save_tensors(out / "real.safetensors", {
-        "images": torch.from_numpy(np.ascontiguousarray(images_nhwc)), "score": torch.from_numpy(scores.astype(np.float32)),
+        **pack_images(images_nhwc), "score": torch.from_numpy(scores.astype(np.float32)),
         "label": torch.from_numpy(labels), "severity": torch.from_numpy(truth_values.astype(np.float32)),
         "coords": torch.from_numpy(coords), "pca_mean": torch.from_numpy(pca_mean),
         "pca_components": torch.from_numpy(pca_comps)})
