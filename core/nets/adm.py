@@ -1,0 +1,277 @@
+"""OpenAI ADM checkpoints (guided-diffusion, improved-diffusion) and the official minority classifier: presets
+and the exact state-dict layout each one must have (issue 19, ``../shared/ADM.md``).
+
+``layout(preset)`` lists every tensor name and shape a checkpoint of that preset holds, computed from the
+architecture description alone (no network is built, so a 550M-parameter preset costs nothing); the
+importer checks a file against it before any tensor is used, and the parameter counts are checked against
+the published figures. ``read_checkpoint`` is the only way a ``.pt`` file is opened: ``torch.load`` with
+``weights_only=True`` on the CPU, never a full unpickle.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from math import prod
+from pathlib import Path
+from typing import Optional
+
+from core.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class AdmPreset:
+    """One released configuration. ``kind``: 'diffusion' (UNetModel) or 'classifier' (EncoderUNetModel with
+    attention pooling). ``attention_resolutions`` are resolutions (ds = image_size // r); ``num_head_channels``
+    -1 means a fixed ``num_heads``."""
+
+    name: str
+    kind: str
+    image_size: int
+    model_channels: int
+    num_res_blocks: int
+    channel_mult: tuple
+    attention_resolutions: tuple
+    num_heads: int = 4
+    num_head_channels: int = -1
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = False
+    new_attention_order: bool = False
+    num_classes: int = 0  # diffusion: class-conditional label embedding rows
+    in_channels: int = 3
+    out_channels: int = 6  # diffusion: 3 (eps) or 6 (eps + learned-range v); classifier: its outputs K
+    schedule: str = "linear"
+    T: int = 1000
+    rescale_timesteps: bool = False  # improved-diffusion: the model sees t * 1000 / T as a float
+    source: str = ""  # the release and file it stands for
+    published_params: Optional[float] = None  # millions, ADM.md's table
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def attention_ds(self) -> set:
+        return {self.image_size // r for r in self.attention_resolutions}
+
+    def heads(self, channels: int) -> int:
+        return channels // self.num_head_channels if self.num_head_channels != -1 else self.num_heads
+
+
+_GD256 = dict(image_size=256, model_channels=256, num_res_blocks=2, channel_mult=(1, 1, 2, 2, 4, 4),
+              attention_resolutions=(32, 16, 8), num_head_channels=64, resblock_updown=True)
+_CLF = dict(kind="classifier", model_channels=128, attention_resolutions=(32, 16, 8), num_head_channels=64,
+            resblock_updown=True, out_channels=1000)
+_PRESETS = [
+    AdmPreset("gd-64-cond", "diffusion", 64, 192, 3, (1, 2, 3, 4), (32, 16, 8), num_head_channels=64,
+              resblock_updown=True, new_attention_order=True, num_classes=1000, schedule="cosine",
+              source="guided-diffusion 64x64_diffusion.pt", published_params=295.9),
+    AdmPreset("gd-128-cond", "diffusion", 128, 256, 2, (1, 1, 2, 3, 4), (32, 16, 8), num_heads=4,
+              resblock_updown=True, num_classes=1000, source="guided-diffusion 128x128_diffusion.pt",
+              published_params=421.5),
+    AdmPreset("gd-256-cond", "diffusion", **_GD256, num_classes=1000, source="guided-diffusion 256x256_diffusion.pt",
+              published_params=553.8),
+    AdmPreset("gd-256-uncond", "diffusion", **_GD256, source="guided-diffusion 256x256_diffusion_uncond.pt",
+              published_params=552.8),
+    AdmPreset("gd-512-cond", "diffusion", 512, 256, 2, (0.5, 1, 1, 2, 2, 4, 4), (32, 16, 8), num_head_channels=64,
+              resblock_updown=True, num_classes=1000, source="guided-diffusion 512x512_diffusion.pt",
+              published_params=559.0),
+    AdmPreset("gd-lsun-bedroom", "diffusion", **_GD256, source="guided-diffusion lsun_bedroom.pt", published_params=552.8),
+    AdmPreset("gd-lsun-cat", "diffusion", **_GD256, source="guided-diffusion lsun_cat.pt", published_params=552.8),
+    AdmPreset("gd-lsun-horse", "diffusion", **_GD256, source="guided-diffusion lsun_horse.pt / lsun_horse_nodropout.pt",
+              published_params=552.8),
+    AdmPreset("id-cifar10", "diffusion", 32, 128, 3, (1, 2, 2, 2), (16, 8), num_heads=4, schedule="cosine", T=4000,
+              rescale_timesteps=True, source="improved-diffusion cifar10_uncond(_vlb)_50M_500K.pt", published_params=52.5),
+    AdmPreset("id-imagenet64-uncond", "diffusion", 64, 128, 3, (1, 2, 3, 4), (16, 8), num_heads=4, schedule="cosine",
+              T=4000, rescale_timesteps=True, source="improved-diffusion imagenet64_uncond(_vlb)_100M_1500K.pt",
+              published_params=121.1),
+    AdmPreset("id-imagenet64-cond", "diffusion", 64, 192, 3, (1, 2, 3, 4), (16, 8), num_heads=4, num_classes=1000,
+              schedule="cosine", T=4000, source="improved-diffusion imagenet64_cond_270M_250K.pt", published_params=273.0),
+    AdmPreset("id-lsun", "diffusion", 256, 128, 2, (1, 1, 2, 2, 4, 4), (16,), num_heads=1, use_scale_shift_norm=False,
+              source="improved-diffusion lsun_uncond_100M_{1200K_bs128,2400K_bs64}.pt", published_params=113.7),
+    AdmPreset("gd-64-classifier", image_size=64, num_res_blocks=4, channel_mult=(1, 2, 3, 4),
+              source="guided-diffusion 64x64_classifier.pt", published_params=65.4, **_CLF),
+    AdmPreset("gd-128-classifier", image_size=128, num_res_blocks=2, channel_mult=(1, 1, 2, 3, 4),
+              source="guided-diffusion 128x128_classifier.pt", published_params=42.6, **_CLF),
+    AdmPreset("gd-256-classifier", image_size=256, num_res_blocks=2, channel_mult=(1, 1, 2, 2, 4, 4),
+              source="guided-diffusion 256x256_classifier.pt", published_params=54.1, **_CLF),
+    AdmPreset("gd-512-classifier", image_size=512, num_res_blocks=2, channel_mult=(0.5, 1, 1, 2, 2, 4, 4),
+              source="guided-diffusion 512x512_classifier.pt", published_params=54.5, **_CLF),
+    # the official LSUN minority classifier's head: an encoder over the 256 classifier's 512 x 8 x 8 middle features
+    AdmPreset("mc-lsun-head", "classifier", 8, 128, 2, (1,), (8,), num_head_channels=64, in_channels=512,
+              out_channels=100, source="minority-guidance mc_lsun.pt", published_params=2.90, extra={"tensors": 71}),
+]
+PRESETS = {p.name: p for p in _PRESETS}
+
+
+def preset(name: str) -> AdmPreset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown --preset {name!r}; allowed: {', '.join(PRESETS)} (or 'list')")
+    return PRESETS[name]
+
+
+def describe(p: AdmPreset) -> str:
+    """One line for ``--preset list``."""
+    cond = "class-conditional" if p.num_classes else "unconditional"
+    what = (f"{p.out_channels}-way classifier" if p.kind == "classifier" else
+            f"{cond}, {p.schedule}/{p.T}" + (", t*1000/T" if p.rescale_timesteps else ""))
+    return (f"{p.name:22s} {p.kind:10s} {p.image_size:4d}px  {what:38s} {count_parameters(p) / 1e6:7.1f}M  "
+            f"({p.source})")
+
+
+# ---- the state-dict layout ----------------------------------------------------------------------
+def _norm(s: dict, key: str, c: int) -> None:
+    s[f"{key}.weight"], s[f"{key}.bias"] = (c,), (c,)
+
+
+def _conv(s: dict, key: str, cout: int, cin: int, k: int) -> None:
+    s[f"{key}.weight"] = (cout, cin, k, k)
+    s[f"{key}.bias"] = (cout,)
+
+
+def _resblock(s: dict, key: str, p: AdmPreset, cin: int, cout: int) -> None:
+    emb = 4 * p.model_channels
+    _norm(s, f"{key}.in_layers.0", cin)
+    _conv(s, f"{key}.in_layers.2", cout, cin, 3)
+    s[f"{key}.emb_layers.1.weight"] = (2 * cout if p.use_scale_shift_norm else cout, emb)
+    s[f"{key}.emb_layers.1.bias"] = (2 * cout if p.use_scale_shift_norm else cout,)
+    _norm(s, f"{key}.out_layers.0", cout)
+    _conv(s, f"{key}.out_layers.3", cout, cout, 3)
+    if cin != cout:
+        s[f"{key}.skip_connection.weight"], s[f"{key}.skip_connection.bias"] = (cout, cin, 1, 1), (cout,)
+
+
+def _attention(s: dict, key: str, c: int) -> None:
+    _norm(s, f"{key}.norm", c)
+    s[f"{key}.qkv.weight"], s[f"{key}.qkv.bias"] = (3 * c, c, 1), (3 * c,)
+    s[f"{key}.proj_out.weight"], s[f"{key}.proj_out.bias"] = (c, c, 1), (c,)
+
+
+def layout(p: AdmPreset) -> dict:
+    """Every tensor of a checkpoint of preset ``p``: {name: shape}, in the order the modules are built."""
+    mc = p.model_channels
+    s: dict = {}
+    s["time_embed.0.weight"], s["time_embed.0.bias"] = (4 * mc, mc), (4 * mc,)
+    s["time_embed.2.weight"], s["time_embed.2.bias"] = (4 * mc, 4 * mc), (4 * mc,)
+    if p.kind == "diffusion" and p.num_classes:
+        s["label_emb.weight"] = (p.num_classes, 4 * mc)
+    ch = int(p.channel_mult[0] * mc)
+    _conv(s, "input_blocks.0.0", ch, p.in_channels, 3)
+    skips, ds, k = [ch], 1, 1
+    last = len(p.channel_mult) - 1
+    for level, mult in enumerate(p.channel_mult):
+        for _ in range(p.num_res_blocks):
+            _resblock(s, f"input_blocks.{k}.0", p, ch, int(mult * mc))
+            ch = int(mult * mc)
+            if ds in p.attention_ds:
+                _attention(s, f"input_blocks.{k}.1", ch)
+            skips.append(ch)
+            k += 1
+        if level != last:
+            if p.resblock_updown:
+                _resblock(s, f"input_blocks.{k}.0", p, ch, ch)
+            else:
+                s[f"input_blocks.{k}.0.op.weight"], s[f"input_blocks.{k}.0.op.bias"] = (ch, ch, 3, 3), (ch,)
+            skips.append(ch)
+            ds *= 2
+            k += 1
+    _resblock(s, "middle_block.0", p, ch, ch)
+    _attention(s, "middle_block.1", ch)
+    _resblock(s, "middle_block.2", p, ch, ch)
+    if p.kind == "classifier":
+        _norm(s, "out.0", ch)
+        side = p.image_size // 2 ** last
+        s["out.2.positional_embedding"] = (ch, side * side + 1)
+        s["out.2.qkv_proj.weight"], s["out.2.qkv_proj.bias"] = (3 * ch, ch, 1), (3 * ch,)
+        s["out.2.c_proj.weight"], s["out.2.c_proj.bias"] = (p.out_channels, ch, 1), (p.out_channels,)
+        return s
+    j = 0
+    for level, mult in reversed(list(enumerate(p.channel_mult))):
+        for i in range(p.num_res_blocks + 1):
+            _resblock(s, f"output_blocks.{j}.0", p, ch + skips.pop(), int(mc * mult))
+            ch = int(mc * mult)
+            at = 1
+            if ds in p.attention_ds:
+                _attention(s, f"output_blocks.{j}.1", ch)
+                at = 2
+            if level and i == p.num_res_blocks:
+                if p.resblock_updown:
+                    _resblock(s, f"output_blocks.{j}.{at}", p, ch, ch)
+                else:
+                    s[f"output_blocks.{j}.{at}.conv.weight"], s[f"output_blocks.{j}.{at}.conv.bias"] = (ch, ch, 3, 3), (ch,)
+                ds //= 2
+            j += 1
+    _norm(s, "out.0", ch)
+    _conv(s, "out.2", p.out_channels, ch, 3)
+    return s
+
+
+def count_parameters(p: AdmPreset) -> int:
+    return sum(prod(shape) for shape in layout(p).values())
+
+
+def tiny(p: AdmPreset, **changes) -> AdmPreset:
+    """A small-width copy of a preset for tests (same structure, fewer channels)."""
+    return replace(p, **changes)
+
+
+# ---- reading a checkpoint -----------------------------------------------------------------------
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The tensors of a ``.pt`` state dict, read with ``torch.load(weights_only=True)`` on the CPU (a pickle
+    that would run code is refused, not run); one CheckpointError line for anything else."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--checkpoint {path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"--checkpoint {path}: refused by the weights-only loader (a full pickle, not plain "
+                              f"tensors; it is never unpickled): {first[:160]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"--checkpoint {path}: not a readable PyTorch checkpoint (truncated or damaged?): "
+                              f"{first[:160]}") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise CheckpointError(f"--checkpoint {path}: holds a {type(obj).__name__}, not a state dict of tensors")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def check_layout(state: dict, p: AdmPreset, source: str) -> None:
+    """Refuse a state dict that is not exactly preset ``p``'s layout, naming the first missing, unexpected or
+    mis-shaped key and the preset whose layout does match, if one does; then refuse non-finite weights."""
+    import torch
+
+    want = layout(p)
+    problem = None
+    for key, shape in want.items():
+        if key not in state:
+            problem = f"missing key {key!r}"
+            break
+        if tuple(state[key].shape) != shape:
+            problem = f"key {key!r} has shape {tuple(state[key].shape)}, preset {p.name} needs {shape}"
+            break
+    if problem is None:
+        extra = [k for k in state if k not in want]
+        if extra:
+            problem = f"unexpected key {extra[0]!r}"
+    if problem is not None:
+        match = matching_preset(state)
+        hint = (f"; its layout is preset {match.name} ({match.kind})" if match is not None else
+                "; no preset has its layout")
+        raise CheckpointError(f"{source}: not a {p.name} checkpoint ({p.kind}): {problem}{hint}")
+    for key, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{source}: tensor {key!r} holds NaN or infinite values")
+
+
+def matching_preset(state: dict) -> Optional[AdmPreset]:
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    for p in PRESETS.values():
+        if layout(p) == shapes:
+            return p
+    return None

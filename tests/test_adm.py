@@ -1,0 +1,116 @@
+"""Issue 19 (first part): ADM presets, their exact state-dict layouts and the weights-only reader.
+
+Golden figures: every preset's parameter count equals ADM.md's table (computed from the preset alone, no
+network built), the minority head has 71 tensors, and ADM.md's example shapes hold."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from core.errors import CheckpointError
+from core.nets.adm import PRESETS, check_layout, count_parameters, describe, layout, preset, read_checkpoint, tiny
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_parameter_counts_equal_the_published_figures(name):
+    p = PRESETS[name]
+    # within the table's rounding; ADM.md's 54.5M for the 512 classifier is our 54,448,360 rounded twice
+    # (54.448 -> 54.45 -> 54.5), so that one row gets 0.06
+    tol = 0.06 if name == "gd-512-classifier" else 0.05
+    assert count_parameters(p) / 1e6 == pytest.approx(p.published_params, abs=tol), name
+    assert describe(p).startswith(name)
+
+
+def test_layout_details_from_adm_md():
+    clf = layout(PRESETS["gd-256-classifier"])
+    assert clf["input_blocks.0.0.weight"] == (128, 3, 3, 3)
+    assert clf["input_blocks.1.0.emb_layers.1.weight"] == (256, 512)  # scale-shift: 2 x 128 rows
+    assert clf["input_blocks.10.1.qkv.weight"] == (768, 256, 1)
+    assert clf["middle_block.1.qkv.weight"] == (1536, 512, 1)
+    assert clf["out.2.positional_embedding"] == (512, 65) and clf["out.2.c_proj.weight"] == (1000, 512, 1)
+    head = layout(PRESETS["mc-lsun-head"])
+    assert len(head) == 71 and head["input_blocks.0.0.weight"] == (128, 512, 3, 3)
+    assert head["out.2.positional_embedding"] == (128, 65) and head["out.2.c_proj.weight"] == (100, 128, 1)
+    # every input block and the middle block of the head has attention (ds 1 is attended)
+    assert all(f"input_blocks.{k}.1.qkv.weight" in head for k in (1, 2)) and "middle_block.1.qkv.weight" in head
+    unc, cond = layout(PRESETS["gd-256-uncond"]), layout(PRESETS["gd-256-cond"])
+    assert set(cond) - set(unc) == {"label_emb.weight"} and cond["label_emb.weight"] == (1000, 1024)
+    assert unc["out.2.weight"] == (6, 256, 3, 3)  # learned sigma: eps and v
+    n_in = 1 + 6 * 2 + 5
+    assert max(int(k.split(".")[1]) for k in unc if k.startswith("input_blocks")) == n_in - 1
+    assert max(int(k.split(".")[1]) for k in unc if k.startswith("output_blocks")) == 6 * 3 - 1
+    lsun = layout(PRESETS["id-lsun"])  # no scale-shift, conv down/up samplers
+    assert lsun["input_blocks.1.0.emb_layers.1.weight"] == (128, 512) and "input_blocks.3.0.op.weight" in lsun
+    with pytest.raises(ValueError, match="allowed: gd-64-cond"):
+        preset("nope")
+
+
+def _random_state(p, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(shape, generator=g) * 0.02 for k, shape in layout(p).items()}
+
+
+SMALL = tiny(PRESETS["gd-256-uncond"], image_size=16, model_channels=16, channel_mult=(1, 2),
+             attention_resolutions=(8,), num_head_channels=8)
+
+
+def test_a_matching_checkpoint_reads_and_checks(tmp_path):
+    state = _random_state(SMALL)
+    f = tmp_path / "m.pt"
+    torch.save(state, f)
+    got = read_checkpoint(f)
+    check_layout(got, SMALL, str(f))
+    assert all(torch.equal(got[k], state[k]) for k in state)
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "ddp.pt")  # a DataParallel save
+    check_layout(read_checkpoint(tmp_path / "ddp.pt"), SMALL, "ddp")
+
+
+def test_full_pickle_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    f = tmp_path / "evil.pt"
+    with open(f, "wb") as fh:
+        pickle.dump({"x": Evil()}, fh)
+    with pytest.raises(CheckpointError, match="weights-only loader"):
+        read_checkpoint(f)
+    assert not marker.exists()
+
+
+def test_bad_files_are_one_line_each(tmp_path):
+    state = _random_state(SMALL)
+    f = tmp_path / "m.pt"
+    torch.save(state, f)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        read_checkpoint(cut)
+    with pytest.raises(CheckpointError, match="no such file"):
+        read_checkpoint(tmp_path / "missing.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="not a state dict"):
+        read_checkpoint(tmp_path / "list.pt")
+    bad = dict(state)
+    bad["out.2.weight"] = torch.full_like(bad["out.2.weight"], float("nan"))
+    with pytest.raises(CheckpointError, match="'out.2.weight' holds NaN"):
+        check_layout(bad, SMALL, "x")
+    short = {k: v for k, v in state.items() if k != "middle_block.1.qkv.weight"}
+    with pytest.raises(CheckpointError, match="missing key 'middle_block.1.qkv.weight'; no preset has its layout"):
+        check_layout(short, SMALL, "x")
+    shaped = dict(state, **{"out.2.weight": torch.zeros(3, 16, 3, 3)})
+    with pytest.raises(CheckpointError, match=r"'out.2.weight' has shape \(3, 16, 3, 3\)"):
+        check_layout(shaped, SMALL, "x")
+
+
+def test_a_wrong_preset_names_the_one_that_matches():
+    head = _random_state(PRESETS["mc-lsun-head"])  # 2.9M parameters: a real full-size layout
+    with pytest.raises(CheckpointError, match="not a gd-256-classifier checkpoint.*its layout is preset mc-lsun-head"):
+        check_layout(head, PRESETS["gd-256-classifier"], "mc_lsun.pt")
+    with pytest.raises(CheckpointError, match="not a gd-256-uncond checkpoint \\(diffusion\\).*mc-lsun-head \\(classifier\\)"):
+        check_layout(head, PRESETS["gd-256-uncond"], "mc_lsun.pt")  # a classifier given as a diffusion model
+    check_layout(head, PRESETS["mc-lsun-head"], "mc_lsun.pt")
+    assert np.isclose(sum(v.numel() for v in head.values()) / 1e6, 2.90, atol=0.005)
