@@ -114,3 +114,49 @@ def test_a_wrong_preset_names_the_one_that_matches():
         check_layout(head, PRESETS["gd-256-uncond"], "mc_lsun.pt")  # a classifier given as a diffusion model
     check_layout(head, PRESETS["mc-lsun-head"], "mc_lsun.pt")
     assert np.isclose(sum(v.numel() for v in head.values()) / 1e6, 2.90, atol=0.005)
+
+
+# ---- equivalence of the converted diffusers UNet2DModel with a reference ADM forward --------------
+VARIANTS = {  # small widths, the structure of each family
+    "scale-shift, resblock up/down, legacy order, 64-ch heads": tiny(
+        PRESETS["gd-256-uncond"], image_size=32, model_channels=32, channel_mult=(1, 1, 2), attention_resolutions=(16, 8),
+        num_head_channels=16),
+    "new attention order, class-conditional": tiny(
+        PRESETS["gd-64-cond"], image_size=16, model_channels=32, channel_mult=(1, 2), attention_resolutions=(8,),
+        num_head_channels=16, num_classes=10),
+    "no scale-shift, conv up/down, one head": tiny(
+        PRESETS["id-lsun"], image_size=32, model_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(8,)),
+    "fixed 4 heads, conv up/down, eps only": tiny(
+        PRESETS["id-cifar10"], image_size=16, model_channels=32, channel_mult=(1, 2), attention_resolutions=(8, 16),
+        out_channels=3),
+    "fixed 4 heads, resblock up/down, class-conditional": tiny(
+        PRESETS["gd-128-cond"], image_size=16, model_channels=32, channel_mult=(1, 2, 3), attention_resolutions=(8, 4),
+        num_classes=5),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_converted_unet_equals_the_reference_forward(variant):
+    from adm_reference import unet_forward
+
+    from core.nets.adm import build_unet2d, convert_unet
+
+    p = VARIANTS[variant]
+    g = torch.Generator().manual_seed(1)
+    state = {k: torch.randn(shape, generator=g) * (0.5 if len(shape) == 1 else 1 / np.sqrt(np.prod(shape[1:])))
+             for k, shape in layout(p).items()}
+    for k in state:  # GroupNorm scales near 1, as trained networks have them
+        if k.endswith(("norm.weight", "in_layers.0.weight", "out_layers.0.weight", "out.0.weight")):
+            state[k] = 1 + 0.1 * state[k]
+    net = build_unet2d(p).eval()
+    missing, unexpected = net.load_state_dict(convert_unet(state, p), strict=True)
+    assert not missing and not unexpected
+    x = torch.randn(2, p.in_channels, p.image_size, p.image_size, generator=g)
+    t = torch.tensor([3, 870])
+    y = torch.tensor([1, p.num_classes - 1]) if p.num_classes else None
+    with torch.no_grad():
+        want = unet_forward(p, state, x, t, y)
+        got = net(x, t, class_labels=y).sample
+    assert got.shape == (2, p.out_channels, p.image_size, p.image_size)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+    assert want.abs().mean() > 1e-2  # not a trivially zero network

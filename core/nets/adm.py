@@ -275,3 +275,126 @@ def matching_preset(state: dict) -> Optional[AdmPreset]:
         if layout(p) == shapes:
             return p
     return None
+
+
+# ---- ADM UNetModel -> diffusers UNet2DModel ------------------------------------------------------
+def unet_config(p: AdmPreset) -> dict:
+    """The diffusers UNet2DModel config that has the same structure as preset ``p`` (a diffusion preset)."""
+    if p.kind != "diffusion":
+        raise ValueError(f"preset {p.name} is a {p.kind}, not a diffusion model")
+    attn = [2 ** lvl in p.attention_ds for lvl in range(len(p.channel_mult))]
+    down, up = [], []
+    for a in attn:
+        down.append("AttnDownBlock2D" if a else ("ResnetDownsampleBlock2D" if p.resblock_updown else "DownBlock2D"))
+    for a in reversed(attn):
+        up.append("AttnUpBlock2D" if a else ("ResnetUpsampleBlock2D" if p.resblock_updown else "UpBlock2D"))
+    return dict(
+        sample_size=p.image_size, in_channels=p.in_channels, out_channels=p.out_channels,
+        time_embedding_type="positional", flip_sin_to_cos=True, freq_shift=0,  # ADM: cos first, exp(-ln 1e4 i / half)
+        down_block_types=tuple(down), up_block_types=tuple(up),
+        block_out_channels=tuple(int(m * p.model_channels) for m in p.channel_mult),
+        layers_per_block=p.num_res_blocks, mid_block_scale_factor=1, downsample_padding=1,
+        downsample_type="resnet" if p.resblock_updown else "conv", upsample_type="resnet" if p.resblock_updown else "conv",
+        act_fn="silu", attention_head_dim=p.num_head_channels if p.num_head_channels != -1 else None,
+        norm_num_groups=32, attn_norm_num_groups=32, norm_eps=1e-5,
+        resnet_time_scale_shift="scale_shift" if p.use_scale_shift_norm else "default",
+        add_attention=True, num_class_embeds=p.num_classes or None, dropout=0.0)
+
+
+def _res_keys(src: str, dst: str) -> list:
+    return [(f"{src}.in_layers.0", f"{dst}.norm1"), (f"{src}.in_layers.2", f"{dst}.conv1"),
+            (f"{src}.emb_layers.1", f"{dst}.time_emb_proj"), (f"{src}.out_layers.0", f"{dst}.norm2"),
+            (f"{src}.out_layers.3", f"{dst}.conv2"), (f"{src}.skip_connection", f"{dst}.conv_shortcut")]
+
+
+def _module_map(p: AdmPreset) -> list:
+    """[(ADM module prefix, diffusers module prefix, kind)] with kind in {'res', 'attn', 'plain'}."""
+    m = [("time_embed.0", "time_embedding.linear_1", "plain"), ("time_embed.2", "time_embedding.linear_2", "plain"),
+         ("input_blocks.0.0", "conv_in", "plain"), ("out.0", "conv_norm_out", "plain"), ("out.2", "conv_out", "plain")]
+    if p.num_classes:
+        m.append(("label_emb", "class_embedding", "plain"))
+    n_levels, k = len(p.channel_mult), 1
+    for lvl in range(n_levels):
+        attn = 2 ** lvl in p.attention_ds
+        for i in range(p.num_res_blocks):
+            m.append((f"input_blocks.{k}.0", f"down_blocks.{lvl}.resnets.{i}", "res"))
+            if attn:
+                m.append((f"input_blocks.{k}.1", f"down_blocks.{lvl}.attentions.{i}", "attn"))
+            k += 1
+        if lvl != n_levels - 1:
+            if p.resblock_updown:
+                m.append((f"input_blocks.{k}.0", f"down_blocks.{lvl}.downsamplers.0", "res"))
+            else:
+                m.append((f"input_blocks.{k}.0.op", f"down_blocks.{lvl}.downsamplers.0.conv", "plain"))
+            k += 1
+    m += [("middle_block.0", "mid_block.resnets.0", "res"), ("middle_block.1", "mid_block.attentions.0", "attn"),
+          ("middle_block.2", "mid_block.resnets.1", "res")]
+    j = 0
+    for u, lvl in enumerate(reversed(range(n_levels))):
+        attn = 2 ** lvl in p.attention_ds
+        for i in range(p.num_res_blocks + 1):
+            m.append((f"output_blocks.{j}.0", f"up_blocks.{u}.resnets.{i}", "res"))
+            at = 1
+            if attn:
+                m.append((f"output_blocks.{j}.1", f"up_blocks.{u}.attentions.{i}", "attn"))
+                at = 2
+            if lvl and i == p.num_res_blocks:
+                if p.resblock_updown:
+                    m.append((f"output_blocks.{j}.{at}", f"up_blocks.{u}.upsamplers.0", "res"))
+                else:
+                    m.append((f"output_blocks.{j}.{at}.conv", f"up_blocks.{u}.upsamplers.0.conv", "plain"))
+            j += 1
+    return m
+
+
+def _split_qkv(w: "torch.Tensor", heads: int, legacy: bool) -> tuple:
+    """ADM's fused qkv rows (3C, ...) as separate q, k, v rows (C, ...) in the head-major order diffusers uses:
+    the new order is [q | k | v], the legacy order is [q_h | k_h | v_h] per head."""
+    if not legacy:
+        return tuple(w.chunk(3, dim=0))
+    d = w.shape[0] // (3 * heads)
+    per_head = w.reshape(heads, 3, d, *w.shape[1:])
+    return tuple(per_head[:, i].reshape(heads * d, *w.shape[1:]) for i in range(3))
+
+
+def convert_unet(state: dict, p: AdmPreset) -> dict:
+    """An ADM diffusion state dict (checked against ``layout(p)``) as a diffusers UNet2DModel state dict."""
+    out = {}
+    for src, dst, kind in _module_map(p):
+        if kind == "plain":
+            for suffix in ("weight", "bias"):
+                if f"{src}.{suffix}" in state:
+                    out[f"{dst}.{suffix}"] = state[f"{src}.{suffix}"]
+        elif kind == "res":
+            for a, b in _res_keys(src, dst):
+                for suffix in ("weight", "bias"):
+                    if f"{a}.{suffix}" in state:
+                        out[f"{b}.{suffix}"] = state[f"{a}.{suffix}"]
+        else:
+            c = state[f"{src}.norm.weight"].shape[0]
+            out[f"{dst}.group_norm.weight"], out[f"{dst}.group_norm.bias"] = state[f"{src}.norm.weight"], state[f"{src}.norm.bias"]
+            heads = p.heads(c)
+            qw = _split_qkv(state[f"{src}.qkv.weight"][..., 0], heads, not p.new_attention_order)
+            qb = _split_qkv(state[f"{src}.qkv.bias"], heads, not p.new_attention_order)
+            for name, w, b in zip(("to_q", "to_k", "to_v"), qw, qb):
+                out[f"{dst}.{name}.weight"], out[f"{dst}.{name}.bias"] = w.contiguous(), b.contiguous()
+            out[f"{dst}.to_out.0.weight"] = state[f"{src}.proj_out.weight"][..., 0]
+            out[f"{dst}.to_out.0.bias"] = state[f"{src}.proj_out.bias"]
+    return out
+
+
+def build_unet2d(p: AdmPreset):
+    """An empty diffusers UNet2DModel shaped as preset ``p``; a fixed head count (``num_heads``) that one
+    ``attention_head_dim`` cannot express is set on each attention module after construction."""
+    from diffusers import UNet2DModel
+
+    net = UNet2DModel(**unet_config(p))
+    if p.num_head_channels == -1:
+        from diffusers.models.attention_processor import Attention
+
+        for mod in net.modules():
+            if isinstance(mod, Attention):
+                c = mod.to_q.out_features
+                mod.heads = p.num_heads
+                mod.scale = (c // p.num_heads) ** -0.5
+    return net
