@@ -160,3 +160,83 @@ def test_converted_unet_equals_the_reference_forward(variant):
     assert got.shape == (2, p.out_channels, p.image_size, p.image_size)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
     assert want.abs().mean() > 1e-2  # not a trivially zero network
+
+
+def test_respacing_visits_the_official_timesteps():
+    """ADM's space_timesteps(T, "S") accumulates a float stride and rounds each sum half-to-even."""
+    from core.maths.schedule import make_schedule
+
+    def official(T, n):
+        stride, cur, out = (T - 1) / (n - 1), 0.0, []
+        for _ in range(n):
+            out.append(round(cur))
+            cur += stride
+        return sorted(set(out))
+
+    for T in (1000, 4000):
+        s = make_schedule("linear", T)
+        for n in (2, 10, 21, 25, 50, 100, 250, 999, T):
+            assert s.timesteps(n).tolist() == official(T, n), (T, n)
+    assert make_schedule("linear", 1000).timesteps(21).tolist()[10] == 499  # where a rounded linspace gives 500
+
+
+def test_imported_run_folder_loads_samples_and_keeps_adm_semantics(tmp_path, capsys):
+    """A (small) improved-diffusion-style checkpoint with rescaled timesteps and learned sigma imported as a run
+    folder: load_diffusion gives the reference forward at t * 1000 / T, and `sample --steps 10` runs on it."""
+    from adm_reference import unet_forward
+
+    from core.cli import main
+    from core.nets.adm import import_diffusion
+    from core.nets.models import load_diffusion
+
+    p = tiny(PRESETS["id-cifar10"], image_size=16, model_channels=32, channel_mult=(1, 2), attention_resolutions=(8,),
+             T=400)
+    g = torch.Generator().manual_seed(2)
+    state = {k: torch.randn(shape, generator=g) * (0.5 if len(shape) == 1 else 1 / np.sqrt(np.prod(shape[1:])))
+             for k, shape in layout(p).items()}
+    ckpt = tmp_path / "small.pt"
+    torch.save(state, ckpt)
+    run = import_diffusion(ckpt, p, tmp_path / "run")
+    m = load_diffusion(run)
+    assert (m.schedule.name, m.schedule.T, m.variance_type, m.timestep_scale) == ("cosine", 400, "learned_range", 2.5)
+    x, t = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([0, 399])
+    out = m.predict(x, t)
+    want = unet_forward(p, state, x, t.float() * 1000 / 400)
+    assert torch.allclose(out.eps, want[:, :3], atol=1e-4) and torch.allclose(out.variance_values, want[:, 3:], atol=1e-4)
+    assert main(["sample", "--model", str(run), "--n", "2", "--steps", "10", "--sampler", "ddpm",
+                 "--out", str(tmp_path / "s.npz")]) == 0
+    assert np.load(tmp_path / "s.npz")["images"].shape == (2, 16, 16, 3)
+
+
+def test_import_adm_command_refuses_bad_inputs_and_writes_nothing(tmp_path, capsys):
+    from core.cli import main
+
+    def err():
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as fh:
+        pickle.dump({"x": Evil()}, fh)
+    head = tmp_path / "mc_lsun.pt"
+    torch.save(_random_state(PRESETS["mc-lsun-head"]), head)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(head.read_bytes()[:5000])
+    cases = [(evil, "id-cifar10", "weights-only loader"), (cut, "id-cifar10", "not a readable PyTorch checkpoint"),
+             (head, "id-cifar10", "its layout is preset mc-lsun-head (classifier)"),
+             (head, "mc-lsun-head", "is a classifier: use import-adm-classifier"),
+             (head, "nope", "unknown --preset 'nope'")]
+    for f, name, part in cases:
+        out = tmp_path / f"out-{name}"
+        assert main(["import-adm", "--checkpoint", str(f), "--preset", name, "--out", str(out)]) == 2
+        assert part in err(), (f, name)
+        assert not out.exists()
+    assert not marker.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folder left
+    assert main(["import-adm", "--preset", "list"]) == 0
+    assert "mc-lsun-head" in capsys.readouterr().out

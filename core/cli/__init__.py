@@ -1,7 +1,7 @@
 """``python -m core <command>``: the pipeline from the command line, with progress bars.
 
 Commands (names and flags are a contract): train-diffusion, score, categorize, train-classifier,
-sample, evaluate, neighbours, data, build, build-demo. Every run also works under ``accelerate launch`` / ``torchrun``: work is split with
+sample, evaluate, neighbours, data, build, build-demo, import-adm. Every run also works under ``accelerate launch`` / ``torchrun``: work is split with
 accelerate's ``split_between_processes`` and gathered with ``gather_object``; only the main
 process writes. Errors in the user's input end the command with one line on stderr and exit 2.
 """
@@ -14,6 +14,7 @@ from core.errors import MinorityError
 from core.maths.score import DISTANCES
 from core.cli.common import EXIT_USER_ERROR, _fail, _Parser, check_output, close_bars, finite_float, seed_int
 from core.cli.data import cmd_build, cmd_build_demo, cmd_data_faces, cmd_data_mri_phantom
+from core.cli.importers import cmd_import_adm
 from core.cli.evaluate import cmd_evaluate, cmd_neighbours
 from core.cli.sample import cmd_sample
 from core.cli.scores import cmd_score
@@ -216,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--seed", type=seed_int, default=0, help="seed of the random feature network")
     e.set_defaults(func=cmd_evaluate)
+
+    ia = sub.add_parser("import-adm", help="an OpenAI ADM diffusion checkpoint (.pt) as a run folder")
+    ia.add_argument("--checkpoint", default=None, help="the downloaded .pt (read weights-only, never unpickled)")
+    ia.add_argument("--preset", required=True, help="the release it comes from; 'list' prints them all")
+    ia.add_argument("--out", default=None, help="a new run folder")
+    ia.set_defaults(func=cmd_import_adm)
 
     nb = sub.add_parser("neighbours", help="nearest real images of generated ones, near-copies (Figure 24)")
     nb.add_argument("--real", required=True, help="a bundle, an image/NIfTI folder, or a .npz of real images")

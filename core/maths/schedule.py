@@ -65,8 +65,14 @@ class NoiseSchedule:
             raise ValueError(f"steps must be in [1, {self.T}] for a schedule with T={self.T}, got {num_steps}")
         if num_steps == 1:
             return torch.tensor([self.T - 1], dtype=torch.long)
-        ts = torch.linspace(0, self.T - 1, num_steps, dtype=torch.float64).round().long()
-        return torch.unique(ts)  # sorted ascending; strictly increasing since num_steps <= T
+        # ADM's space_timesteps(T, "S"): a float stride (T-1)/(S-1) accumulated and rounded half-to-even at each
+        # step, so `--steps 250` visits exactly the official scripts' timesteps (a linspace differs by one step
+        # for some S, e.g. 21 of T=1000, where the accumulated sum lands just under a .5)
+        stride, cur, ts = (self.T - 1) / (num_steps - 1), 0.0, []
+        for _ in range(num_steps):
+            ts.append(round(cur))
+            cur += stride
+        return torch.unique(torch.tensor(ts, dtype=torch.long))  # sorted ascending
 
 
 @dataclass(frozen=True)

@@ -388,13 +388,55 @@ def build_unet2d(p: AdmPreset):
     ``attention_head_dim`` cannot express is set on each attention module after construction."""
     from diffusers import UNet2DModel
 
+    from core.nets.models import set_attention_heads
+
     net = UNet2DModel(**unet_config(p))
     if p.num_head_channels == -1:
-        from diffusers.models.attention_processor import Attention
-
-        for mod in net.modules():
-            if isinstance(mod, Attention):
-                c = mod.to_q.out_features
-                mod.heads = p.num_heads
-                mod.scale = (c // p.num_heads) ** -0.5
+        set_attention_heads(net, p.num_heads)
     return net
+
+
+def adm_schedule(p: AdmPreset):
+    """The preset's training schedule as ADM builds it (linear betas scaled by 1000 / T; cosine with s = 0.008)."""
+    from core.maths.schedule import make_schedule
+
+    if p.schedule == "linear":
+        return make_schedule("linear", p.T, 1e-4 * 1000 / p.T, 0.02 * 1000 / p.T)
+    return make_schedule("cosine", p.T)
+
+
+def import_diffusion(checkpoint: str | os.PathLike, p: AdmPreset, out: str | os.PathLike,
+                     log=lambda msg: None) -> Path:
+    """An ADM diffusion checkpoint as an ordinary run folder (diffusers UNet2DModel weights + model.json with the
+    schedule, learned-range variance, class conditioning and rescaled timesteps). Checked against the preset
+    before any tensor is used; written to a temp folder beside ``out`` and renamed, so a failure writes nothing."""
+    import shutil
+    import tempfile
+
+    from core.nets.models import DiffusionModel, save_model_run
+
+    if p.kind != "diffusion":
+        raise ValueError(f"--preset {p.name} is a {p.kind}: use import-adm-classifier")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"--out {out}: exists and is not empty; choose a new folder")
+    state = read_checkpoint(checkpoint)
+    check_layout(state, p, str(checkpoint))
+    log(f"{checkpoint}: {len(state)} tensors, {sum(v.numel() for v in state.values()) / 1e6:.1f}M parameters, "
+        f"layout of {p.name}")
+    net = build_unet2d(p)
+    net.load_state_dict({k: v.float() for k, v in convert_unet(state, p).items()}, strict=True)
+    model = DiffusionModel(net.eval(), adm_schedule(p), p.image_size, p.in_channels, p.num_classes,
+                           source=str(checkpoint), variance_type="learned_range" if p.out_channels == 2 * p.in_channels
+                           else "fixed_small", timestep_scale=1000 / p.T if p.rescale_timesteps else 1.0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_model_run(tmp, model, {"source": str(checkpoint), "adm_preset": p.name})
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

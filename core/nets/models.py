@@ -78,7 +78,7 @@ class DiffusionModel(nn.Module):
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, image_size: int, channels: int,
                  num_classes: int = 0, class_names: Optional[list[str]] = None, source: str = "",
-                 variance_type: str = "fixed_small"):
+                 variance_type: str = "fixed_small", timestep_scale: float = 1.0):
         super().__init__()
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"unknown variance_type {variance_type!r}; allowed: {', '.join(VARIANCE_TYPES)}")
@@ -90,6 +90,7 @@ class DiffusionModel(nn.Module):
         self.class_names = class_names or []
         self.source = source
         self.variance_type = variance_type
+        self.timestep_scale = timestep_scale  # improved-diffusion's rescale_timesteps: the net sees t * 1000 / T
         self.precision = "auto"  # backbone compute precision, see autocast_for
 
     @property
@@ -106,8 +107,9 @@ class DiffusionModel(nn.Module):
         ``precision`` overrides ``self.precision`` for this call (the minority score runs in fp32)."""
         if self.num_classes and class_labels is None:
             raise ValueError("this model is class-conditional: pass class labels (--class-label)")
+        t_in = t if self.timestep_scale == 1.0 else t.float() * self.timestep_scale
         with autocast_for(x_t, precision or self.precision):
-            out = self.net(x_t, t, class_labels=class_labels if self.num_classes else None).sample
+            out = self.net(x_t, t_in, class_labels=class_labels if self.num_classes else None).sample
         out = out.float()
         c = x_t.shape[1]
         if out.shape[1] == 2 * c:  # [eps, v]: v is used by learned variance types, dropped by fixed ones
@@ -169,7 +171,31 @@ def save_model_run(run: str | os.PathLike, model: DiffusionModel, extra: Optiona
     save_weights_and_config(run, "model", state, {
         "schema": SCHEMA_VERSION, "kind": "diffusion", "unet_diffusers": config, "image_size": model.image_size,
         "channels": model.channels, "num_classes": model.num_classes, "variance_type": model.variance_type,
+        "timestep_scale": model.timestep_scale, "attention_heads": _fixed_heads(model.net),
         "schedule": sched, "class_names": model.class_names, **(extra or {})})
+
+
+def _fixed_heads(net: nn.Module) -> Optional[int]:
+    """The attention head count when it is fixed across widths (ADM's num_heads), which a UNet2DModel config's
+    attention_head_dim cannot express; None when the config already gives every block's heads."""
+    from diffusers.models.attention_processor import Attention
+
+    cfg_dim = net.config.get("attention_head_dim")
+    heads = {m.heads for m in net.modules() if isinstance(m, Attention)}
+    dims = {m.to_q.out_features // m.heads for m in net.modules() if isinstance(m, Attention)}
+    if len(heads) == 1 and (cfg_dim is None or dims != {cfg_dim}):
+        return heads.pop()
+    return None
+
+
+def set_attention_heads(net: nn.Module, heads: int) -> None:
+    """Give every attention block of a UNet2DModel ``heads`` heads (and the matching 1/sqrt(d) scale)."""
+    from diffusers.models.attention_processor import Attention
+
+    for mod in net.modules():
+        if isinstance(mod, Attention):
+            mod.heads = heads
+            mod.scale = (mod.to_q.out_features // heads) ** -0.5
 
 
 def load_diffusion(spec: str | os.PathLike, device: str | torch.device = "cpu") -> DiffusionModel:
@@ -215,11 +241,15 @@ def _load_saved_diffusers(path: Path, cfg_json: dict, device) -> DiffusionModel:
         schedule = make_schedule(s["name"], int(s["T"]), float(s["beta_start"]), float(s["beta_end"]))
         size, channels = int(cfg_json["image_size"]), int(cfg_json["channels"])
         variance_type = cfg_json.get("variance_type", "fixed_small")
+        scale = float(cfg_json.get("timestep_scale", 1.0))
+        if cfg_json.get("attention_heads"):
+            set_attention_heads(net, int(cfg_json["attention_heads"]))
     except (KeyError, TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
         raise CheckpointError(f"{path / 'model.json'}: malformed config ({type(e).__name__}: {e})") from None
     net = load_weights_for(net, path, "model", cfg_json)
     model = DiffusionModel(net, schedule, size, channels, int(cfg_json.get("num_classes") or 0),
-                           list(cfg_json.get("class_names") or []), source=str(path), variance_type=variance_type)
+                           list(cfg_json.get("class_names") or []), source=str(path), variance_type=variance_type,
+                           timestep_scale=scale)
     return model.to(device).eval().requires_grad_(False)
 
 
