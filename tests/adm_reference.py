@@ -113,3 +113,17 @@ def unet_forward(p, s, x, t, y=None):
                 ds //= 2
             j += 1
     return F.conv2d(F.silu(_gn(h, s, "out.0")), s["out.2.weight"], s["out.2.bias"], padding=1)
+
+
+def encoder_forward(p, s, x, t, features_only=False):
+    """ADM EncoderUNetModel with attention pooling: x (B, C, H, W), t (B,) -> logits (B, K), or the middle
+    block's output with ``features_only``."""
+    h, _, _, _ = _trunk(p, s, x, t)
+    if features_only:
+        return h
+    h = F.silu(_gn(h, s, "out.0"))
+    b, c = h.shape[:2]
+    z = h.reshape(b, c, -1)
+    z = torch.cat([z.mean(dim=-1, keepdim=True), z], dim=-1) + s["out.2.positional_embedding"][None]
+    qkv = F.conv1d(z, s["out.2.qkv_proj.weight"], s["out.2.qkv_proj.bias"])
+    return F.conv1d(_attend(qkv, c // 64, legacy=False), s["out.2.c_proj.weight"], s["out.2.c_proj.bias"])[:, :, 0]

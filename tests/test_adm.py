@@ -240,3 +240,87 @@ def test_import_adm_command_refuses_bad_inputs_and_writes_nothing(tmp_path, caps
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folder left
     assert main(["import-adm", "--preset", "list"]) == 0
     assert "mc-lsun-head" in capsys.readouterr().out
+
+
+SMALL_CLF = tiny(PRESETS["gd-256-classifier"], image_size=32, channel_mult=(1, 2, 2), attention_resolutions=(16, 8),
+                 model_channels=64, out_channels=7)
+SMALL_HEAD = tiny(PRESETS["mc-lsun-head"], image_size=8, in_channels=128, model_channels=64, out_channels=5)
+
+
+def _state(p, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = {k: torch.randn(shape, generator=g) * (0.5 if len(shape) == 1 else 1 / np.sqrt(np.prod(shape[1:])))
+         for k, shape in layout(p).items()}
+    for k in s:
+        if k.endswith(("norm.weight", "in_layers.0.weight", "out_layers.0.weight", "out.0.weight")):
+            s[k] = 1 + 0.1 * s[k]
+    return s
+
+
+def test_encoder_classifier_and_minority_cascade_equal_the_reference():
+    from adm_reference import encoder_forward
+
+    from core.nets.adm_encoder import AdmEncoder, MinorityCascade
+
+    st, sh = _state(SMALL_CLF, 3), _state(SMALL_HEAD, 4)
+    trunk, head = AdmEncoder(SMALL_CLF).eval(), AdmEncoder(SMALL_HEAD).eval()
+    assert {k: tuple(v.shape) for k, v in trunk.state_dict().items()} == layout(SMALL_CLF)  # ADM's own names
+    trunk.load_state_dict(st, strict=True)
+    head.load_state_dict(sh, strict=True)
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(2, 3, 32, 32, generator=g), torch.tensor([10, 700])
+    with torch.no_grad():
+        assert torch.allclose(trunk(x, t), encoder_forward(SMALL_CLF, st, x, t), atol=1e-4)
+        feats = encoder_forward(SMALL_CLF, st, x, t, features_only=True)
+        assert feats.shape == (2, 128, 8, 8) and torch.allclose(trunk.features(x, t), feats, atol=1e-4)
+        want = encoder_forward(SMALL_HEAD, sh, feats, t)
+        assert torch.allclose(MinorityCascade(trunk, head)(x, t), want, atol=1e-4)
+    # guidance's gradient flows through head and trunk
+    cascade = MinorityCascade(trunk, head)
+    xg = x.clone().requires_grad_(True)
+    torch.log_softmax(cascade(xg, t), -1)[:, 4].sum().backward()
+    assert xg.grad.abs().sum() > 0
+    used = [p.grad for n, p in trunk.named_parameters() if not n.startswith("out.")]  # the trunk's own pool is unused
+    assert all(gr is not None for gr in used) and all(p.grad is None for n, p in trunk.named_parameters() if n.startswith("out."))
+
+
+def test_minority_classifier_imports_and_guides_the_sampler(tmp_path, monkeypatch):
+    from core.maths.guidance import ClassifierGuidance, combine
+    from core.maths.sampling import sample
+    from core.nets import adm
+    from core.nets.adm_encoder import import_classifier
+    from core.nets.models import DiffusionModel, load_classifier
+
+    torch.save(_state(SMALL_CLF, 3), tmp_path / "clf.pt")
+    torch.save(_state(SMALL_HEAD, 4), tmp_path / "head.pt")
+    adm_presets = dict(adm.PRESETS, **{"mc-lsun-head": SMALL_HEAD})
+    import core.nets.adm_encoder as enc
+
+    monkeypatch.setattr(enc, "preset", lambda name: adm_presets[name])  # the small head stands in for mc-lsun-head
+    out = import_classifier(tmp_path / "clf.pt", SMALL_CLF, tmp_path / "mc", minority_head=str(tmp_path / "head.pt"),
+                            thresholds=[0.1, 0.2, 0.3, 0.4, 0.5])
+    clf = load_classifier(out)
+    assert clf.thresholds == [0.1, 0.2, 0.3, 0.4, 0.5] and type(clf.net).__name__ == "MinorityCascade"
+    p = tiny(PRESETS["gd-256-uncond"], image_size=32, model_channels=32, channel_mult=(1, 2), attention_resolutions=(8,),
+             num_head_channels=16)
+    net = adm.build_unet2d(p).eval()
+    model = DiffusionModel(net, adm.adm_schedule(p), 32, 3, variance_type="learned_range")
+    g = combine(ClassifierGuidance(clf.net, 4, 3.0))
+    a = sample(model, 2, steps=3, sampler="ddim", guidance=g, generator=torch.Generator().manual_seed(0))
+    b = sample(model, 2, steps=3, sampler="ddim", guidance=None, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (2, 3, 32, 32) and not torch.equal(a, b)  # the imported cascade steers the sampler
+
+
+def test_classifier_import_refusals(tmp_path):
+    from core.nets.adm_encoder import import_classifier
+
+    torch.save(_state(SMALL_CLF, 3), tmp_path / "clf.pt")
+    with pytest.raises(ValueError, match="is a diffusion: use import-adm"):
+        import_classifier(tmp_path / "clf.pt", PRESETS["gd-256-uncond"], tmp_path / "o")
+    with pytest.raises(ValueError, match="minority head without its trunk"):
+        import_classifier(tmp_path / "clf.pt", PRESETS["mc-lsun-head"], tmp_path / "o")
+    with pytest.raises(CheckpointError, match="not a gd-64-classifier checkpoint"):
+        import_classifier(tmp_path / "clf.pt", PRESETS["gd-64-classifier"], tmp_path / "o")
+    with pytest.raises(ValueError, match="thresholds has 2 values"):
+        import_classifier(tmp_path / "clf.pt", SMALL_CLF, tmp_path / "o", thresholds=[1, 2])
+    assert not (tmp_path / "o").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

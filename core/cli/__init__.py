@@ -1,7 +1,7 @@
 """``python -m core <command>``: the pipeline from the command line, with progress bars.
 
 Commands (names and flags are a contract): train-diffusion, score, categorize, train-classifier,
-sample, evaluate, neighbours, data, build, build-demo, import-adm. Every run also works under ``accelerate launch`` / ``torchrun``: work is split with
+sample, evaluate, neighbours, data, build, build-demo, import-adm, import-adm-classifier. Every run also works under ``accelerate launch`` / ``torchrun``: work is split with
 accelerate's ``split_between_processes`` and gathered with ``gather_object``; only the main
 process writes. Errors in the user's input end the command with one line on stderr and exit 2.
 """
@@ -14,7 +14,7 @@ from core.errors import MinorityError
 from core.maths.score import DISTANCES
 from core.cli.common import EXIT_USER_ERROR, _fail, _Parser, check_output, close_bars, finite_float, seed_int
 from core.cli.data import cmd_build, cmd_build_demo, cmd_data_faces, cmd_data_mri_phantom
-from core.cli.importers import cmd_import_adm
+from core.cli.importers import cmd_import_adm, cmd_import_adm_classifier
 from core.cli.evaluate import cmd_evaluate, cmd_neighbours
 from core.cli.sample import cmd_sample
 from core.cli.scores import cmd_score
@@ -223,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     ia.add_argument("--preset", required=True, help="the release it comes from; 'list' prints them all")
     ia.add_argument("--out", default=None, help="a new run folder")
     ia.set_defaults(func=cmd_import_adm)
+    ic = sub.add_parser("import-adm-classifier", help="an OpenAI ADM classifier (.pt), optionally with the official "
+                                                      "minority head on its trunk, as a classifier folder")
+    ic.add_argument("--checkpoint", default=None, help="the classifier .pt (e.g. 256x256_classifier.pt)")
+    ic.add_argument("--preset", required=True, help="its release (gd-256-classifier for mc_lsun); 'list' prints them")
+    ic.add_argument("--minority-head", default=None, help="mc_lsun.pt: guide with head(trunk(x_t, t), t)")
+    ic.add_argument("--thresholds", default=None, help="the minority-score class thresholds (text or JSON), kept in "
+                                                       "the folder for score --bundle style labelling")
+    ic.add_argument("--out", default=None, help="a new classifier folder")
+    ic.set_defaults(func=cmd_import_adm_classifier)
 
     nb = sub.add_parser("neighbours", help="nearest real images of generated ones, near-copies (Figure 24)")
     nb.add_argument("--real", required=True, help="a bundle, an image/NIfTI folder, or a .npz of real images")

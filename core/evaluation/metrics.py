@@ -183,6 +183,9 @@ def _inception_fid(size: int, device) -> FeatureExtractor:
 
 def _classifier(classifier, device) -> FeatureExtractor:
     net = classifier.net.to(device).eval()
+    if not hasattr(net, "class_embed"):
+        raise ValueError("--features classifier reads this project's own minority classifiers; an imported ADM "
+                         "classifier has no pooled feature space here (use --features resnet50-random)")
     if net.class_embed is not None:
         raise ValueError("--features classifier needs an unconditional minority classifier; this one is "
                          "class-conditional (use --features resnet50-random)")

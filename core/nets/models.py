@@ -459,6 +459,16 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise CheckpointError(f"--classifier {path}: no such folder")
     cfg_json = read_json(path / "classifier.json")
     check_schema(cfg_json, str(path / "classifier.json"), "classifier")
+    if "adm" in cfg_json or "adm_cascade" in cfg_json:  # an imported ADM classifier (core/nets/adm_encoder.py)
+        from core.nets.adm_encoder import build_adm_classifier
+
+        try:
+            net = build_adm_classifier(cfg_json)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path / 'classifier.json'}: malformed ADM config ({type(e).__name__}: {e})") from None
+        net = load_weights_for(net, path, "classifier", cfg_json)
+        info = {k: v for k, v in cfg_json.items() if k not in ("adm", "adm_cascade", "thresholds")}
+        return LoadedClassifier(net.to(device).eval().requires_grad_(False), cfg_json.get("thresholds"), info)
     try:
         c = dict(cfg_json["config"])
         c["channel_mult"] = tuple(c["channel_mult"])
