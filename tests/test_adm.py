@@ -309,6 +309,13 @@ def test_minority_classifier_imports_and_guides_the_sampler(tmp_path, monkeypatc
     a = sample(model, 2, steps=3, sampler="ddim", guidance=g, generator=torch.Generator().manual_seed(0))
     b = sample(model, 2, steps=3, sampler="ddim", guidance=None, generator=torch.Generator().manual_seed(0))
     assert a.shape == (2, 3, 32, 32) and not torch.equal(a, b)  # the imported cascade steers the sampler
+    from core.cli import main
+    from core.nets.models import save_model_run
+
+    save_model_run(tmp_path / "run", model)
+    assert main(["sample", "--model", str(tmp_path / "run"), "--classifier", str(out), "--minority-class", "4",
+                 "--scale", "2", "--n", "2", "--steps", "3", "--out", str(tmp_path / "s.npz")]) == 0
+    assert np.load(tmp_path / "s.npz")["images"].shape == (2, 32, 32, 3)
 
 
 def test_classifier_import_refusals(tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -100,6 +100,14 @@ class AdmAttentionPool(nn.Module):
         return self.c_proj(qkv_attention(self.qkv_proj(x), self.heads, legacy=False))[:, :, 0]
 
 
+@dataclass(frozen=True)
+class AdmClassifierInfo:
+    """What the sampler's checks read from a classifier's ``cfg``: K outputs, no data-class conditioning."""
+
+    num_outputs: int
+    num_classes: int = 0
+
+
 class _Seq(nn.ModuleList):
     """ADM's TimestepEmbedSequential: residual blocks take the embedding, the rest take x alone."""
 
@@ -147,6 +155,7 @@ class AdmEncoder(nn.Module):
                                   AdmAttention(ch, p.heads(ch), legacy), AdmResBlock(ch, ch, emb, p.use_scale_shift_norm)])
         self.out = nn.Sequential(_GN32(32, ch), nn.SiLU(), AdmAttentionPool(p.image_size // 2 ** last, ch, p.out_channels))
         self.feature_channels = ch
+        self.cfg = AdmClassifierInfo(p.out_channels)
 
     def embed(self, t: torch.Tensor) -> torch.Tensor:
         half = self.preset.model_channels // 2
@@ -173,6 +182,7 @@ class MinorityCascade(nn.Module):
     def __init__(self, trunk: AdmEncoder, head: AdmEncoder):
         super().__init__()
         self.trunk, self.head = trunk, head
+        self.cfg = head.cfg
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_labels=None) -> torch.Tensor:
         return self.head(self.trunk.features(x_t, t), t)
