@@ -14,12 +14,15 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 import torch
 
 from core.errors import MinorityError
+
+if TYPE_CHECKING:
+    from app.library import Pool
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "mri-atrophy"
 METHODS = ("minority guidance", "self-guided", "Boost-and-Skip", "standard")

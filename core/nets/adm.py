@@ -13,9 +13,12 @@ import os
 from dataclasses import dataclass, field, replace
 from math import prod
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from core.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
