@@ -174,3 +174,28 @@ def test_the_real_app_has_its_queue_bound_and_stop_wiring(monkeypatch):
     gen = next(d for d in config["dependencies"] if d.get("api_name") == "generate")
     cancel = [d for d in config["dependencies"] if gen["id"] in (d.get("cancels") or [])]
     assert cancel and any(t[0] == stop_id for d in cancel for t in d["targets"]), cancel
+
+
+def test_app_entry_skips_a_damaged_second_bundle_and_opens_the_good_one(monkeypatch, tmp_path, capsys):
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    import gradio as gr
+
+    spec = importlib.util.spec_from_file_location("app_entry", Path(__file__).resolve().parent.parent / "app.py")
+    app_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app_module)
+    bad = tmp_path / "bad"
+    shutil.copytree(h.DEFAULT_BUNDLE, bad)
+    (bad / "classifier.safetensors").write_bytes(b"not weights")
+    seen = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: seen.update(demo=self))
+    monkeypatch.setattr(h.Studio, "warm", lambda self: self)
+    assert app_module.main(["--bundle", str(h.DEFAULT_BUNDLE), "--bundle", str(bad)]) == 0
+    err = capsys.readouterr().err
+    assert f"bundle {bad} skipped" in err and "classifier.safetensors does not match" in err
+    page = str(seen["demo"].config)
+    assert "was skipped" in page and "mri-atrophy" in page
+    assert app_module.main(["--bundle", str(bad)]) == 2  # nothing usable: one line, no server
+    assert "no usable bundle" in capsys.readouterr().err
