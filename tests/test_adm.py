@@ -331,3 +331,32 @@ def test_classifier_import_refusals(tmp_path):
     with pytest.raises(ValueError, match="thresholds has 2 values"):
         import_classifier(tmp_path / "clf.pt", SMALL_CLF, tmp_path / "o", thresholds=[1, 2])
     assert not (tmp_path / "o").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_an_imported_model_builds_a_bundle_that_scores_and_opens_in_the_app(tmp_path):
+    """score, build and the app take an imported ADM run folder unchanged (small widths, fixed 4 heads,
+    rescaled timesteps: the two semantics a plain UNet2DModel config cannot carry)."""
+    from core.bundles.bundle import load_bundle
+    from core.cli import main
+    from core.demos.faces import build_faces
+    from core.nets.adm import import_diffusion
+    from core.nets.models import load_diffusion
+
+    p = tiny(PRESETS["id-cifar10"], image_size=16, model_channels=32, channel_mult=(1, 2), attention_resolutions=(8,))
+    torch.save(_state(p, 7), tmp_path / "small.pt")
+    run = import_diffusion(tmp_path / "small.pt", p, tmp_path / "run")
+    data = tmp_path / "faces"
+    build_faces(data, n=16, size=16, seed=1)
+    assert main(["score", "--model", str(run), "--data", str(data), "--distance", "l2", "--draws", "1",
+                 "--out", str(tmp_path / "scores.csv")]) == 0
+    out = tmp_path / "bundle"
+    assert main(["build", "--data", str(data), "--out", str(out), "--model", str(run), "--classes", "4",
+                 "--clf-steps", "2", "--clf-base-channels", "8", "--draws", "1", "--map", "pca"]) == 0
+    a, b = load_diffusion(run), load_bundle(out).model
+    assert b.timestep_scale == a.timestep_scale == 0.25 and {m.heads for m in b.net.modules() if hasattr(m, "heads")} == {4}
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 3000])
+    assert torch.allclose(a.predict(x, t).eps, b.predict(x, t).eps) and b.variance_type == "learned_range"
+    from app import handlers as h
+
+    run_ = h.Studio(out).generate_all(h.GenerateRequest(3, 1.0, steps=5, n=2))
+    assert run_.guided.shape == (2, 16, 16, 3)
