@@ -173,7 +173,9 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
                                          label="Self-guidance interval k",
                                          info="guide the steps whose index (counting down to 0) is a multiple "
                                               "of k, as the official sampler does")
-                sampler = gr.Radio(list(h.SAMPLERS), value=d["sampler"], label="Sampler")
+                start = {v: k for k, v in h.SAMPLERS.items()}.get((manifest.get("app") or {}).get("sampler"), d["sampler"])
+                sampler = gr.Radio(list(h.SAMPLERS), value=start, label="Sampler", elem_id=eid("sampler"),
+                                   info="the bundle's recommended sampler is selected" if start != d["sampler"] else None)
                 steps = gr.Slider(*h.LIMITS["steps"], value=d["steps"], step=1, label="Steps", elem_id=eid("steps"))
                 n = gr.Slider(*h.LIMITS["n"], value=d["n"], step=1, label="Number of images", elem_id=eid("n"))
                 seed = gr.Number(d["seed"], precision=0, label="Seed", minimum=0, maximum=h.LIMITS["seed"][1],

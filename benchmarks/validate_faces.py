@@ -93,12 +93,12 @@ def has_rare(codes: np.ndarray) -> np.ndarray:
     return np.any([RARE[j][codes[:, j]] for j in range(len(NAMES))], axis=0)
 
 
-def run_sampler(model, n, steps, guidance, seed, batch=64):
+def run_sampler(model, n, steps, guidance, seed, batch=64, sampler="ddim"):
     out = []
     t0 = time.perf_counter()
     for k, s in enumerate(range(0, n, batch)):
         g = torch.Generator().manual_seed((seed * 1_000_003 + k) % (2 ** 63))
-        out.append(to_uint8(sample(model, min(batch, n - s), steps=steps, sampler="ddim", guidance=guidance,
+        out.append(to_uint8(sample(model, min(batch, n - s), steps=steps, sampler=sampler, guidance=guidance,
                                    generator=g)))
     return np.concatenate(out), (time.perf_counter() - t0) / n
 
@@ -109,16 +109,19 @@ def main():
     p.add_argument("--data", default=None, help="the faces folder the bundle was built from (metadata.csv); "
                                                 "default: the bundle's real.csv columns")
     p.add_argument("--n", type=int, default=256)
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--sampler", default="ddpm", help="ddpm (ancestral; default: DDIM gives this model colour casts, "
+                                                     "docs/RESULTS.md) or ddim")
     p.add_argument("--scales", default="1.5,2.5,4")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/results/validate_faces")
+    p.add_argument("--save-npz", default=None, help="also write each set as SET.npz here (for `neighbours`)")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     b = load_bundle(a.bundle)
     real, L = b.real, b.num_classes
-    res = {"bundle": a.bundle, "n": a.n, "steps": a.steps, "seed": a.seed, "L": L}
+    res = {"bundle": a.bundle, "n": a.n, "steps": a.steps, "sampler": a.sampler, "seed": a.seed, "L": L}
     from scipy.stats import spearmanr
 
     res["score_spearman_vs_rarity"] = float(spearmanr(real.score, real.metadata["rarity"]).statistic)
@@ -163,12 +166,16 @@ def main():
         return row
 
     sets = {}
-    imgs, sec = run_sampler(b.model, a.n, a.steps, None, a.seed)
+    imgs, sec = run_sampler(b.model, a.n, a.steps, None, a.seed, sampler=a.sampler)
     sets["standard"] = (imgs, evaluate("standard", imgs, sec))
     for w in (float(v) for v in a.scales.split(",")):
         g = combine(ClassifierGuidance(b.classifier.net, L - 1, w))
-        imgs, sec = run_sampler(b.model, a.n, a.steps, g, a.seed)
+        imgs, sec = run_sampler(b.model, a.n, a.steps, g, a.seed, sampler=a.sampler)
         sets[f"l={L - 1},w={w:g}"] = (imgs, evaluate(f"minority l={L - 1} w={w:g}", imgs, sec))
+    if a.save_npz:
+        Path(a.save_npz).mkdir(parents=True, exist_ok=True)
+        for k, (imgs, _) in sets.items():
+            np.savez(Path(a.save_npz) / f"{k.replace('=', '').replace(',', '_')}.npz", images=imgs)
     std = sets["standard"][1]
     res["sets"] = {k: r for k, (_, r) in sets.items()}
     for k, (_, r) in sets.items():

@@ -60,6 +60,7 @@ class BuildConfig:
     slice_band: tuple = DEFAULT_BAND
     dataset: dict = field(default_factory=dict)  # extra manifest facts about the data (build-demo: its source)
     force: bool = False  # replace a different bundle already in the output folder
+    app_sampler: Optional[str] = None  # the sampler the app starts with for this bundle: ddim (default) or ddpm
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -333,7 +334,8 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
                      "classifier_steps": cfg.clf_steps, "classifier_base_channels": cfg.clf_base_channels,
                      "classifier_metrics": clf.info.get("metrics")},
         "map": map_method, "seeds": {"data": cfg.seed, "training": cfg.seed, "score": cfg.seed},
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items() if k not in ("dataset", "force")},
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items() if k not in ("dataset", "force", "app_sampler")},
+        "app": {"sampler": cfg.app_sampler or "ddim"},
         "stage_seconds": timings, "versions": _versions(),
         "files": {name: sha256_file(out / name) for name in BUNDLE_FILES},
     }

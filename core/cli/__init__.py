@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--map", choices=["umap", "pca"], default="umap", help="2-D map of the real data")
     b.add_argument("--work", default=None, help="intermediate files (default OUT.work); a rerun resumes from them")
     b.add_argument("--force", action="store_true", help="replace a different bundle already in --out")
+    b.add_argument("--app-sampler", choices=["ddim", "ddpm"], default=None,
+                   help="the sampler the app starts with for this bundle (default ddim; the faces model needs ddpm)")
     b.add_argument("--seed", type=seed_int, default=0)
     b.set_defaults(func=cmd_build)
 
