@@ -114,6 +114,8 @@ def test_switch_bundles_generate_on_each_and_score_uploads(library_url, tmp_path
         classes = {}
         page.get_by_role("tab", name="Score an image").first.click()
         for name in ("mild", "severe"):
+            if name == "severe":  # a File holding an upload shows it, not an input: clear it first
+                page.locator("#upload button[aria-label='Clear']").first.click()
             page.set_input_files("#upload input[type=file]", str(tmp_path / f"{name}.png"))
             page.wait_for_function(f"document.querySelector('#verdict').innerText.includes('{name}.png')",
                                    timeout=120_000)
@@ -127,7 +129,8 @@ def test_switch_bundles_generate_on_each_and_score_uploads(library_url, tmp_path
                                timeout=120_000)
         assert _generate(page, second) == 2
         page.screenshot(path=str(tmp_path / "second-bundle.png"), full_page=True)
-        page.locator("#bundle-select label").nth(0).click()
-        page.wait_for_selector("#generate", state="visible", timeout=30_000)
+        page.locator("#bundle-select label").nth(0).click()  # back: the MRI page, still on its Score tab
+        page.wait_for_selector("#verdict", state="visible", timeout=30_000)
+        assert not page.locator(f"#generate{second}").is_visible()
         browser.close()
     assert len(lib.pool.loaded()) <= 2

@@ -524,7 +524,7 @@ def test_weight_config_pair_survives_a_crash_at_each_step(tmp_path, monkeypatch)
     JSON keeps the old pair, a crash before the rename is rolled forward on load."""
     import json as _json
 
-    from core import checkpoint as ck
+    from core.nets import checkpoint as ck
 
     def pair(value):
         m = torch.nn.Linear(2, 2)

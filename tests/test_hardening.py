@@ -23,6 +23,9 @@ BUNDLE = ROOT / "assets" / "mri-atrophy"
 COMMANDS = {
     "data mri-phantom": (["data", "mri-phantom", "--out", "OUT", "--n", "8", "--size", "16"], "--out", "dir"),
     "build-demo": (["build-demo", "--out", "OUT", "--n", "8"], "--out", "dir"),
+    "data faces": (["data", "faces", "--out", "OUT", "--n", "4", "--size", "16"], "--out", "dir"),
+    "build": (["build", "--data", "DATA", "--out", "OUT", "--classes", "2", "--diffusion-steps", "1", "--clf-steps", "1",
+               "--draws", "1", "--map", "pca", "--size", "16"], "--out", "dir"),
     "train-diffusion": (["train-diffusion", "--data", "DATA", "--out", "OUT", "--size", "16", "--steps", "2"], "--out", "dir"),
     "score": (["score", "--model", "MODEL", "--data", "DATA", "--out", "OUT", "--distance", "l2"], "--out", "file"),
     "categorize": (["categorize", "--scores", "OUT", "--classes", "4"], "--scores", "file"),
