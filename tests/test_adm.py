@@ -275,6 +275,19 @@ def test_encoder_classifier_and_minority_cascade_equal_the_reference():
         assert feats.shape == (2, 128, 8, 8) and torch.allclose(trunk.features(x, t), feats, atol=1e-4)
         want = encoder_forward(SMALL_HEAD, sh, feats, t)
         assert torch.allclose(MinorityCascade(trunk, head)(x, t), want, atol=1e-4)
+    # the classifier feature space (evaluate / neighbours --features classifier) reads the head's attention pool
+    from core.evaluation.metrics import extract_features, make_extractor
+    from core.nets.models import LoadedClassifier
+
+    images = (torch.rand(3, 32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+    f = extract_features(make_extractor("classifier", classifier=LoadedClassifier(MinorityCascade(trunk, head), None)),
+                         images)
+    assert f.pooled.shape == (3, 64) and np.isfinite(f.pooled).all() and f.pooled.std() > 0
+    with torch.no_grad():
+        x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        logits = MinorityCascade(trunk, head)(x0, torch.zeros(3, dtype=torch.long))
+        proj = head.out[2].c_proj(torch.from_numpy(f.pooled)[..., None])[:, :, 0]
+    assert torch.allclose(proj, logits, atol=1e-4)  # the pooled features are exactly what c_proj reads
     # guidance's gradient flows through head and trunk
     cascade = MinorityCascade(trunk, head)
     xg = x.clone().requires_grad_(True)

@@ -183,9 +183,15 @@ def _inception_fid(size: int, device) -> FeatureExtractor:
 
 def _classifier(classifier, device) -> FeatureExtractor:
     net = classifier.net.to(device).eval()
-    if not hasattr(net, "class_embed"):
-        raise ValueError("--features classifier reads this project's own minority classifiers; an imported ADM "
-                         "classifier has no pooled feature space here (use --features resnet50-random)")
+    if hasattr(net, "feature_space"):  # an imported ADM classifier or minority cascade (core/nets/adm_encoder.py)
+        def adm_fn(x):
+            t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            pooled, h = net.feature_space(x.float(), t)
+            return pooled.float(), h[:, :SPATIAL_CHANNELS].flatten(1).float()
+
+        return FeatureExtractor("classifier", adm_fn, {"input_size": "native", "t": 0,
+                                                       "pooled": "ADM attention pool before c_proj",
+                                                       "spatial": f"middle block[:{SPATIAL_CHANNELS}]"})
     if net.class_embed is not None:
         raise ValueError("--features classifier needs an unconditional minority classifier; this one is "
                          "class-conditional (use --features resnet50-random)")

@@ -93,11 +93,15 @@ class AdmAttentionPool(nn.Module):
         self.c_proj = nn.Conv1d(c, out, 1)
         self.heads = c // head_channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Token 0 after attention, before the output projection: (B, C), the classifier's feature space."""
         b, c = x.shape[:2]
         x = x.reshape(b, c, -1)
         x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1) + self.positional_embedding[None].to(x.dtype)
-        return self.c_proj(qkv_attention(self.qkv_proj(x), self.heads, legacy=False))[:, :, 0]
+        return qkv_attention(self.qkv_proj(x), self.heads, legacy=False)[:, :, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.pooled(x)[..., None])[:, :, 0]
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,12 @@ class AdmEncoder(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_labels=None) -> torch.Tensor:
         return self.out(self.features(x_t, t))
 
+    def feature_space(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple:
+        """(pooled (B, C) before the output projection, middle-block map (B, C', S, S)): what
+        ``--features classifier`` reads."""
+        h = self.features(x_t, t)
+        return self.out[2].pooled(self.out[1](self.out[0](h))), h
+
 
 class MinorityCascade(nn.Module):
     """The official LSUN minority classifier: ``head(trunk.features(x_t, t), t)``; the gradient of its
@@ -186,6 +196,10 @@ class MinorityCascade(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_labels=None) -> torch.Tensor:
         return self.head(self.trunk.features(x_t, t), t)
+
+    def feature_space(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple:
+        """The head's pooled features and its middle-block map, on the trunk's features."""
+        return self.head.feature_space(self.trunk.features(x_t, t), t)
 
 
 def _preset_dict(p: AdmPreset) -> dict:
