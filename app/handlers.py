@@ -453,18 +453,13 @@ class Studio:
         return out
 
     # ---- browse ---------------------------------------------------------------------------------
-    def browse_orders(self) -> list:
-        """The Browse tab's orders: by minority score, then by each numeric metadata column of the bundle."""
-        cols = self.bundle.real.metadata
-        return ["most unique first", "most common first"] + [f"{c}: {d} first" for c in cols for d in ("high", "low")]
-
     def browse(self, order: str = "most unique first", class_filter: str = "all", page: int = 1,
                per_page: int = 24, where: str = "") -> tuple[list, int, int]:
         """A page of real images in ``order``, optionally one class and rows matching ``where`` (e.g.
         "hat = 1, rarity > 8"): ([(image uint8 HWC, caption)], page, pages). Captions: score, class, then every
         numeric metadata column."""
         real = self.bundle.real
-        orders = self.browse_orders()
+        orders = browse_orders(real.metadata)
         if order not in orders:
             raise MinorityError(f"order must be one of: {', '.join(orders)}")
         if order in ("most unique first", "most common first"):
@@ -536,6 +531,11 @@ def captions(images: np.ndarray, scores: Optional[np.ndarray], severity: Optiona
             return ""
         return f"{scores[i]:.3f}" + (f" · {severity[i]:.2f}" if severity is not None else "")
     return [(display(im), caption(i)) for i, im in enumerate(images)]
+
+
+def browse_orders(columns) -> list:
+    """The Browse tab's orders: by minority score, then high / low first by each numeric metadata column."""
+    return ["most unique first", "most common first"] + [f"{c}: {d} first" for c in columns for d in ("high", "low")]
 
 
 FILTER_OPS = ("<=", ">=", "!=", "=", "<", ">")

@@ -7,6 +7,7 @@ import logging
 
 import gradio as gr
 
+from core.bundles.bundle import truth_column
 from core.errors import MinorityError
 
 from . import handlers as h
@@ -138,9 +139,9 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
     d = h.DEFAULTS
     eid = (lambda name: name) if not sfx else (lambda name: f"{name}{sfx.replace('_', '-')}")
     api = lambda name: name + sfx  # noqa: E731
-    truth = (manifest.get("dataset") or {}).get("truth") or ("severity" if (manifest.get("dataset") or {}).get(
-        "ground_truth") else None)
+    truth = truth_column(manifest)
     channels = int(manifest.get("channels", 1))
+    cols = _columns(studio)  # real.csv's header, read once for the Browse order and filter hint
     sc = manifest["score"]
     gr.Markdown(f"Bundle: `{manifest.get('name', studio.path.name)}` · {L} classes · "
                 f"{manifest['image_size']}x{manifest['image_size']} {'RGB' if channels == 3 else 'grey'} · "
@@ -221,11 +222,11 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
         density_plot = gr.Plot(label="Density")
     with gr.Tab("Browse real data", elem_id=eid("browse-tab")):
         with gr.Row():
-            order = gr.Dropdown(_orders(manifest, studio), value="most unique first", label="Order",
+            order = gr.Dropdown(h.browse_orders(cols), value="most unique first", label="Order",
                                 elem_id=eid("order"))
             class_filter = gr.Dropdown(h.class_choices(L), value="all", label="Class")
-            where = gr.Textbox("", label="Filter", placeholder=_filter_hint(studio), elem_id=eid("where"),
-                               info="conditions on the real data's columns, e.g. " + _filter_hint(studio))
+            where = gr.Textbox("", label="Filter", placeholder=_filter_hint(cols), elem_id=eid("where"),
+                               info="conditions on the real data's columns, e.g. " + _filter_hint(cols))
             page = gr.Number(1, precision=0, minimum=1, label="Page")
         with gr.Row():
             prev_btn = gr.Button("◀ Previous")
@@ -276,13 +277,8 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
     return loads
 
 
-def _orders(manifest: dict, studio: h.Studio) -> list:
-    """Browse orders from the bundle's real.csv header (no weights loaded): score, then numeric metadata."""
-    cols = _columns(studio)
-    return ["most unique first", "most common first"] + [f"{c}: {d} first" for c in cols for d in ("high", "low")]
-
-
 def _columns(studio: h.Studio) -> list:
+    """The numeric metadata columns named in the bundle's real.csv header (no weights loaded)."""
     import csv
 
     with open(studio.path / "real.csv", newline="", encoding="utf-8") as f:
@@ -290,8 +286,7 @@ def _columns(studio: h.Studio) -> list:
     return [c for c in header if c not in ("path", "score", "label", "x", "y")]
 
 
-def _filter_hint(studio: h.Studio) -> str:
-    cols = _columns(studio)
+def _filter_hint(cols: list) -> str:
     return f"{cols[0]} > 0" + (f", {cols[1]} = 1" if len(cols) > 1 else "") if cols else "(this bundle has no columns)"
 
 

@@ -142,12 +142,8 @@ def test_converted_unet_equals_the_reference_forward(variant):
     from core.nets.adm import build_unet2d, convert_unet
 
     p = VARIANTS[variant]
+    state = _state(p, 1)
     g = torch.Generator().manual_seed(1)
-    state = {k: torch.randn(shape, generator=g) * (0.5 if len(shape) == 1 else 1 / np.sqrt(np.prod(shape[1:])))
-             for k, shape in layout(p).items()}
-    for k in state:  # GroupNorm scales near 1, as trained networks have them
-        if k.endswith(("norm.weight", "in_layers.0.weight", "out_layers.0.weight", "out.0.weight")):
-            state[k] = 1 + 0.1 * state[k]
     net = build_unet2d(p).eval()
     missing, unexpected = net.load_state_dict(convert_unet(state, p), strict=True)
     assert not missing and not unexpected
@@ -191,9 +187,8 @@ def test_imported_run_folder_loads_samples_and_keeps_adm_semantics(tmp_path, cap
 
     p = tiny(PRESETS["id-cifar10"], image_size=16, model_channels=32, channel_mult=(1, 2), attention_resolutions=(8,),
              T=400)
+    state = _state(p, 2)
     g = torch.Generator().manual_seed(2)
-    state = {k: torch.randn(shape, generator=g) * (0.5 if len(shape) == 1 else 1 / np.sqrt(np.prod(shape[1:])))
-             for k, shape in layout(p).items()}
     ckpt = tmp_path / "small.pt"
     torch.save(state, ckpt)
     run = import_diffusion(ckpt, p, tmp_path / "run")
@@ -248,6 +243,7 @@ SMALL_HEAD = tiny(PRESETS["mc-lsun-head"], image_size=8, in_channels=128, model_
 
 
 def _state(p, seed):
+    """Random weights of preset ``p``'s layout, scaled like an initialised network (GroupNorm scales near 1)."""
     g = torch.Generator().manual_seed(seed)
     s = {k: torch.randn(shape, generator=g) * (0.5 if len(shape) == 1 else 1 / np.sqrt(np.prod(shape[1:])))
          for k, shape in layout(p).items()}

@@ -153,6 +153,7 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
             log(f"   {name}: {timings[name] / 60:.1f} min")
 
     check_inputs(data_dir, cfg)
+    _check_out(out, cfg)  # before hours of work, and again (below) right before writing
     given = None
     if cfg.model is not None:  # size, channels and schedule come from the model; a clash fails before any work
         given = load_diffusion(cfg.model)

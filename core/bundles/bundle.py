@@ -131,6 +131,15 @@ def check_bundle(root: str | os.PathLike) -> dict:
     return manifest
 
 
+def truth_column(manifest: dict) -> Optional[str]:
+    """The bundle's ground-truth column: the manifest's ``dataset.truth`` (written by ``build``), or
+    ``severity`` for MRI bundles from before ``build`` (their dataset names a ``ground_truth``)."""
+    dataset = manifest.get("dataset") or {}
+    if "truth" in dataset:
+        return dataset["truth"]
+    return "severity" if dataset.get("ground_truth") else None
+
+
 def load_real(root: Path, manifest: Optional[dict] = None) -> RealData:
     """The real data of a bundle folder; ``manifest`` (default: read from the folder) names the truth column."""
     import csv
@@ -158,8 +167,7 @@ def load_real(root: Path, manifest: Optional[dict] = None) -> RealData:
             metadata[col] = np.array([float(r[col]) if r[col] not in ("", None) else np.nan for r in rows])
         except ValueError:
             continue  # a non-numeric column is for people only
-    dataset = manifest.get("dataset", {})
-    truth_name = dataset.get("truth", "severity" if "severity" in metadata else None)  # schema-1 MRI bundles
+    truth_name = truth_column(manifest)
     return RealData(paths, images, t["score"].numpy(), t["label"].numpy(), t["severity"].numpy(),
                     t["coords"].numpy(), t["pca_mean"].numpy(), t["pca_components"].numpy(), truth_name, metadata)
 

@@ -30,18 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     dd = sub.add_parser("data", help="build a built-in data set")
     dsub = dd.add_subparsers(dest="dataset", required=True, parser_class=_Parser)
-    mp = dsub.add_parser("mri-phantom", help="long-tailed brain-MRI atrophy slices from nilearn's MNI152 templates")
-    mp.add_argument("--out", required=True)
-    mp.add_argument("--n", type=int, default=6000)
-    mp.add_argument("--size", type=int, default=32)
-    mp.add_argument("--seed", type=seed_int, default=0)
-    mp.set_defaults(func=cmd_data_mri_phantom)
-    fc = dsub.add_parser("faces", help="colour cartoon faces with independent long-tailed attributes and a rarity column")
-    fc.add_argument("--out", required=True)
-    fc.add_argument("--n", type=int, default=8000)
-    fc.add_argument("--size", type=int, default=32)
-    fc.add_argument("--seed", type=seed_int, default=0)
-    fc.set_defaults(func=cmd_data_faces)
+    for name, helptext, n, func in (
+            ("mri-phantom", "long-tailed brain-MRI atrophy slices from nilearn's MNI152 templates", 6000, cmd_data_mri_phantom),
+            ("faces", "colour cartoon faces with independent long-tailed attributes and a rarity column", 8000, cmd_data_faces)):
+        dp = dsub.add_parser(name, help=helptext)
+        dp.add_argument("--out", required=True)
+        dp.add_argument("--n", type=int, default=n)
+        dp.add_argument("--size", type=int, default=32)
+        dp.add_argument("--seed", type=seed_int, default=0)
+        dp.set_defaults(func=func)
 
     b = sub.add_parser("build", help="any image or NIfTI folder to a bundle: model, score, classes, classifier, map")
     b.add_argument("--data", required=True, help="image folder (any mode and size), NIfTI folder, or class sub-folders; "

@@ -11,17 +11,23 @@ from core.cli.common import _band, _bar, _positive, _widths
 # ----------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------
+def _count_bar(n: int, name: str, every: int = 100):
+    """A bar over ``n`` items and its ``progress(i, total)`` callback (redrawn every ``every`` items)."""
+    bar = _bar(n, name)
+
+    def progress(i, total):
+        bar.n = i
+        if i == total or i % every == 0:
+            bar.refresh()
+
+    return bar, progress
+
+
 def cmd_data_mri_phantom(a) -> int:
     from core.demos.phantom import build_mri_phantom
 
     _positive("n", a.n)
-    bar = _bar(a.n, "mri-phantom")
-
-    def progress(i, total):
-        bar.n = i
-        if i == total or i % 100 == 0:
-            bar.refresh()
-
+    bar, progress = _count_bar(a.n, "mri-phantom")
     out = build_mri_phantom(a.out, n=a.n, size=a.size, seed=a.seed, progress=progress)
     bar.close()
     print(f"{a.n} slices {a.size}x{a.size} -> {out}/images, ground truth in {out}/metadata.csv", file=sys.stderr)
@@ -32,13 +38,7 @@ def cmd_data_faces(a) -> int:
     from core.demos.faces import build_faces, expected_rare_share
 
     _positive("n", a.n)
-    bar = _bar(a.n, "faces")
-
-    def progress(i, total):
-        bar.n = i
-        if i == total or i % 200 == 0:
-            bar.refresh()
-
+    bar, progress = _count_bar(a.n, "faces", every=200)
     out = build_faces(a.out, n=a.n, size=a.size, seed=a.seed, progress=progress)
     bar.close()
     print(f"{a.n} faces {a.size}x{a.size} RGB -> {out}/images; attributes and rarity in {out}/metadata.csv "

@@ -8,8 +8,6 @@ size) vary continuously and do not enter the rarity. Deterministic for a seed.
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from pathlib import Path
@@ -121,9 +119,8 @@ def build_faces(out: str | os.PathLike, n: int = 8000, size: int = 32, seed: int
                 progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """Write ``n`` colour PNGs under ``out/images`` and ``out/metadata.csv`` (path, attribute codes,
     rare_attributes, rarity); returns ``out``."""
-    from PIL import Image
-
-    from core.nets.checkpoint import atomic_write_bytes, atomic_write_text
+    from core.demos import write_image, write_metadata
+    from core.nets.checkpoint import atomic_write_text
 
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
@@ -138,19 +135,12 @@ def build_faces(out: str | os.PathLike, n: int = 8000, size: int = 32, seed: int
     rows = []
     for i in range(n):
         values = {a: ATTRIBUTES[a][int(codes[a][i])][0] for a in ATTRIBUTES}
-        rel = f"images/{i:05d}.png"
-        buf = io.BytesIO()
-        Image.fromarray(render_face(values, size, tuple(jitter[i]))).save(buf, format="PNG")
-        atomic_write_bytes(out / rel, buf.getvalue())
+        rel = write_image(out, i, render_face(values, size, tuple(jitter[i])))
         rows.append({"path": rel, **{a: int(codes[a][i]) for a in ATTRIBUTES}, "rare_attributes": int(rare[i]),
                      "rarity": round(float(rarity[i]), 5)})
         if progress is not None:
             progress(i + 1, n)
-    text = io.StringIO()
-    w = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(out / "metadata.csv", text.getvalue())
+    write_metadata(out, rows)
     legend = "\n".join(f"{a}: " + ", ".join(f"{k}={v} ({p:.0%})" for k, (v, p) in enumerate(vals))
                        for a, vals in ATTRIBUTES.items())
     atomic_write_text(out / "ATTRIBUTES.txt", legend + f"\nrare: value frequency <= {RARE_MAX:.0%}\n"

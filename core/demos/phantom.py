@@ -139,12 +139,7 @@ def make_sample(maps: SliceMaps, severity: float, rng: np.random.Generator, size
 def build_mri_phantom(out: str | os.PathLike, n: int = 6000, size: int = 32, seed: int = 0,
                       progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """Write ``n`` PNGs and ``metadata.csv`` (path, severity, z, nuisance parameters) to ``out``."""
-    import csv
-    import io
-
-    from PIL import Image
-
-    from core.nets.checkpoint import atomic_write_bytes, atomic_write_text
+    from core.demos import write_image, write_metadata
 
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
@@ -160,16 +155,9 @@ def build_mri_phantom(out: str | os.PathLike, n: int = 6000, size: int = 32, see
     rows = []
     for i in range(n):
         img, nuisance = make_sample(maps[int(zs[i])], float(severity[i]), rng, size)
-        rel = f"images/{i:05d}.png"
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="PNG")
-        atomic_write_bytes(out / rel, buf.getvalue())
+        rel = write_image(out, i, img)
         rows.append({"path": rel, "severity": round(float(severity[i]), 5), "z": int(zs[i]), **nuisance})
         if progress is not None:
             progress(i + 1, n)
-    text = io.StringIO()
-    w = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(out / "metadata.csv", text.getvalue())
+    write_metadata(out, rows)
     return out

@@ -408,21 +408,43 @@ def adm_schedule(p: AdmPreset):
     return make_schedule("cosine", p.T)
 
 
+def new_folder(out: str | os.PathLike) -> Path:
+    """``out`` as a Path, refused (one line) when it exists and is not an empty folder."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"--out {out}: exists and is not empty; choose a new folder")
+    return out
+
+
+def commit_folder(out: Path, write) -> Path:
+    """Call ``write(tmp)`` on a temp folder beside ``out``, then rename it to ``out``; on any failure the temp
+    folder is removed and ``out`` is left as it was."""
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def import_diffusion(checkpoint: str | os.PathLike, p: AdmPreset, out: str | os.PathLike,
                      log=lambda msg: None) -> Path:
     """An ADM diffusion checkpoint as an ordinary run folder (diffusers UNet2DModel weights + model.json with the
     schedule, learned-range variance, class conditioning and rescaled timesteps). Checked against the preset
     before any tensor is used; written to a temp folder beside ``out`` and renamed, so a failure writes nothing."""
-    import shutil
-    import tempfile
-
     from core.nets.models import DiffusionModel, save_model_run
 
     if p.kind != "diffusion":
         raise ValueError(f"--preset {p.name} is a {p.kind}: use import-adm-classifier")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"--out {out}: exists and is not empty; choose a new folder")
+    out = new_folder(out)
     state = read_checkpoint(checkpoint)
     check_layout(state, p, str(checkpoint))
     log(f"{checkpoint}: {len(state)} tensors, {sum(v.numel() for v in state.values()) / 1e6:.1f}M parameters, "
@@ -432,14 +454,4 @@ def import_diffusion(checkpoint: str | os.PathLike, p: AdmPreset, out: str | os.
     model = DiffusionModel(net.eval(), adm_schedule(p), p.image_size, p.in_channels, p.num_classes,
                            source=str(checkpoint), variance_type="learned_range" if p.out_channels == 2 * p.in_channels
                            else "fixed_small", timestep_scale=1000 / p.T if p.rescale_timesteps else 1.0)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_model_run(tmp, model, {"source": str(checkpoint), "adm_preset": p.name})
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return commit_folder(out, lambda tmp: save_model_run(tmp, model, {"source": str(checkpoint), "adm_preset": p.name}))

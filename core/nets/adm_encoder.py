@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.errors import CheckpointError
-from core.nets.adm import AdmPreset, check_layout, preset, read_checkpoint
+from core.nets.adm import AdmPreset, check_layout, commit_folder, new_folder, preset, read_checkpoint
 
 
 class _GN32(nn.GroupNorm):
@@ -228,16 +227,11 @@ def import_classifier(checkpoint: str | os.PathLike, p: AdmPreset, out: str | os
     """An ADM classifier (and, with ``minority_head``, the official minority head on its trunk) as a classifier
     folder. Each file is checked against its preset before use; the folder is written beside ``out`` and
     renamed, so a failure writes nothing."""
-    import shutil
-    import tempfile
-
     from core.nets.checkpoint import SCHEMA_VERSION, save_weights_and_config
 
     if p.kind != "classifier":
         raise ValueError(f"--preset {p.name} is a {p.kind}: use import-adm")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"--out {out}: exists and is not empty; choose a new folder")
+    out = new_folder(out)
     if p.name == "mc-lsun-head":
         raise ValueError("--preset mc-lsun-head is a minority head without its trunk: pass the 256x256 classifier as "
                          "--checkpoint with --preset gd-256-classifier and the head as --minority-head")
@@ -263,16 +257,7 @@ def import_classifier(checkpoint: str | os.PathLike, p: AdmPreset, out: str | os
         raise ValueError(f"--thresholds has {len(thresholds)} values; the classifier has {outputs} outputs")
     log(f"{checkpoint}: {p.name}" + (f" + minority head {minority_head}" if minority_head else "") +
         f", {sum(v.numel() for v in net.state_dict().values()) / 1e6:.2f}M parameters")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_weights_and_config(tmp, "classifier", {k: v.contiguous() for k, v in net.state_dict().items()}, {
-            "schema": SCHEMA_VERSION, "kind": "classifier", **cfg, "thresholds": thresholds,
-            "num_outputs": outputs, "source": str(checkpoint), "minority_head": minority_head})
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    config = {"schema": SCHEMA_VERSION, "kind": "classifier", **cfg, "thresholds": thresholds, "num_outputs": outputs,
+              "source": str(checkpoint), "minority_head": minority_head}
+    weights = {k: v.contiguous() for k, v in net.state_dict().items()}
+    return commit_folder(out, lambda tmp: save_weights_and_config(tmp, "classifier", weights, config))
