@@ -210,6 +210,8 @@ class Studio:
     # ---- loading ------------------------------------------------------------------------------
     @property
     def bundle(self):
+        if self._bundle is None and self.pool is not None:
+            self.pool.make_room(self)  # before our lock: unloading another studio takes its lock
         with self._lock:
             if self._bundle is None:
                 from core.bundles.bundle import load_bundle

@@ -38,6 +38,16 @@ class Pool:
                 old.unload()
                 self.evictions += 1
 
+    def make_room(self, studio: Studio) -> None:
+        """Before ``studio`` loads: unload the oldest others until it fits, so that at most ``capacity``
+        bundles are ever in memory at once (not capacity + 1 while the new one loads)."""
+        with self._lock:
+            others = [k for k in self._loaded if k != id(studio)]
+            while len(others) >= self.capacity:
+                old = self._loaded.pop(others.pop(0))
+                old.unload()
+                self.evictions += 1
+
     def loaded(self) -> list:
         """Names of the studios holding weights now, oldest first."""
         with self._lock:

@@ -2,6 +2,7 @@
 
 Golden figures: every preset's parameter count equals ADM.md's table (computed from the preset alone, no
 network built), the minority head has 71 tensors, and ADM.md's example shapes hold."""
+import json
 import pickle
 
 import numpy as np
@@ -132,6 +133,9 @@ VARIANTS = {  # small widths, the structure of each family
     "fixed 4 heads, resblock up/down, class-conditional": tiny(
         PRESETS["gd-128-cond"], image_size=16, model_channels=32, channel_mult=(1, 2, 3), attention_resolutions=(8, 4),
         num_classes=5),
+    "half-width first level (the 512 model), class-conditional": tiny(
+        PRESETS["gd-512-cond"], image_size=16, model_channels=64, channel_mult=(0.5, 1, 2), attention_resolutions=(8,),
+        num_head_channels=16, num_classes=5),
 }
 
 
@@ -201,6 +205,25 @@ def test_imported_run_folder_loads_samples_and_keeps_adm_semantics(tmp_path, cap
     assert main(["sample", "--model", str(run), "--n", "2", "--steps", "10", "--sampler", "ddpm",
                  "--out", str(tmp_path / "s.npz")]) == 0
     assert np.load(tmp_path / "s.npz")["images"].shape == (2, 16, 16, 3)
+
+
+def test_a_half_width_first_level_survives_the_run_folder(tmp_path):
+    """The 512 model's time embedding (model_channels wide, not the first block's half width) is rebuilt by the
+    loader from model.json, so the imported run gives the reference forward."""
+    from adm_reference import unet_forward
+
+    from core.nets.adm import import_diffusion
+    from core.nets.models import load_diffusion
+
+    p = VARIANTS["half-width first level (the 512 model), class-conditional"]
+    state = _state(p, 5)
+    torch.save(state, tmp_path / "half.pt")
+    m = load_diffusion(import_diffusion(tmp_path / "half.pt", p, tmp_path / "run"))
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["time_channels"] == 64
+    g = torch.Generator().manual_seed(5)
+    x, t, y = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([10, 900]), torch.tensor([0, 4])
+    with torch.no_grad():
+        assert torch.allclose(m.predict(x, t, y).eps, unet_forward(p, state, x, t, y)[:, :3], atol=1e-4)
 
 
 def test_import_adm_command_refuses_bad_inputs_and_writes_nothing(tmp_path, capsys):
@@ -339,6 +362,12 @@ def test_classifier_import_refusals(tmp_path):
         import_classifier(tmp_path / "clf.pt", PRESETS["gd-64-classifier"], tmp_path / "o")
     with pytest.raises(ValueError, match="thresholds has 2 values"):
         import_classifier(tmp_path / "clf.pt", SMALL_CLF, tmp_path / "o", thresholds=[1, 2])
+    other = tiny(PRESETS["gd-128-classifier"], **{f: getattr(SMALL_CLF, f) for f in (
+        "image_size", "channel_mult", "attention_resolutions", "model_channels", "out_channels", "num_res_blocks",
+        "num_head_channels", "num_heads")})  # the same shapes, but not the trunk the official head was trained on
+    torch.save(_state(other, 3), tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="--preset gd-256-classifier .* not gd-128-classifier"):
+        import_classifier(tmp_path / "other.pt", other, tmp_path / "o", minority_head=str(tmp_path / "clf.pt"))
     assert not (tmp_path / "o").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

@@ -2,10 +2,12 @@
 --model, the faces demo, and every bad-input row: one clear line each, nothing lost."""
 import csv
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from core.bundles.bundle import load_bundle
@@ -206,7 +208,6 @@ def test_given_model_sets_size_and_channels(colour_bundle, faces, tmp_path, caps
 
 def test_diffusers_model_is_written_into_the_bundle(faces, tmp_path):
     """A diffusers UNet2DModel folder as --model: the bundle holds it as a run folder that loads back equal."""
-    import torch
     from diffusers import UNet2DModel
 
     from core.nets.models import load_diffusion
@@ -224,15 +225,14 @@ def test_diffusers_model_is_written_into_the_bundle(faces, tmp_path):
     assert torch.equal(a(x, t), b(x, t)) and b.schedule.T == 1000
 
 
-def test_a_build_killed_while_writing_the_bundle_leaves_no_valid_bundle_and_resumes(faces, tmp_path, monkeypatch,
-                                                                                     capsys):
+def test_a_build_killed_while_writing_the_bundle_keeps_the_old_one_and_resumes(faces, tmp_path, monkeypatch, capsys):
     import core.bundles.build as build
     from core.bundles.bundle import check_bundle
-    from core.errors import CheckpointError
 
     out = tmp_path / "b"
     args = ["build", "--data", str(faces), "--out", str(out), "--channels", "3", *TINY]
     assert main(args) == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
     real = build.save_tensors
 
     def killed(path, tensors):
@@ -240,11 +240,71 @@ def test_a_build_killed_while_writing_the_bundle_leaves_no_valid_bundle_and_resu
 
     monkeypatch.setattr(build, "save_tensors", killed)
     assert main([*args, "--force"]) == 2 and "interrupted" in _err(capsys)
-    with pytest.raises(CheckpointError, match="manifest.json"):
-        check_bundle(out)  # no manifest while the files change: nothing half-written passes as a bundle
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # the new bundle is made beside it
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # and its temp folder removed
+    check_bundle(out)
     monkeypatch.setattr(build, "save_tensors", real)
-    assert main(args) == 0  # the rerun finishes from the work folder
-    assert check_bundle(out)["channels"] == 3
+    assert main([*args, "--diffusion-steps", "4"]) == 0  # the rerun finishes from the work folder
+    assert check_bundle(out)["training"]["diffusion_steps"] == 4
+
+
+def test_a_work_folder_and_a_bundle_are_tied_to_their_data(faces, tmp_path, capsys):
+    other = tmp_path / "other-faces"
+    build_faces(other, n=48, size=16, seed=4)
+    out, work = tmp_path / "b", tmp_path / "w"
+    assert main(["build", "--data", str(faces), "--out", str(out), "--work", str(work), "--channels", "3", *TINY]) == 0
+    before = (out / "manifest.json").read_bytes()
+    assert main(["build", "--data", str(other), "--out", str(tmp_path / "b2"), "--work", str(work), "--channels", "3",
+                 *TINY]) == 2  # its model, scores and classifier were made from the first faces
+    assert "holds the intermediate files of other data (48 images from" in _err(capsys)
+    assert not (tmp_path / "b2").exists()
+    args = ["build", "--data", str(other), "--out", str(out), "--work", str(tmp_path / "w2"), "--channels", "3", *TINY]
+    assert main(args) == 2  # same bundle name, other data
+    assert "already holds the bundle 'b', built from other data (48 images of 'data')" in _err(capsys)
+    assert (out / "manifest.json").read_bytes() == before
+    assert main([*args, "--force"]) == 0
+
+
+def test_rescored_images_retrain_the_classifier_and_redo_the_sweep(faces, tmp_path, capsys):
+    args = ["build", "--data", str(faces), "--out", str(tmp_path / "b"), "--channels", "3", "--truth", "rarity", *TINY]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--diffusion-steps", "4"]) == 0  # a longer-trained model: new scores, new labels
+    err = capsys.readouterr().err
+    assert "sweeping again" in err and "rescoring" in err and "5/6 minority classifier" in err
+    from core.bundles.build import fingerprint
+
+    clf = json.loads((tmp_path / "b" / "classifier.json").read_text())
+    assert clf["scores"] == fingerprint(np.load(tmp_path / "b.work" / "scores.npy"))
+
+
+def test_settings_that_cannot_work_are_refused_before_any_work(faces, tmp_path, capsys):
+    base = ["build", "--data", str(faces), "--channels", "3", *TINY]
+    out = tmp_path / "o"
+    assert main([*base, "--out", str(out), "--work", str(out / "work")]) == 2
+    assert "lies inside --out" in _err(capsys)
+    assert main([*base, "--out", str(out), "--size", "15"]) == 2
+    assert "--size 15 must be a multiple of 2 for --widths 8,16" in _err(capsys)
+    assert main([*base, "--out", str(out), "--score-t", "5000"]) == 2
+    assert "--score-t" in _err(capsys)
+    data = tmp_path / "flat"
+    build_faces(data, n=48, size=16, seed=3)
+    meta = (data / "metadata.csv").read_text().splitlines()
+    (data / "metadata.csv").write_text("\n".join([meta[0] + ",grade"] + [r + ",3" for r in meta[1:]]) + "\n")
+    assert main(["build", "--data", str(data), "--out", str(out), "--truth", "grade", *TINY]) == 2
+    assert "every image has the same value" in _err(capsys)
+    assert not out.exists() and not Path(f"{out}.work").exists()
+
+
+def test_the_sweep_ranks_only_images_with_a_truth_value(colour_bundle):
+    from core.bundles.build import sweep_rows
+
+    b = load_bundle(colour_bundle)
+    images = torch.from_numpy(b.real.images).permute(0, 3, 1, 2).contiguous()
+    truth = np.full(len(images), np.nan)
+    truth[::4] = np.arange(len(truth[::4]), dtype=float)  # 12 of 48 known
+    sub, rows = sweep_rows(b.model, images, truth, ("l2",), (0.5,), n=16, seed=0)
+    assert len(sub) == 12 and np.isfinite(truth[sub]).all() and rows[0]["spearman"] is not None
 
 
 def test_packed_real_images_round_trip_and_refuse_bad_streams():

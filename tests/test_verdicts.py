@@ -224,7 +224,7 @@ def test_damaged_bundle_is_skipped_and_the_good_ones_open(tmp_path):
     assert Library.default_paths()[0].name == "mri-atrophy"
 
 
-def test_pool_keeps_at_most_two_bundles_loaded(tmp_path):
+def test_pool_keeps_at_most_two_bundles_loaded(tmp_path, monkeypatch):
     paths = []
     for k in range(3):
         p = tmp_path / f"b{k}"
@@ -234,6 +234,15 @@ def test_pool_keeps_at_most_two_bundles_loaded(tmp_path):
         paths.append(p)
     lib = Library.open(paths)
     a, b, c = lib.studios
+    import core.bundles.bundle as bundle_mod
+
+    real_load, held_at_load = bundle_mod.load_bundle, []
+
+    def counting_load(*args, **kw):  # how many bundles are in memory when another starts loading
+        held_at_load.append(sum(s.loaded for s in lib.studios))
+        return real_load(*args, **kw)
+
+    monkeypatch.setattr(bundle_mod, "load_bundle", counting_load)
     assert a.bundle.num_classes == 50 and b.bundle.num_classes == 50
     assert a.loaded and b.loaded and lib.pool.loaded() == ["copy0", "copy1"]
     c.bundle  # noqa: B018 - loading the third drops the least recently used (a)
@@ -241,5 +250,6 @@ def test_pool_keeps_at_most_two_bundles_loaded(tmp_path):
     b.bundle  # noqa: B018
     a.bundle  # noqa: B018 - a comes back; now c is the oldest
     assert lib.pool.loaded() == ["copy1", "copy0"] and not c.loaded
+    assert held_at_load == [0, 1, 1, 1]  # the oldest is dropped before a third loads, never after
     with pytest.raises(ValueError, match="capacity"):
         Pool(0)

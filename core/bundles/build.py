@@ -4,11 +4,15 @@ Stages (each skipped when its output already exists in the work folder, so a kil
 each redone when the settings it was made with changed):
 data (+ metadata.csv) -> diffusion model (trained, or given by --model) -> distance x timestep sweep
 against the --truth column (only with --truth) -> minority score of all images -> L quantile classes ->
-minority classifier -> 2-D map -> bundle (written file by file, the manifest with every sha256 last).
+minority classifier -> 2-D map -> bundle (written into a temp folder beside OUT, then moved in with the
+manifest, which names every file's sha256, last). The work folder is tied to its data (``data.json``: a
+fingerprint of the decoded images and their paths); the sweep to the model and the truth values; the scores
+to the model and settings; the classifier to the scores it was trained on.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -21,13 +25,13 @@ import numpy as np
 import torch
 
 from core.bundles.bundle import BUNDLE_FILES, BUNDLE_SCHEMA, pack_images, sha256_file
-from core.nets.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text, save_tensors
+from core.nets.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text, commit_folder, save_tensors
 from core.bundles.data import DEFAULT_BAND, is_nifti
 from core.errors import DataError
 
 Log = Callable[[str], None]
 Progress = Callable[[str, int, int, dict], None]
-SWEEP_VERSION = 2  # 2: lpips-rand with uniform channel weights (issue 15); a work folder's older sweep is redone
+SWEEP_VERSION = 3  # 2: lpips-rand with uniform channel weights (issue 15); 3: tied to model and truth values
 # Without --truth the score cannot be chosen by a sweep. unet-feat at 0.6T measured best of the five distances
 # on the one data set with ground truth (MRI sweep, docs/RESULTS.md), needs no weights beyond the model's own,
 # and works offline; lpips (VGG, the paper's choice) needs torchvision weights a fresh machine may not have.
@@ -68,6 +72,17 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
     ok = np.isfinite(a) & np.isfinite(b)
     return float(spearmanr(a[ok], b[ok]).statistic)
+
+
+def fingerprint(*parts) -> str:
+    """A short sha256 of arrays / tensors / strings: what a work-folder stage was made from."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            part = part.detach().cpu().contiguous().numpy()
+        h.update(np.ascontiguousarray(part).tobytes() if isinstance(part, np.ndarray) else str(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
 
 
 def read_metadata(data_dir: Path, paths: list[str]) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -153,7 +168,10 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
             log(f"   {name}: {timings[name] / 60:.1f} min")
 
     check_inputs(data_dir, cfg)
-    _check_out(out, cfg)  # before hours of work, and again (below) right before writing
+    if work.resolve() == out.resolve() or out.resolve() in work.resolve().parents:
+        raise DataError(f"--work {work}: lies inside --out {out}, which holds only the bundle; pass a --work "
+                        "outside it (the default is OUT.work beside it)")
+    _check_out(out, cfg)  # before hours of work, again once the data is read, and right before writing
     given = None
     if cfg.model is not None:  # size, channels and schedule come from the model; a clash fails before any work
         given = load_diffusion(cfg.model)
@@ -164,10 +182,13 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
         size, channels = given.image_size, given.channels
     else:
         size, channels = cfg.size or 32, cfg.channels or 1
+        UNetConfig(size, channels, tuple(cfg.widths)).check_size()
     if channels not in (1, 3):
         raise ValueError(f"--channels must be 1 or 3, got {channels}")
     if cfg.classes < 2:
         raise ValueError(f"--classes must be >= 2, got {cfg.classes}")
+    if cfg.score_t is not None:  # an out-of-range --score-t fails now, not after the training and the sweep
+        resolve_t(cfg.score_t, given.schedule.T if given is not None else DiffusionTrainConfig().T, "--score-t")
     log(f"1/6 data: {data_dir} at {size}x{size}, {channels} channel{'s' if channels > 1 else ''}")
     data = load_image_folder(data_dir, size, channels, progress=report("load"), slice_band=tuple(cfg.slice_band))
     if data.skipped:
@@ -190,8 +211,12 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
         truth = metadata[cfg.truth]
         if np.isfinite(truth).sum() < 10:
             raise DataError(f"--truth {cfg.truth}: only {int(np.isfinite(truth).sum())} image(s) have a value (need 10)")
+        if np.unique(truth[np.isfinite(truth)]).size < 2:
+            raise DataError(f"--truth {cfg.truth}: every image has the same value, so no setting can rank by it")
+    data_id = fingerprint(data.images, "\n".join(data.paths))
+    _check_out(out, cfg, {"fingerprint": data_id, "name": data_dir.name})
     stage_done("data")
-    work.mkdir(parents=True, exist_ok=True)
+    _claim_work(work, data_id, len(data), data_dir)
 
     run = work / "run"
     if given is not None:
@@ -219,24 +244,27 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
     sweep = None
     if truth is not None:
         sweep_path = work / "sweep.json"
-        want = {"n": min(cfg.sweep_n, len(data)), "distances": sorted(cfg.sweep_distances),
-                "t_fracs": sorted(float(f) for f in cfg.sweep_t), "truth": cfg.truth, "version": SWEEP_VERSION}
+        made_from = {"model": _model_fingerprint(model, run, cfg), "truth_values": fingerprint(truth)}
+        want = {"n": min(cfg.sweep_n, int(np.isfinite(truth).sum())), "distances": sorted(cfg.sweep_distances),
+                "t_fracs": sorted(float(f) for f in cfg.sweep_t), "truth": cfg.truth, "version": SWEEP_VERSION,
+                **made_from}
         if sweep_path.is_file():  # a sweep of other distances, timesteps, size or truth is redone, not reused
             old = json.loads(sweep_path.read_text())
             done = {"n": old.get("n"), "distances": sorted({r["distance"] for r in old.get("rows", [])}),
                     "t_fracs": sorted({float(r["t_frac"]) for r in old.get("rows", [])}),
-                    "truth": old.get("truth", "severity"), "version": old.get("version")}
+                    "truth": old.get("truth", "severity"), "version": old.get("version"),
+                    **{k: old.get(k) for k in made_from}}
             if done != want:
-                log("   sweep settings changed since the last run: sweeping again")
+                log("   the sweep's settings, model or truth values changed since the last run: sweeping again")
                 sweep_path.unlink()
         if not sweep_path.is_file():
             log(f"3/6 distance x timestep sweep on {want['n']} images against {cfg.truth}")
             sub, rows = sweep_rows(model, data.images, truth, cfg.sweep_distances, cfg.sweep_t, cfg.sweep_n, cfg.seed,
                                    log=log)
             atomic_write_json(sweep_path, {"n": int(len(sub)), "draws": 2, "rows": rows, "truth": cfg.truth,
-                                           "version": SWEEP_VERSION})
+                                           "version": SWEEP_VERSION, **made_from})
         sweep = json.loads(sweep_path.read_text())
-        best = max(sweep["rows"], key=lambda r: r["spearman"])
+        best = max(sweep["rows"], key=lambda r: -np.inf if r["spearman"] is None else r["spearman"])
         best_distance, best_t = best["distance"], int(best["t"])
     else:
         best_distance, best_t = DEFAULT_DISTANCE, resolve_t(DEFAULT_T_FRAC, model.schedule.T)
@@ -247,11 +275,12 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
     scores_path, scores_meta = work / "scores.npy", work / "scores.json"
     t_final = best_t if cfg.score_t is None else resolve_t(cfg.score_t, model.schedule.T, "--score-t")
     settings = ScoreSettings(distance=cfg.score_distance or best_distance, t=t_final, draws=cfg.draws, seed=cfg.seed)
-    fingerprint = {**settings.to_dict(), "n": len(data), "model": _model_fingerprint(model, run, cfg)}
-    if scores_meta.is_file() and json.loads(scores_meta.read_text()) not in (fingerprint, settings.to_dict()):
-        log("   score settings changed since the last run: rescoring")
-        scores_path.unlink(missing_ok=True)
-    if not scores_path.is_file():
+    score_made_from = {**settings.to_dict(), "n": len(data), "model": _model_fingerprint(model, run, cfg)}
+    made = scores_meta.is_file() and json.loads(scores_meta.read_text()) in (score_made_from, settings.to_dict())
+    if scores_path.is_file() and not made:  # other settings or model, or a kill between the two writes below
+        log("   score settings or model changed since the last run: rescoring")
+    if not (made and scores_path.is_file()):
+        scores_meta.unlink(missing_ok=True)
         est = ESTIMATES["score"] * len(data) * settings.draws * (size / 32) ** 2 / 60
         log(f"4/6 minority score of {len(data)} images: {settings.distance}, t={settings.t}, {settings.draws} draws; "
             f"about {est:.0f} min on 2 CPU cores")
@@ -261,11 +290,12 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
         buf = io.BytesIO()
         np.save(buf, scores, allow_pickle=False)
         atomic_write_bytes(scores_path, buf.getvalue())
-        atomic_write_json(scores_meta, fingerprint)
+        atomic_write_json(scores_meta, score_made_from)
     scores = np.load(scores_path, allow_pickle=False)
     if len(scores) != len(data):
         raise DataError(f"--work {work}: scores.npy has {len(scores)} rows for {len(data)} images; delete it to rescore")
     thresholds, labels = fit_labels(scores, cfg.classes)
+    scores_id = fingerprint(scores)
     rho_full = spearman(scores, truth) if truth is not None else None
     if rho_full is not None:
         log(f"   Spearman(score, {cfg.truth}) on all {len(data)} images: {rho_full:+.3f}")
@@ -275,9 +305,9 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
     if (clf_dir / "classifier.json").is_file():
         info = json.loads((clf_dir / "classifier.json").read_text())
         net = info.get("config", {})
-        if (info.get("score_settings"), info.get("steps"), net.get("base_channels"), net.get("num_outputs"),
-                net.get("image_size"), net.get("channels")) != (
-                settings.to_dict(), cfg.clf_steps, cfg.clf_base_channels, cfg.classes, size, channels):
+        if (info.get("score_settings"), info.get("scores"), info.get("steps"), net.get("base_channels"),
+                net.get("num_outputs"), net.get("image_size"), net.get("channels")) != (
+                settings.to_dict(), scores_id, cfg.clf_steps, cfg.clf_base_channels, cfg.classes, size, channels):
             log("   classifier was trained for other labels or settings: retraining")
             (clf_dir / "classifier.json").unlink()
     if not (clf_dir / "classifier.json").is_file():
@@ -286,29 +316,15 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
         ccfg = ClassifierTrainConfig(steps=cfg.clf_steps, batch_size=cfg.clf_batch, seed=cfg.seed, eval_every=250,
                                      net=ClassifierConfig(size, channels, cfg.classes, base_channels=cfg.clf_base_channels))
         train_classifier(data, labels, model.schedule, clf_dir, ccfg, thresholds.tolist(),
-                         {"score_settings": settings.to_dict()}, progress=report("classifier"))
+                         {"score_settings": settings.to_dict(), "scores": scores_id}, progress=report("classifier"))
     clf = load_classifier(clf_dir)
     stage_done("classifier")
 
     log("6/6 2-D map and bundle")
     images_nhwc = data.images.permute(0, 2, 3, 1).numpy()
     coords, pca_mean, pca_comps, map_method = two_d_map(images_nhwc, cfg.seed, log, cfg.map_method)
-    _check_out(out, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)  # no manifest while the files change: never a half-valid bundle
-    if given is not None:
-        save_model_run(out, model, {"source": cfg.model})
-    else:
-        for name in ("model.json", "model.safetensors"):
-            atomic_write_bytes(out / name, (run / name).read_bytes())
-    for name in ("classifier.json", "classifier.safetensors"):
-        atomic_write_bytes(out / name, (clf_dir / name).read_bytes())
+    _check_out(out, cfg, {"fingerprint": data_id, "name": data_dir.name})
     truth_values = truth if truth is not None else np.full(len(data), np.nan)
-    save_tensors(out / "real.safetensors", {
-        **pack_images(images_nhwc), "score": torch.from_numpy(scores.astype(np.float32)),
-        "label": torch.from_numpy(labels), "severity": torch.from_numpy(truth_values.astype(np.float32)),
-        "coords": torch.from_numpy(coords), "pca_mean": torch.from_numpy(pca_mean),
-        "pca_components": torch.from_numpy(pca_comps)})
     columns = list(metadata)
     table = io.StringIO()
     w = csv.writer(table, lineterminator="\n")
@@ -316,36 +332,56 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
     for i, p in enumerate(data.paths):
         w.writerow([p, f"{scores[i]:.6g}", int(labels[i]), *(_fmt(metadata[c][i]) for c in columns),
                     f"{coords[i, 0]:.4f}", f"{coords[i, 1]:.4f}"])
-    atomic_write_text(out / "real.csv", table.getvalue())
-    stage_done("map and bundle")
     score_info = {**settings.to_dict()}
     if truth is not None:
-        score_info["spearman_vs_truth"] = rho_full
+        score_info["spearman_vs_truth"] = rho_full if np.isfinite(rho_full) else None
         if cfg.truth == "severity":
             score_info["spearman_vs_severity"] = rho_full  # the key older readers of the MRI bundle know
-    manifest = {
-        "schema_version": BUNDLE_SCHEMA, "name": cfg.name or out.name,
-        "dataset": {"name": data_dir.name, "n": len(data), "seed": cfg.seed, "truth": cfg.truth,
-                    "metadata_columns": columns, "skipped": len(data.skipped), **cfg.dataset},
-        "image_size": size, "channels": channels, "schedule": model.schedule.name, "T": model.schedule.T,
-        "num_classes": cfg.classes, "thresholds": thresholds.tolist(),
-        "score": score_info, "sweep": sweep,
-        "training": {"diffusion_steps": None if given is not None else cfg.diffusion_steps,
-                     "model": cfg.model, "widths": None if given is not None else list(cfg.widths),
-                     "classifier_steps": cfg.clf_steps, "classifier_base_channels": cfg.clf_base_channels,
-                     "classifier_metrics": clf.info.get("metrics")},
-        "map": map_method, "seeds": {"data": cfg.seed, "training": cfg.seed, "score": cfg.seed},
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items() if k not in ("dataset", "force", "app_sampler")},
-        "app": {"sampler": cfg.app_sampler or "ddim"},
-        "stage_seconds": timings, "versions": _versions(),
-        "files": {name: sha256_file(out / name) for name in BUNDLE_FILES},
-    }
-    atomic_write_json(out / "manifest.json", manifest)
-    return manifest
+
+    def write(folder: Path) -> None:  # a fresh temp folder; commit_folder moves it into place, manifest last
+        if given is not None:
+            save_model_run(folder, model, {"source": cfg.model})
+        else:
+            for name in ("model.json", "model.safetensors"):
+                atomic_write_bytes(folder / name, (run / name).read_bytes())
+        for name in ("classifier.json", "classifier.safetensors"):
+            atomic_write_bytes(folder / name, (clf_dir / name).read_bytes())
+        save_tensors(folder / "real.safetensors", {
+            **pack_images(images_nhwc), "score": torch.from_numpy(scores.astype(np.float32)),
+            "label": torch.from_numpy(labels), "severity": torch.from_numpy(truth_values.astype(np.float32)),
+            "coords": torch.from_numpy(coords), "pca_mean": torch.from_numpy(pca_mean),
+            "pca_components": torch.from_numpy(pca_comps)})
+        atomic_write_text(folder / "real.csv", table.getvalue())
+        stage_done("map and bundle")
+        manifest = {
+            "schema_version": BUNDLE_SCHEMA, "name": cfg.name or out.name,
+            "dataset": {"name": data_dir.name, "n": len(data), "seed": cfg.seed, "truth": cfg.truth,
+                        "metadata_columns": columns, "skipped": len(data.skipped), "fingerprint": data_id,
+                        **cfg.dataset},
+            "image_size": size, "channels": channels, "schedule": model.schedule.name, "T": model.schedule.T,
+            "num_classes": cfg.classes, "thresholds": thresholds.tolist(),
+            "score": score_info, "sweep": sweep,
+            "training": {"diffusion_steps": None if given is not None else cfg.diffusion_steps,
+                         "model": cfg.model, "widths": None if given is not None else list(cfg.widths),
+                         "classifier_steps": cfg.clf_steps, "classifier_base_channels": cfg.clf_base_channels,
+                         "classifier_metrics": clf.info.get("metrics")},
+            "map": map_method, "seeds": {"data": cfg.seed, "training": cfg.seed, "score": cfg.seed},
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()
+                       if k not in ("dataset", "force", "app_sampler")},
+            "app": {"sampler": cfg.app_sampler or "ddim"},
+            "stage_seconds": timings, "versions": _versions(),
+            "files": {name: sha256_file(folder / name) for name in BUNDLE_FILES},
+        }
+        atomic_write_json(folder / "manifest.json", manifest)
+
+    commit_folder(out, write, last="manifest.json")
+    return json.loads((out / "manifest.json").read_text())
 
 
-def _check_out(out: Path, cfg: BuildConfig) -> None:
-    """Refuse to overwrite a folder that holds something other than this bundle, unless forced."""
+def _check_out(out: Path, cfg: BuildConfig, data: Optional[dict] = None) -> None:
+    """Refuse to overwrite a folder that holds something other than this bundle, unless forced: another
+    bundle's name, or (once the data is read, ``data`` = {"fingerprint", "name"}) a bundle built from other
+    data (by its manifest's fingerprint, or by the data folder's name for bundles older than fingerprints)."""
     if not out.exists():
         return
     if not out.is_dir():
@@ -355,15 +391,38 @@ def _check_out(out: Path, cfg: BuildConfig) -> None:
     m = out / "manifest.json"
     if m.is_file():
         try:
-            name = json.loads(m.read_text()).get("name")
-        except (OSError, ValueError):
-            name = None
+            manifest = json.loads(m.read_text())
+            name, source = manifest.get("name"), manifest.get("dataset") or {}
+        except (OSError, ValueError, AttributeError):
+            name, source = None, {}
         if name != (cfg.name or out.name):
             raise DataError(f"--out {out}: already holds the bundle {name!r}; pass --force to replace it, or another --out")
+        if data is not None and (source.get("fingerprint", data["fingerprint"]) != data["fingerprint"]
+                                 or ("fingerprint" not in source and source.get("name") != data["name"])):
+            raise DataError(f"--out {out}: already holds the bundle {name!r}, built from other data "
+                            f"({source.get('n', '?')} images of {source.get('name', '?')!r}); pass --force to "
+                            "replace it, or another --out")
         return
     others = [p.name for p in out.iterdir() if p.name not in BUNDLE_FILES and not p.name.startswith(".")]
     if others:
         raise DataError(f"--out {out}: is not empty and not a bundle (holds {others[0]!r}); pass --force or another --out")
+
+
+def _claim_work(work: Path, data_id: str, n: int, data_dir: Path) -> None:
+    """Tie the work folder to its data: a folder made from other images is refused (its model, scores and
+    classifier would silently carry over), one without a record (older builds) is claimed."""
+    record = work / "data.json"
+    if record.is_file():
+        try:
+            old = json.loads(record.read_text())
+        except (OSError, ValueError):
+            old = {}
+        if old.get("fingerprint") != data_id:
+            raise DataError(f"--work {work}: holds the intermediate files of other data ({old.get('n', '?')} images "
+                            f"from {old.get('data', '?')}); pass another --work or delete it")
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record, {"fingerprint": data_id, "n": n, "data": str(data_dir)})
 
 
 def _fmt(v: float) -> str:
@@ -412,11 +471,13 @@ def two_d_map(images: np.ndarray, seed: int, log: Log, method: str = "umap") -> 
 def sweep_rows(model, images: torch.Tensor, truth: np.ndarray, distances, t_fracs, n: int, seed: int,
                draws: int = 2, log: Optional[Log] = None) -> tuple[np.ndarray, list]:
     """The build's distance x timestep sweep: Spearman(minority score, truth) on a seeded subset of ``n`` of the
-    uint8 images (N, C, H, W) for each distance and t = frac * T; returns (subset indices, rows)."""
+    uint8 images (N, C, H, W) that have a finite ``truth`` (N,) value, for each distance and t = frac * T;
+    returns (subset indices, rows)."""
     from core.maths.score import ScoreSettings, make_distance, minority_scores
 
     rng = np.random.default_rng(seed)
-    sub = np.sort(rng.choice(len(images), size=min(n, len(images)), replace=False))
+    known = np.flatnonzero(np.isfinite(truth))  # only images with a truth value can rank (all of them: as before)
+    sub = np.sort(rng.choice(known, size=min(n, len(known)), replace=False))
     sub_t = torch.as_tensor(sub)
     rows = []
     for dist_name in distances:
@@ -424,9 +485,11 @@ def sweep_rows(model, images: torch.Tensor, truth: np.ndarray, distances, t_frac
         for frac in t_fracs:
             st = ScoreSettings(distance=dist_name, t=int(round(frac * model.schedule.T)), draws=draws, seed=seed)
             s = minority_scores(model, images[sub_t], sub_t, st, dist, batch_size=128)
-            rows.append({"distance": dist_name, "t_frac": frac, "t": st.t, "spearman": spearman(s, truth[sub])})
+            rho = spearman(s, truth[sub])
+            rows.append({"distance": dist_name, "t_frac": frac, "t": st.t,
+                         "spearman": rho if np.isfinite(rho) else None})  # None: undefined (e.g. constant scores)
             if log is not None:
-                log(f"   {dist_name:10s} t={st.t:4d}: Spearman {rows[-1]['spearman']:+.3f}")
+                log(f"   {dist_name:10s} t={st.t:4d}: Spearman {rho:+.3f}")
     return sub, rows
 
 

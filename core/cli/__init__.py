@@ -257,7 +257,7 @@ def main(argv: Optional[list] = None) -> int:
         return args.func(args)
     except SystemExit as e:
         return int(e.code) if isinstance(e.code, int) else EXIT_USER_ERROR
-    except (MinorityError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+    except (MinorityError, ValueError, OSError) as e:  # OSError: a full disk, a path that cannot be made, ...
         return _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     except KeyboardInterrupt:
         return _fail("interrupted")
@@ -269,7 +269,8 @@ def main(argv: Optional[list] = None) -> int:
 OUTPUTS = {"data": (("out", "dir"),), "build-demo": (("out", "dir"), ("work", "dir")), "build": (("out", "dir"), ("work", "dir")),
            "train-diffusion": (("out", "dir"),), "score": (("out", "file"),), "categorize": (("scores", "file"),),
            "train-classifier": (("out", "dir"), ("scores", "file")), "sample": (("out", "file"),),
-           "evaluate": (("out", "dir"),), "neighbours": (("out", "dir"),)}
+           "evaluate": (("out", "dir"),), "neighbours": (("out", "dir"),), "import-adm": (("out", "dir"),),
+           "import-adm-classifier": (("out", "dir"),)}
 
 
 def prepare_outputs(args) -> None:
@@ -278,14 +279,17 @@ def prepare_outputs(args) -> None:
     process only."""
     import os
 
-    from core.nets.checkpoint import clean_stale_temps
+    from core.nets.checkpoint import clean_stale_folders, clean_stale_temps
 
     if args.command in ("build", "build-demo") and args.work is None:
         args.work = f"{args.out.rstrip('/')}.work"  # the one place the default work folder is made
-    for attr, kind in OUTPUTS.get(args.command, ()):
+    outputs = [(attr, kind) for attr, kind in OUTPUTS.get(args.command, ()) if getattr(args, attr) is not None]
+    for attr, kind in outputs:
         check_output(getattr(args, attr), f"--{attr}", kind)
     if os.environ.get("RANK", "0") != "0" or os.environ.get("LOCAL_RANK", "0") != "0":
         return
-    for attr, kind in OUTPUTS.get(args.command, ()):
+    for attr, kind in outputs:
         folder = getattr(args, attr) if kind == "dir" else os.path.dirname(os.path.abspath(getattr(args, attr)))
         clean_stale_temps(folder)
+        if kind == "dir":  # the temp folder a killed commit_folder (import-adm, build) left beside it
+            clean_stale_folders(getattr(args, attr))

@@ -1,6 +1,7 @@
 """import-adm and import-adm-classifier: OpenAI ADM checkpoints as run and classifier folders (issue 19)."""
 from __future__ import annotations
 
+import math
 import sys
 
 
@@ -42,6 +43,9 @@ def cmd_import_adm_classifier(a) -> int:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"--thresholds {a.thresholds}: expected numbers (text) or a JSON list / "
                              f"{{\"thresholds\": [...]}} ({type(e).__name__}: {e})") from None
+        if not thresholds or not all(math.isfinite(v) for v in thresholds) or thresholds != sorted(thresholds):
+            raise ValueError(f"--thresholds {a.thresholds}: needs finite numbers in increasing order "
+                             f"(the score cut points of the classes), got {len(thresholds)} value(s)")
     out = import_classifier(a.checkpoint, preset(a.preset), a.out, a.minority_head, thresholds,
                             log=lambda m: print(m, file=sys.stderr))
     print(f"-> {out} (classifier folder: sample --classifier takes it)", file=sys.stderr)

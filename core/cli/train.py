@@ -27,8 +27,7 @@ def cmd_train_diffusion(a) -> int:
         raise ValueError(f"--channels must be 1 or 3, got {a.channels}")
     unet = UNetConfig(image_size=a.size, channels=a.channels, block_out_channels=_widths(a.widths),
                       layers_per_block=a.layers_per_block, attention=not a.no_attention)
-    if a.size % (2 ** (len(unet.block_out_channels) - 1)):
-        raise ValueError(f"--size {a.size} must be divisible by {2 ** (len(unet.block_out_channels) - 1)} for --widths {a.widths}")
+    unet.check_size()
     data = _load_data(a.data, a.size, a.channels, band=a.slice_band)
     cfg = DiffusionTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema_decay,
                                schedule=a.schedule, T=a.T, seed=a.seed, save_every=a.save_every,

@@ -387,15 +387,18 @@ def convert_unet(state: dict, p: AdmPreset) -> dict:
 
 
 def build_unet2d(p: AdmPreset):
-    """An empty diffusers UNet2DModel shaped as preset ``p``; a fixed head count (``num_heads``) that one
-    ``attention_head_dim`` cannot express is set on each attention module after construction."""
+    """An empty diffusers UNet2DModel shaped as preset ``p``; what its config cannot express is set on the
+    modules after construction: a fixed head count (``num_heads``) and a time embedding wider than the first
+    block (``channel_mult[0] < 1``); the run folder records both, so the loader rebuilds them."""
     from diffusers import UNet2DModel
 
-    from core.nets.models import set_attention_heads
+    from core.nets.models import set_attention_heads, set_time_channels
 
     net = UNet2DModel(**unet_config(p))
     if p.num_head_channels == -1:
         set_attention_heads(net, p.num_heads)
+    if int(p.channel_mult[0] * p.model_channels) != p.model_channels:  # ADM 512: time embedding at model_channels
+        set_time_channels(net, p.model_channels)
     return net
 
 
@@ -416,30 +419,12 @@ def new_folder(out: str | os.PathLike) -> Path:
     return out
 
 
-def commit_folder(out: Path, write) -> Path:
-    """Call ``write(tmp)`` on a temp folder beside ``out``, then rename it to ``out``; on any failure the temp
-    folder is removed and ``out`` is left as it was."""
-    import shutil
-    import tempfile
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 def import_diffusion(checkpoint: str | os.PathLike, p: AdmPreset, out: str | os.PathLike,
                      log=lambda msg: None) -> Path:
     """An ADM diffusion checkpoint as an ordinary run folder (diffusers UNet2DModel weights + model.json with the
     schedule, learned-range variance, class conditioning and rescaled timesteps). Checked against the preset
     before any tensor is used; written to a temp folder beside ``out`` and renamed, so a failure writes nothing."""
+    from core.nets.checkpoint import commit_folder
     from core.nets.models import DiffusionModel, save_model_run
 
     if p.kind != "diffusion":

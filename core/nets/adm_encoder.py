@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.nets.adm import AdmPreset, check_layout, commit_folder, new_folder, preset, read_checkpoint
+from core.nets.adm import AdmPreset, check_layout, new_folder, preset, read_checkpoint
+from core.nets.checkpoint import commit_folder
 
 
 class _GN32(nn.GroupNorm):
@@ -241,9 +242,10 @@ def import_classifier(checkpoint: str | os.PathLike, p: AdmPreset, out: str | os
     trunk.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     if minority_head is not None:
         hp = preset("mc-lsun-head")
-        if trunk.feature_channels != hp.in_channels or p.image_size // 2 ** (len(p.channel_mult) - 1) != hp.image_size:
+        if p.name != "gd-256-classifier" or trunk.feature_channels != hp.in_channels or p.image_size // 2 ** (len(p.channel_mult) - 1) != hp.image_size:
             raise ValueError(f"--minority-head needs a trunk with {hp.in_channels} x {hp.image_size} x {hp.image_size} "
-                             f"middle features (gd-256-classifier); {p.name} has {trunk.feature_channels} channels")
+                             f"middle features: --preset gd-256-classifier (the official head was trained on it), "
+                             f"not {p.name}")
         hstate = read_checkpoint(minority_head)
         check_layout(hstate, hp, str(minority_head))
         head = AdmEncoder(hp)

@@ -79,6 +79,61 @@ def clean_stale_temps(folder: str | os.PathLike, min_age: float = STALE_SECONDS)
     return removed
 
 
+def commit_folder(out: str | os.PathLike, write, last: str | None = None) -> Path:
+    """Call ``write(tmp)`` on a temp folder beside ``out``, then make it ``out``: one rename when ``out`` is
+    absent or empty; otherwise ``last`` is removed from ``out`` first, every new file is moved in with
+    ``os.replace`` and ``last`` goes in at the end, so ``out`` never holds a valid mix of old and new files
+    (a bundle's manifest names every file's sha256). A failure inside ``write`` removes the temp folder and
+    leaves ``out`` as it was; files of ``out`` that the new folder does not hold are kept."""
+    import shutil
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+        return out
+    if last is not None:
+        (out / last).unlink(missing_ok=True)
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == last):
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+    return out
+
+
+def clean_stale_folders(out: str | os.PathLike, min_age: float = STALE_SECONDS) -> list[str]:
+    """Remove the temp folders (``.OUT.XXXXXXXX`` beside ``out``) that a killed ``commit_folder`` left, each
+    untouched (itself and its files) for ``min_age`` seconds. Returns the names removed."""
+    import re
+    import shutil
+    import time
+
+    out = Path(out)
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    pattern = re.compile(re.escape(f".{out.name}.") + r"[A-Za-z0-9_]{8}")
+    now = time.time()
+    for d in out.parent.iterdir():
+        try:
+            if not (d.is_dir() and not d.is_symlink() and pattern.fullmatch(d.name)):
+                continue
+            newest = max([d.stat().st_mtime] + [f.stat().st_mtime for f in d.iterdir()])
+        except OSError:
+            continue
+        if now - newest >= min_age:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d.name)
+    return removed
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -38,6 +38,14 @@ class UNetConfig:
     attention: bool = True  # self-attention at the lowest resolution
     num_classes: int = 0  # > 0: class-conditional (class embedding added to the timestep embedding)
 
+    def check_size(self) -> None:
+        """ValueError unless the image side halves cleanly at every level (the skip connections need it)."""
+        k = 2 ** (len(self.block_out_channels) - 1)
+        if self.image_size < k or self.image_size % k:
+            widths = ",".join(str(w) for w in self.block_out_channels)
+            raise ValueError(f"--size {self.image_size} must be a multiple of {k} for --widths {widths} "
+                             f"(the UNet halves the image {len(self.block_out_channels) - 1} times)")
+
     def diffusers_kwargs(self) -> dict:
         n = len(self.block_out_channels)
         down = ["DownBlock2D"] * n
@@ -172,6 +180,7 @@ def save_model_run(run: str | os.PathLike, model: DiffusionModel, extra: Optiona
         "schema": SCHEMA_VERSION, "kind": "diffusion", "unet_diffusers": config, "image_size": model.image_size,
         "channels": model.channels, "num_classes": model.num_classes, "variance_type": model.variance_type,
         "timestep_scale": model.timestep_scale, "attention_heads": _fixed_heads(model.net),
+        "time_channels": _own_time_channels(model.net),
         "schedule": sched, "class_names": model.class_names, **(extra or {})})
 
 
@@ -186,6 +195,29 @@ def _fixed_heads(net: nn.Module) -> Optional[int]:
     if len(heads) == 1 and (cfg_dim is None or dims != {cfg_dim}):
         return heads.pop()
     return None
+
+
+def _own_time_channels(net: nn.Module) -> Optional[int]:
+    """The timestep sinusoid width when it differs from the first block's (set_time_channels), else None."""
+    width = getattr(getattr(net, "time_embedding", None), "linear_1", None)
+    first = (net.config.get("block_out_channels") or [None])[0]
+    return width.in_features if width is not None and width.in_features != first else None
+
+
+def set_time_channels(net: nn.Module, channels: int) -> None:
+    """Give a UNet2DModel's timestep embedding ``channels`` sinusoid channels and a ``4 * channels`` embedding
+    (ADM's model_channels), where diffusers takes both from the first block's width; ADM 512x512 starts at
+    half width (channel_mult 0.5), so there they differ. Every ResNet's time projection is rebuilt to match."""
+    from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+
+    emb = 4 * channels
+    net.time_proj = Timesteps(channels, net.config.flip_sin_to_cos, net.config.freq_shift)
+    net.time_embedding = TimestepEmbedding(channels, emb)
+    if getattr(net, "class_embedding", None) is not None:
+        net.class_embedding = nn.Embedding(net.class_embedding.num_embeddings, emb)
+    for m in net.modules():
+        if isinstance(getattr(m, "time_emb_proj", None), nn.Linear):
+            m.time_emb_proj = nn.Linear(emb, m.time_emb_proj.out_features)
 
 
 def set_attention_heads(net: nn.Module, heads: int) -> None:
@@ -244,6 +276,8 @@ def _load_saved_diffusers(path: Path, cfg_json: dict, device) -> DiffusionModel:
         scale = float(cfg_json.get("timestep_scale", 1.0))
         if cfg_json.get("attention_heads"):
             set_attention_heads(net, int(cfg_json["attention_heads"]))
+        if cfg_json.get("time_channels"):
+            set_time_channels(net, int(cfg_json["time_channels"]))
     except (KeyError, TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
         raise CheckpointError(f"{path / 'model.json'}: malformed config ({type(e).__name__}: {e})") from None
     net = load_weights_for(net, path, "model", cfg_json)
