@@ -554,3 +554,40 @@ def test_weight_config_pair_survives_a_crash_at_each_step(tmp_path, monkeypatch)
         with pytest.raises(RuntimeError):
             ck.save_weights_and_config(tmp_path, "w", pair(3.0).state_dict(), {"v": 3})
     assert load() == 3.0 and not (tmp_path / "w.pending.safetensors").exists()
+
+
+def test_commit_folder_replaces_a_bundle_manifest_last_and_sweeps_what_a_kill_left(tmp_path):
+    out = tmp_path / "b"
+    ckpt.commit_folder(out, lambda d: [(d / n).write_text("1") for n in ("a.txt", "manifest.json")])
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt", "manifest.json"]
+    (out / "notes.md").write_text("mine")
+    order = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        order.append(Path(dst).name)
+        return real_replace(src, dst)
+
+    def fail(d):
+        (d / "a.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.commit_folder(out, fail, last="manifest.json")
+    assert (out / "a.txt").read_text() == "1" and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    ckpt.os.replace = spy
+    try:
+        ckpt.commit_folder(out, lambda d: [(d / n).write_text("2") for n in ("manifest.json", "a.txt")],
+                           last="manifest.json")
+    finally:
+        ckpt.os.replace = real_replace
+    assert order == ["a.txt", "manifest.json"] and (out / "notes.md").read_text() == "mine"
+    stale, fresh, other = tmp_path / ".b.abcd1234", tmp_path / ".b.wxyz5678", tmp_path / ".c.abcd1234"
+    for d in (stale, fresh, other):
+        d.mkdir()
+        (d / "w.safetensors").write_bytes(b"x")
+    old = os.path.getmtime(stale) - 3600
+    os.utime(stale / "w.safetensors", (old, old))
+    os.utime(stale, (old, old))
+    assert ckpt.clean_stale_folders(out) == [".b.abcd1234"]
+    assert fresh.exists() and other.exists() and not stale.exists()
