@@ -47,6 +47,7 @@ class Pool:
                 old = self._loaded.pop(others.pop(0))
                 old.unload()
                 self.evictions += 1
+            self._loaded[id(studio)] = studio  # its slot is taken now, so a concurrent load counts it
 
     def loaded(self) -> list:
         """Names of the studios holding weights now, oldest first."""

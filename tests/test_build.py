@@ -258,6 +258,11 @@ def test_a_work_folder_and_a_bundle_are_tied_to_their_data(faces, tmp_path, caps
                  *TINY]) == 2  # its model, scores and classifier were made from the first faces
     assert "holds the intermediate files of other data (48 images from" in _err(capsys)
     assert not (tmp_path / "b2").exists()
+    assert main(["build", "--data", str(other), "--out", str(tmp_path / "b2"), "--work", str(work), "--channels", "3",
+                 "--force", *TINY]) == 0  # re-claimed: the model is kept, the score and classifier redone
+    err = capsys.readouterr().err
+    assert "--force: --work" in err and "4/6 minority score" in err and "5/6 minority classifier" in err
+    assert "2/6 diffusion model: 3 steps" not in err
     args = ["build", "--data", str(other), "--out", str(out), "--work", str(tmp_path / "w2"), "--channels", "3", *TINY]
     assert main(args) == 2  # same bundle name, other data
     assert "already holds the bundle 'b', built from other data (48 images of 'data')" in _err(capsys)

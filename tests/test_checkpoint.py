@@ -565,6 +565,8 @@ def test_commit_folder_replaces_a_bundle_manifest_last_and_sweeps_what_a_kill_le
     real_replace = os.replace
 
     def spy(src, dst):
+        if not order:  # the old manifest is gone before the first file moves in
+            assert not (out / "manifest.json").exists()
         order.append(Path(dst).name)
         return real_replace(src, dst)
 
@@ -582,6 +584,15 @@ def test_commit_folder_replaces_a_bundle_manifest_last_and_sweeps_what_a_kill_le
     finally:
         ckpt.os.replace = real_replace
     assert order == ["a.txt", "manifest.json"] and (out / "notes.md").read_text() == "mine"
+    assert (out / "manifest.json").read_text() == "2" and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    link = tmp_path / "link"
+    link.symlink_to(out)  # an --out that is a link: the new files land in its target
+    ckpt.commit_folder(link, lambda d: (d / "a.txt").write_text("3"))
+    assert (out / "a.txt").read_text() == "3" and link.is_symlink()
+    fresh_out = ckpt.commit_folder(tmp_path / "new", lambda d: (d / "a.txt").write_text("4"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(fresh_out).st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
     stale, fresh, other = tmp_path / ".b.abcd1234", tmp_path / ".b.wxyz5678", tmp_path / ".c.abcd1234"
     for d in (stale, fresh, other):
         d.mkdir()

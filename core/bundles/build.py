@@ -80,7 +80,7 @@ def fingerprint(*parts) -> str:
     for part in parts:
         if isinstance(part, torch.Tensor):
             part = part.detach().cpu().contiguous().numpy()
-        h.update(np.ascontiguousarray(part).tobytes() if isinstance(part, np.ndarray) else str(part).encode())
+        h.update(np.ascontiguousarray(part) if isinstance(part, np.ndarray) else str(part).encode())  # no copy
         h.update(b"\0")
     return h.hexdigest()[:16]
 
@@ -216,7 +216,8 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
     data_id = fingerprint(data.images, "\n".join(data.paths))
     _check_out(out, cfg, {"fingerprint": data_id, "name": data_dir.name})
     stage_done("data")
-    _claim_work(work, data_id, len(data), data_dir)
+    _claim_work(work, {"fingerprint": data_id, "n": len(data), "data": str(data_dir), "size": size,
+                       "channels": channels}, cfg.force, log)
 
     run = work / "run"
     if given is not None:
@@ -239,12 +240,13 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
                                                             save_every=250, unet=UNetConfig(size, channels, tuple(cfg.widths))),
                             resume=state.is_file(), progress=report("diffusion"))
         model = load_diffusion(run)
+    model_id = _model_fingerprint(model, run, cfg)
     stage_done("diffusion")
 
     sweep = None
     if truth is not None:
         sweep_path = work / "sweep.json"
-        made_from = {"model": _model_fingerprint(model, run, cfg), "truth_values": fingerprint(truth)}
+        made_from = {"model": model_id, "data": data_id, "truth_values": fingerprint(truth)}
         want = {"n": min(cfg.sweep_n, int(np.isfinite(truth).sum())), "distances": sorted(cfg.sweep_distances),
                 "t_fracs": sorted(float(f) for f in cfg.sweep_t), "truth": cfg.truth, "version": SWEEP_VERSION,
                 **made_from}
@@ -275,7 +277,7 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
     scores_path, scores_meta = work / "scores.npy", work / "scores.json"
     t_final = best_t if cfg.score_t is None else resolve_t(cfg.score_t, model.schedule.T, "--score-t")
     settings = ScoreSettings(distance=cfg.score_distance or best_distance, t=t_final, draws=cfg.draws, seed=cfg.seed)
-    score_made_from = {**settings.to_dict(), "n": len(data), "model": _model_fingerprint(model, run, cfg)}
+    score_made_from = {**settings.to_dict(), "n": len(data), "model": model_id, "data": data_id}
     made = scores_meta.is_file() and json.loads(scores_meta.read_text()) in (score_made_from, settings.to_dict())
     if scores_path.is_file() and not made:  # other settings or model, or a kill between the two writes below
         log("   score settings or model changed since the last run: rescoring")
@@ -408,21 +410,29 @@ def _check_out(out: Path, cfg: BuildConfig, data: Optional[dict] = None) -> None
         raise DataError(f"--out {out}: is not empty and not a bundle (holds {others[0]!r}); pass --force or another --out")
 
 
-def _claim_work(work: Path, data_id: str, n: int, data_dir: Path) -> None:
-    """Tie the work folder to its data: a folder made from other images is refused (its model, scores and
-    classifier would silently carry over), one without a record (older builds) is claimed."""
-    record = work / "data.json"
-    if record.is_file():
+def _claim_work(work: Path, record: dict, force: bool, log: Log) -> None:
+    """Tie the work folder to its data: a folder made from other images (or at another size or channel count)
+    is refused, since its model, scores and classifier would carry over; ``--force`` re-claims it (its model
+    is kept, everything after it is redone). A folder without a record (older builds) is claimed."""
+    path = work / "data.json"
+    if path.is_file():
         try:
-            old = json.loads(record.read_text())
+            old = json.loads(path.read_text())
         except (OSError, ValueError):
             old = {}
-        if old.get("fingerprint") != data_id:
-            raise DataError(f"--work {work}: holds the intermediate files of other data ({old.get('n', '?')} images "
-                            f"from {old.get('data', '?')}); pass another --work or delete it")
-        return
+        if old.get("fingerprint") == record["fingerprint"]:
+            return
+        if (old.get("size"), old.get("channels")) not in ((record["size"], record["channels"]), (None, None)):
+            what = (f"a build at {old.get('size')} px, {old.get('channels')} channel(s) (this one: {record['size']} px, "
+                    f"{record['channels']})")
+        else:
+            what = f"the intermediate files of other data ({old.get('n', '?')} images from {old.get('data', '?')})"
+        if not force:
+            raise DataError(f"--work {work}: holds {what}; pass another --work, delete it, or --force to reuse its "
+                            "model anyway")
+        log(f"   --force: --work {work} held {what}; reusing its model, redoing the sweep, score and classifier")
     work.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(record, {"fingerprint": data_id, "n": n, "data": str(data_dir)})
+    atomic_write_json(path, record)
 
 
 def _fmt(v: float) -> str:
@@ -430,8 +440,10 @@ def _fmt(v: float) -> str:
 
 
 def _model_fingerprint(model, run: Path, cfg: BuildConfig) -> str:
+    """What the later stages were made with: our run's recorded weights sha256, or for a given --model the
+    fingerprint of its weights (so another path to the same model reuses, new weights at one path do not)."""
     if cfg.model is not None:
-        return str(cfg.model)
+        return fingerprint(*(v for _, v in sorted(model.net.state_dict().items())))
     try:
         return json.loads((run / "model.json").read_text()).get("weights_sha256", "")
     except (OSError, ValueError):

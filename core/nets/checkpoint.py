@@ -80,31 +80,31 @@ def clean_stale_temps(folder: str | os.PathLike, min_age: float = STALE_SECONDS)
 
 
 def commit_folder(out: str | os.PathLike, write, last: str | None = None) -> Path:
-    """Call ``write(tmp)`` on a temp folder beside ``out``, then make it ``out``: one rename when ``out`` is
-    absent or empty; otherwise ``last`` is removed from ``out`` first, every new file is moved in with
-    ``os.replace`` and ``last`` goes in at the end, so ``out`` never holds a valid mix of old and new files
-    (a bundle's manifest names every file's sha256). A failure inside ``write`` removes the temp folder and
-    leaves ``out`` as it was; files of ``out`` that the new folder does not hold are kept."""
+    """Call ``write(tmp)`` on a temp folder beside ``out`` (beside its real path, so on its file system),
+    then make it ``out``: one rename when ``out`` does not exist; otherwise ``last`` is removed from ``out``
+    first, every new file is moved in with ``os.replace`` and ``last`` goes in at the end, so ``out`` never
+    holds a valid mix of old and new files (a bundle's manifest names every file's sha256). A failure inside
+    ``write`` removes the temp folder and leaves ``out`` as it was; files of ``out`` that the new folder
+    does not hold are kept. The folder gets the usual permissions (umask), not mkdtemp's 0700."""
     import shutil
 
-    out = Path(out)
+    out = Path(os.path.realpath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o777 & ~umask)
         write(tmp)
-    except BaseException:
+        if not out.exists():
+            os.replace(tmp, out)
+            return out
+        if last is not None:
+            (out / last).unlink(missing_ok=True)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == last):
+            os.replace(f, out / f.name)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-        return out
-    if last is not None:
-        (out / last).unlink(missing_ok=True)
-    for f in sorted(tmp.iterdir(), key=lambda f: f.name == last):
-        os.replace(f, out / f.name)
-    tmp.rmdir()
     return out
 
 

@@ -199,6 +199,8 @@ def _fixed_heads(net: nn.Module) -> Optional[int]:
 
 def _own_time_channels(net: nn.Module) -> Optional[int]:
     """The timestep sinusoid width when it differs from the first block's (set_time_channels), else None."""
+    if net.config.get("time_embedding_type", "positional") != "positional":
+        return None  # a Fourier embedding is twice the first width by design, and its config rebuilds it
     width = getattr(getattr(net, "time_embedding", None), "linear_1", None)
     first = (net.config.get("block_out_channels") or [None])[0]
     return width.in_features if width is not None and width.in_features != first else None
