@@ -36,6 +36,7 @@ DISPLAY = 64  # gallery thumbnails are upscaled to this side (the browser scales
 UNCHANGED = object()  # an output a handler leaves as it is (the UI turns it into gr.skip())
 KEEP_EXPORTS = 64  # download zips kept in the Studio's temp folder
 CAPTION_DRAWS = 5  # noise draws of a generated image's caption score: same expectation as the bundle's
+_LOAD_LOCK = threading.Lock()  # two bundles loading at once in Gradio's workers raced in diffusers' lazy import
 # (20-draw) score, a quarter of its cost; 20 draws made a finished 4x4 pair 4 s slower (session 5)
 
 
@@ -216,7 +217,8 @@ class Studio:
             if self._bundle is None:
                 from core.bundles.bundle import load_bundle
 
-                b = load_bundle(self.path, self.device)
+                with _LOAD_LOCK:  # one bundle loads at a time: diffusers' lazy imports are not thread-safe
+                    b = load_bundle(self.path, self.device)
                 b.model.eval().requires_grad_(False)
                 b.classifier.net.eval().requires_grad_(False)
                 self._bundle = b

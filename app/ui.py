@@ -35,7 +35,8 @@ def _readable(fn):
             return e
         if isinstance(e, MinorityError):
             return gr.Error(str(e))
-        log.error("unexpected error in %s", fn.__name__, exc_info=e)  # details stay in the server log
+        name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", repr(fn))  # partials
+        log.error("unexpected error in %s", name, exc_info=e)  # details stay in the server log
         return gr.Error(f"Unexpected error ({type(e).__name__}); the details are in the server log.")
 
     def skip_unchanged(out):

@@ -253,3 +253,50 @@ def test_pool_keeps_at_most_two_bundles_loaded(tmp_path, monkeypatch):
     assert held_at_load == [0, 1, 1, 1]  # the oldest is dropped before a third loads, never after
     with pytest.raises(ValueError, match="capacity"):
         Pool(0)
+
+
+def test_bundles_load_one_at_a_time_and_a_failing_partial_is_one_line(tmp_path, monkeypatch):
+    """Two first uses in Gradio's worker threads: the loads are serialised (diffusers' lazy imports raced when
+    two ran at once, an ImportError in the app); an unexpected error in a handler given as a partial is one
+    readable line (its name lookup used to raise AttributeError instead)."""
+    import functools
+    import threading
+    import time
+
+    import gradio as gr
+
+    import core.bundles.bundle as bundle_mod
+    from app.ui import _readable
+
+    paths = []
+    for k in range(2):
+        p = tmp_path / f"b{k}"
+        shutil.copytree(h.DEFAULT_BUNDLE, p, ignore=shutil.ignore_patterns("*.work"))
+        (p / "manifest.json").write_text((p / "manifest.json").read_text().replace(
+            '"name": "mri-atrophy"', f'"name": "copy{k}"'))
+        paths.append(p)
+    lib = Library.open(paths)
+    real_load, active, most = bundle_mod.load_bundle, [0], [0]
+
+    def slow_load(*args, **kw):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        time.sleep(0.3)
+        try:
+            return real_load(*args, **kw)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(bundle_mod, "load_bundle", slow_load)
+    threads = [threading.Thread(target=lambda s=s: s.bundle) for s in lib.studios]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1 and all(s.loaded for s in lib.studios)
+
+    def boom(studio, x):
+        raise RuntimeError("bug")
+
+    with pytest.raises(gr.Error, match="Unexpected error \\(RuntimeError\\)"):
+        _readable(functools.partial(boom, None))(1)

@@ -340,6 +340,8 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
         if cfg.truth == "severity":
             score_info["spearman_vs_severity"] = rho_full  # the key older readers of the MRI bundle know
 
+    manifest: dict = {}
+
     def write(folder: Path) -> None:  # a fresh temp folder; commit_folder moves it into place, manifest last
         if given is not None:
             save_model_run(folder, model, {"source": cfg.model})
@@ -355,7 +357,7 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
             "pca_components": torch.from_numpy(pca_comps)})
         atomic_write_text(folder / "real.csv", table.getvalue())
         stage_done("map and bundle")
-        manifest = {
+        manifest.update({
             "schema_version": BUNDLE_SCHEMA, "name": cfg.name or out.name,
             "dataset": {"name": data_dir.name, "n": len(data), "seed": cfg.seed, "truth": cfg.truth,
                         "metadata_columns": columns, "skipped": len(data.skipped), "fingerprint": data_id,
@@ -373,11 +375,11 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
             "app": {"sampler": cfg.app_sampler or "ddim"},
             "stage_seconds": timings, "versions": _versions(),
             "files": {name: sha256_file(folder / name) for name in BUNDLE_FILES},
-        }
+        })
         atomic_write_json(folder / "manifest.json", manifest)
 
     commit_folder(out, write, last="manifest.json")
-    return json.loads((out / "manifest.json").read_text())
+    return manifest  # in stage order (the file's keys are sorted)
 
 
 def _check_out(out: Path, cfg: BuildConfig, data: Optional[dict] = None) -> None:
