@@ -241,7 +241,7 @@ def test_bad_inputs_give_one_line(pipeline, tmp_path, capsys):
         (["score", "--model", str(run), "--data", str(data), "--out", str(tmp_path / "s.csv")], "lpips-rand, ssim or l2"),
         (["score", "--model", str(run), "--data", str(data), "--out", str(tmp_path / "s.csv"), "--t", "1500", "--distance", "l2"], "--t must be"),
         (["train-diffusion", "--data", str(empty), "--out", str(tmp_path / "r"), "--steps", "-1"], "--steps must be >= 1"),
-        (["train-diffusion", "--data", str(data), "--out", str(tmp_path / "r"), "--size", "18", "--widths", "8,16,16"], "divisible"),
+        (["train-diffusion", "--data", str(data), "--out", str(tmp_path / "r"), "--size", "18", "--widths", "8,16,16"], "must be a multiple of 4 for --widths 8,16,16"),
         (["train-classifier", "--model", str(run), "--data", str(data), "--scores", str(tmp_path / "none.csv"),
           "--out", str(tmp_path / "c")], "no such file"),
         (["sample", "--model", str(run), "--method", "minority", "--out", str(tmp_path / "x.npz")], "needs --classifier"),
