@@ -36,8 +36,8 @@ DISPLAY = 64  # gallery thumbnails are upscaled to this side (the browser scales
 UNCHANGED = object()  # an output a handler leaves as it is (the UI turns it into gr.skip())
 KEEP_EXPORTS = 64  # download zips kept in the Studio's temp folder
 CAPTION_DRAWS = 5  # noise draws of a generated image's caption score: same expectation as the bundle's
-_LOAD_LOCK = threading.Lock()  # two bundles loading at once in Gradio's workers raced in diffusers' lazy import
 # (20-draw) score, a quarter of its cost; 20 draws made a finished 4x4 pair 4 s slower (session 5)
+_LOAD_LOCK = threading.Lock()  # two bundles loading at once in Gradio's workers raced in diffusers' lazy import
 
 
 def caption_draws(score_settings: dict) -> int:
@@ -212,7 +212,7 @@ class Studio:
     @property
     def bundle(self):
         if self._bundle is None and self.pool is not None:
-            self.pool.make_room(self)  # before our lock: unloading another studio takes its lock
+            self.pool.touch(self)  # before our lock: unloading another studio takes its lock
         with self._lock:
             if self._bundle is None:
                 from core.bundles.bundle import load_bundle

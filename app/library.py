@@ -30,6 +30,9 @@ class Pool:
         self.evictions = 0
 
     def touch(self, studio: Studio) -> None:
+        """Make ``studio`` the newest and unload the oldest others beyond ``capacity``. Called before a studio
+        loads (its slot is taken then, so the old bundle goes first and a concurrent load counts it: never
+        capacity + 1 in memory) and on every use."""
         with self._lock:
             self._loaded[id(studio)] = studio
             self._loaded.move_to_end(id(studio))
@@ -37,17 +40,6 @@ class Pool:
                 _, old = self._loaded.popitem(last=False)
                 old.unload()
                 self.evictions += 1
-
-    def make_room(self, studio: Studio) -> None:
-        """Before ``studio`` loads: unload the oldest others until it fits, so that at most ``capacity``
-        bundles are ever in memory at once (not capacity + 1 while the new one loads)."""
-        with self._lock:
-            others = [k for k in self._loaded if k != id(studio)]
-            while len(others) >= self.capacity:
-                old = self._loaded.pop(others.pop(0))
-                old.unload()
-                self.evictions += 1
-            self._loaded[id(studio)] = studio  # its slot is taken now, so a concurrent load counts it
 
     def loaded(self) -> list:
         """Names of the studios holding weights now, oldest first."""

@@ -214,7 +214,8 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
         if np.unique(truth[np.isfinite(truth)]).size < 2:
             raise DataError(f"--truth {cfg.truth}: every image has the same value, so no setting can rank by it")
     data_id = fingerprint(data.images, "\n".join(data.paths))
-    _check_out(out, cfg, {"fingerprint": data_id, "name": data_dir.name})
+    source = {"fingerprint": data_id, "name": data_dir.name}
+    _check_out(out, cfg, source)
     stage_done("data")
     _claim_work(work, {"fingerprint": data_id, "n": len(data), "data": str(data_dir), "size": size,
                        "channels": channels}, cfg.force, log)
@@ -278,10 +279,11 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
     t_final = best_t if cfg.score_t is None else resolve_t(cfg.score_t, model.schedule.T, "--score-t")
     settings = ScoreSettings(distance=cfg.score_distance or best_distance, t=t_final, draws=cfg.draws, seed=cfg.seed)
     score_made_from = {**settings.to_dict(), "n": len(data), "model": model_id, "data": data_id}
-    made = scores_meta.is_file() and json.loads(scores_meta.read_text()) in (score_made_from, settings.to_dict())
-    if scores_path.is_file() and not made:  # other settings or model, or a kill between the two writes below
-        log("   score settings or model changed since the last run: rescoring")
-    if not (made and scores_path.is_file()):
+    made = scores_path.is_file() and scores_meta.is_file() and \
+        json.loads(scores_meta.read_text()) in (score_made_from, settings.to_dict())
+    if not made:
+        if scores_path.is_file():  # other settings, model or data, or a kill between the two writes below
+            log("   score settings or model changed since the last run: rescoring")
         scores_meta.unlink(missing_ok=True)
         est = ESTIMATES["score"] * len(data) * settings.draws * (size / 32) ** 2 / 60
         log(f"4/6 minority score of {len(data)} images: {settings.distance}, t={settings.t}, {settings.draws} draws; "
@@ -325,7 +327,7 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
     log("6/6 2-D map and bundle")
     images_nhwc = data.images.permute(0, 2, 3, 1).numpy()
     coords, pca_mean, pca_comps, map_method = two_d_map(images_nhwc, cfg.seed, log, cfg.map_method)
-    _check_out(out, cfg, {"fingerprint": data_id, "name": data_dir.name})
+    _check_out(out, cfg, source)
     truth_values = truth if truth is not None else np.full(len(data), np.nan)
     columns = list(metadata)
     table = io.StringIO()
@@ -336,9 +338,9 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
                     f"{coords[i, 0]:.4f}", f"{coords[i, 1]:.4f}"])
     score_info = {**settings.to_dict()}
     if truth is not None:
-        score_info["spearman_vs_truth"] = rho_full if np.isfinite(rho_full) else None
+        score_info["spearman_vs_truth"] = rho_full if np.isfinite(rho_full) else None  # JSON has no NaN
         if cfg.truth == "severity":
-            score_info["spearman_vs_severity"] = rho_full  # the key older readers of the MRI bundle know
+            score_info["spearman_vs_severity"] = score_info["spearman_vs_truth"]  # the key older MRI readers know
 
     manifest: dict = {}
 
