@@ -71,6 +71,8 @@ def minority_targets(spec: str, n: int, seed: int, L: int) -> torch.Tensor:
         lo, hi = (int(m.group(1)), int(m.group(2))) if m else (int(spec), int(spec))
     except ValueError:
         raise ValueError(f"--minority-class must be an integer l or a range A-B, got {spec!r}") from None
+    if lo > hi:
+        raise ValueError(f"--minority-class range {spec!r} runs backwards: A must be <= B (write {hi}-{lo})")
     if not 0 <= lo <= hi < L:
         raise ValueError(f"--minority-class must be in [0, {L}) for this classifier (L={L}), got {spec}")
     if lo == hi:

@@ -40,6 +40,8 @@ class UNetConfig:
 
     def check_size(self) -> None:
         """ValueError unless the image side halves cleanly at every level (the skip connections need it)."""
+        if not 8 <= self.image_size <= 1024:
+            raise ValueError(f"--size must be in [8, 1024], got {self.image_size}")
         k = 2 ** (len(self.block_out_channels) - 1)
         if self.image_size < k or self.image_size % k:
             widths = ",".join(str(w) for w in self.block_out_channels)
