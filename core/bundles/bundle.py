@@ -22,12 +22,12 @@ from typing import Optional
 import numpy as np
 import torch
 
+from core.bundles.manifest import BUNDLE_FILES, check_column, check_rel_path, member, validate_manifest
 from core.nets.checkpoint import load_tensors, read_json
 from core.errors import CheckpointError
 
 BUNDLE_SCHEMA = 1
-BUNDLE_FILES = ("model.json", "model.safetensors", "classifier.json", "classifier.safetensors",
-                "real.safetensors", "real.csv")
+MAX_IMAGE_BYTES = 4 << 30  # real images a bundle may inflate to (the faces bundle: 24.6 MB)
 REAL_KEYS = ("score", "label", "severity", "coords", "pca_mean", "pca_components")  # + images or images_deflate
 
 
@@ -41,19 +41,30 @@ def pack_images(images: np.ndarray) -> dict:
     return {"images_deflate": torch.from_numpy(packed.copy()), "images_shape": torch.tensor(images.shape, dtype=torch.int64)}
 
 
-def unpack_images(t: dict, source: str) -> np.ndarray:
+def unpack_images(t: dict, source: str, expect: Optional[tuple] = None) -> np.ndarray:
     """The real images of a real.safetensors: plain ``images``, or ``images_deflate`` inflated to exactly the
-    size ``images_shape`` promises (never more: a damaged or hostile stream is refused, not expanded)."""
+    size ``images_shape`` promises (never more: a damaged or hostile stream is refused, not expanded).
+    ``expect`` (H, W, C), when given, must be the images' shape, checked before anything is inflated."""
     import zlib
 
     if "images" in t:
-        return t["images"].numpy()
+        images = t["images"].numpy()
+        if images.dtype != np.uint8 or images.ndim != 4 or (expect is not None and images.shape[1:] != tuple(expect)):
+            raise CheckpointError(f"{source}: images {images.dtype} {tuple(images.shape)} are not uint8 (N, {expect or 'H, W, C'})")
+        return images
     if "images_deflate" not in t or "images_shape" not in t:
         raise CheckpointError(f"{source}: missing key 'images'")
+    if t["images_shape"].dtype != torch.int64 or t["images_shape"].shape != (4,) or t["images_deflate"].dtype != torch.uint8:
+        raise CheckpointError(f"{source}: images_shape must be int64 (4,) and images_deflate uint8")
     shape = tuple(int(v) for v in t["images_shape"].tolist())
     if len(shape) != 4 or min(shape) < 1 or shape[3] not in (1, 3):
         raise CheckpointError(f"{source}: images_shape {shape} is not (N, H, W, 1 or 3)")
+    if expect is not None and shape[1:] != tuple(expect):
+        raise CheckpointError(f"{source}: images_shape {shape} does not match the manifest's (N, {', '.join(map(str, expect))})")
     want = int(np.prod(shape, dtype=np.int64))
+    if want > MAX_IMAGE_BYTES:
+        raise CheckpointError(f"{source}: images_shape {shape} promises {want / 2**30:.1f} GiB of images "
+                              f"(limit {MAX_IMAGE_BYTES / 2**30:.0f} GiB)")
     d = zlib.decompressobj()
     try:
         raw = d.decompress(t["images_deflate"].numpy().tobytes(), want + 1)
@@ -109,25 +120,33 @@ def sha256_file(path: Path) -> str:
 
 
 def check_bundle(root: str | os.PathLike) -> dict:
-    """Validate the manifest (schema, files present, hashes) and return it; CheckpointError otherwise."""
+    """Validate a bundle before anything of it is used (core.bundles.manifest): the manifest a regular file
+    whose values pass the schema and its bounds; every file it names a regular file inside the folder (no
+    symlink) matching its sha256. Returns the manifest; one CheckpointError line otherwise."""
     root = Path(root)
     if not root.is_dir():
         raise CheckpointError(f"--bundle {root}: no such folder")
-    manifest = read_json(root / "manifest.json")
+    mpath = root / "manifest.json"
+    if mpath.is_symlink() or (mpath.exists() and not mpath.is_file()):
+        raise CheckpointError(f"--bundle {root}: manifest.json is a symlink or not a regular file; the bundle is refused")
+    manifest = read_json(mpath)
     version = manifest.get("schema_version")
     if version != BUNDLE_SCHEMA:
-        raise CheckpointError(f"{root / 'manifest.json'}: bundle schema version {version!r} is not supported "
+        raise CheckpointError(f"{mpath}: bundle schema version {version!r} is not supported "
                               f"(this version reads {BUNDLE_SCHEMA})")
     hashes = manifest.get("files")
     if not isinstance(hashes, dict):
-        raise CheckpointError(f"{root / 'manifest.json'}: no 'files' table of sha256 sums")
+        raise CheckpointError(f"{mpath}: no 'files' table of sha256 sums")
     for name in BUNDLE_FILES:  # every file the loader reads must be listed and match: nothing loads unchecked
-        if not (root / name).is_file():
-            raise CheckpointError(f"--bundle {root}: missing file {name}")
         if name not in hashes:
-            raise CheckpointError(f"{root / 'manifest.json'}: lists no sha256 for {name}; the bundle is refused")
-        if sha256_file(root / name) != hashes[name]:
+            raise CheckpointError(f"{mpath}: lists no sha256 for {name}; the bundle is refused")
+    validate_manifest(manifest, str(mpath))
+    for name in BUNDLE_FILES:
+        if sha256_file(member(root, name)) != hashes[name]:
             raise CheckpointError(f"--bundle {root}: {name} does not match the manifest's sha256 (damaged or edited)")
+    for extra in ("model.pending.safetensors", "classifier.pending.safetensors"):
+        if os.path.lexists(root / extra):  # the loaders' roll-forward of an interrupted save must not apply here
+            raise CheckpointError(f"--bundle {root}: holds {extra}, which no bundle has; the bundle is refused")
     return manifest
 
 
@@ -141,35 +160,61 @@ def truth_column(manifest: dict) -> Optional[str]:
 
 
 def load_real(root: Path, manifest: Optional[dict] = None) -> RealData:
-    """The real data of a bundle folder; ``manifest`` (default: read from the folder) names the truth column."""
+    """The real data of a bundle folder, every array checked against the manifest (shapes, dtypes, labels in
+    [0, L), finite scores and map) and real.csv's text against its shapes (column names, relative paths);
+    ``manifest`` (default: read and validated from the folder) names the truth column."""
     import csv
 
     if manifest is None:
-        manifest = read_json(root / "manifest.json")
-    t = load_tensors(root / "real.safetensors")
+        manifest = check_bundle(root)
+    source = str(root / "real.safetensors")
+    t = load_tensors(member(root, "real.safetensors"))
     missing = [k for k in REAL_KEYS if k not in t]
     if missing:
-        raise CheckpointError(f"{root / 'real.safetensors'}: missing key {missing[0]!r}")
-    with open(root / "real.csv", newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        header = list(reader.fieldnames or [])
-    paths = [r["path"] for r in rows]
-    images = unpack_images(t, str(root / "real.safetensors"))
-    n = images.shape[0]
-    if len(paths) != n or any(t[k].shape[0] != n for k in ("score", "label", "severity", "coords")):
+        raise CheckpointError(f"{source}: missing key {missing[0]!r}")
+    size, channels = int(manifest["image_size"]), int(manifest.get("channels", 1))
+    images = unpack_images(t, source, (size, size, channels))
+    n, d = images.shape[0], size * size * channels
+    want = {"score": (n,), "label": (n,), "severity": (n,), "coords": (n, 2), "pca_mean": (d,)}
+    for k, shape in want.items():
+        if tuple(t[k].shape) != shape:
+            raise CheckpointError(f"{source}: {k!r} has shape {tuple(t[k].shape)}, expected {shape} for {n} images")
+    if t["pca_components"].ndim != 2 or t["pca_components"].shape[1] != d or not 1 <= t["pca_components"].shape[0] <= d:
+        raise CheckpointError(f"{source}: 'pca_components' has shape {tuple(t['pca_components'].shape)}, expected (K, {d})")
+    for k in ("score", "coords", "pca_mean", "pca_components"):
+        if not t[k].is_floating_point() or not torch.isfinite(t[k]).all():
+            raise CheckpointError(f"{source}: {k!r} must hold finite floats")
+    label = t["label"]
+    L = int(manifest["num_classes"])
+    if label.is_floating_point() or (n and not (0 <= int(label.min()) and int(label.max()) < L)):
+        raise CheckpointError(f"{source}: 'label' must hold integers in [0, {L})")
+    csv_path = member(root, "real.csv")
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise CheckpointError(f"{csv_path}: not a readable CSV table ({e})") from None
+    if "path" not in header:
+        raise CheckpointError(f"{csv_path}: no 'path' column (header: {', '.join(header)[:80]!r})")
+    for i, col in enumerate(header):
+        check_column(col, f"header column {i + 1}", str(csv_path))
+    if len(rows) != n:
         raise CheckpointError(f"--bundle {root}: real.csv and real.safetensors disagree on the number of images")
+    paths = [check_rel_path(r["path"], f"row {i + 2} path", str(csv_path)) for i, r in enumerate(rows)]
     metadata = {}
     for col in header:
         if col in ("path", "score", "label", "x", "y"):
             continue
         try:
             metadata[col] = np.array([float(r[col]) if r[col] not in ("", None) else np.nan for r in rows])
-        except ValueError:
+        except (TypeError, ValueError):
             continue  # a non-numeric column is for people only
     truth_name = truth_column(manifest)
-    return RealData(paths, images, t["score"].numpy(), t["label"].numpy(), t["severity"].numpy(),
-                    t["coords"].numpy(), t["pca_mean"].numpy(), t["pca_components"].numpy(), truth_name, metadata)
+    return RealData(paths, images, t["score"].float().numpy(), t["label"].long().numpy(), t["severity"].float().numpy(),
+                    t["coords"].float().numpy(), t["pca_mean"].float().numpy(), t["pca_components"].float().numpy(),
+                    truth_name, metadata)
 
 
 def load_bundle(root: str | os.PathLike, device: str | torch.device = "cpu", load_models: bool = True) -> Bundle:
@@ -180,7 +225,23 @@ def load_bundle(root: str | os.PathLike, device: str | torch.device = "cpu", loa
     manifest = check_bundle(root)
     model = load_diffusion(root, device) if load_models else None
     classifier = load_classifier(root, device) if load_models else None
+    if load_models:
+        check_agrees(root, manifest, model, classifier)
     return Bundle(root, manifest, model, classifier, load_real(root, manifest))
+
+
+def check_agrees(root: Path, manifest: dict, model, classifier) -> None:
+    """The manifest's sizes, schedule and L agree with the model and classifier it ships (both hashed, but
+    the manifest's own values are not), so no stranger's number reaches a sampler or the UI's sliders."""
+    L = int(manifest["num_classes"])
+    facts = [("image_size", int(manifest["image_size"]), model.image_size),
+             ("channels", int(manifest.get("channels", 1)), model.channels),
+             ("T", int(manifest["T"]), model.schedule.T),
+             ("num_classes", L, int(classifier.net.cfg.num_outputs))]
+    for key, said, real in facts:
+        if said != real:
+            raise CheckpointError(f"{root / 'manifest.json'}: {key!r} is {said} but the bundle's "
+                                  f"{'classifier' if key == 'num_classes' else 'model'} has {real}")
 
 
 def project(real: RealData, images_u8: np.ndarray, k: int = 10) -> np.ndarray:
