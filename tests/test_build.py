@@ -97,7 +97,13 @@ def test_colour_bundle_in_the_app(colour_bundle):
     real = studio.bundle.real
     shown = [float(c.split("rarity ")[1].split(" ")[0]) for _, c in items]
     assert shown == sorted(shown, reverse=True) and "rarity" in info and "hat 0" in items[0][1]
-    assert all(real.metadata["hat"][i] == 0 for i in np.flatnonzero(real.metadata["hat"] == 0))
+    # the filter keeps exactly the hat = 0 rows: every caption shown says so, and the count is theirs
+    n_hat0 = int((real.metadata["hat"] == 0).sum())
+    assert 0 < n_hat0 < len(real.score), n_hat0  # the tiny data has both kinds, so the filter has work to do
+    assert all(" · hat 0 " in c + " " for _, c in items) and not any(" · hat 1 " in c + " " for _, c in items)
+    assert f"{n_hat0} of {len(real.score)} real images" in info, info
+    pages = -(-n_hat0 // 24)
+    assert len(items) == min(24, n_hat0) and f"of {pages} " in info
     text, strip = h.on_class(studio, 3)
     assert "true rarity median" in text and strip.shape[2] == 3
     assert studio.atrophy(run.guided) is None  # no reader of the rarity column: no estimate in the captions
@@ -140,6 +146,40 @@ def test_metadata_and_truth_errors(tmp_path, faces, capsys):
     (data / "metadata.csv").write_text("name,grade\nimages/0.png,1\n")
     assert main([*base]) == 2
     assert "needs a 'path' column" in _err(capsys)
+    for outside in ("/etc/passwd", "../../../../../../etc/hostname", "images/../../d/images/0.png"):
+        (data / "metadata.csv").write_text(f"path,grade\nimages/0.png,1\n{outside},2\n")
+        assert main([*base]) == 2
+        assert f"line 3: {outside!r} is not a path inside --data" in _err(capsys)  # named, never looked up
+    (data / "metadata.csv").write_text("path,grade\nimages/0.png,1\nimages/1.png,2\nimages/0.png,9\n")
+    assert main([*base]) == 2
+    assert "line 4: 'images/0.png' already has a row (line 2) with other values" in _err(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_metadata_reserved_columns_and_repeated_rows_are_reported(tmp_path):
+    from core.bundles.build import read_metadata
+
+    data = tmp_path / "d"
+    (data / "images").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), i * 20, np.uint8)).save(data / f"images/{i}.png")
+    (data / "metadata.csv").write_text("path,score,x,grade\nimages/0.png,5,1,7\nimages/0.png,5,1,7\nimages/2.png,1,2,3\n")
+    numeric, ignored, notes = read_metadata(data, ["images/0.png", "images/1.png", "images/2.png"])
+    assert list(numeric) == ["grade"] and ignored == []
+    assert np.array_equal(numeric["grade"], [7, np.nan, 3], equal_nan=True)
+    assert any("column(s) score, x not carried" in n for n in notes), notes
+    assert any("1 repeated identical row(s)" in n for n in notes), notes
+
+
+def test_work_or_out_inside_the_data_folder_is_refused(faces, tmp_path, capsys):
+    before = sorted(p.name for p in faces.iterdir())
+    for extra, message in ((["--work", str(faces)], "--work"), (["--work", str(faces / "w")], "--work"),
+                           (["--out", str(faces / "b")], "--out")):
+        args = ["build", "--data", str(faces), "--out", str(tmp_path / "o"), "--channels", "3", *TINY, *extra]
+        assert main(args) == 2
+        err = _err(capsys)
+        assert f"{message} " in err and "lies inside --data" in err, err
+    assert sorted(p.name for p in faces.iterdir()) == before  # nothing written among the images
 
 
 def test_tiny_and_mixed_data_are_refused(tmp_path, capsys):

@@ -556,7 +556,13 @@ def test_weight_config_pair_survives_a_crash_at_each_step(tmp_path, monkeypatch)
     assert load() == 3.0 and not (tmp_path / "w.pending.safetensors").exists()
 
 
-def test_commit_folder_replaces_a_bundle_manifest_last_and_sweeps_what_a_kill_left(tmp_path):
+@pytest.mark.parametrize("swap", [True, False], ids=["atomic-swap", "file-by-file"])
+def test_commit_folder_replaces_a_bundle_manifest_last_and_sweeps_what_a_kill_left(tmp_path, monkeypatch, swap):
+    """With the atomic swap (Linux) and without it (the file-by-file fallback, manifest out first and in last)."""
+    if not swap:
+        monkeypatch.setattr(ckpt, "exchange_paths", lambda a, b: False)
+    elif not _system_can_swap(tmp_path):
+        pytest.skip("this system has no renameat2(RENAME_EXCHANGE): the fallback case covers it")
     out = tmp_path / "b"
     ckpt.commit_folder(out, lambda d: [(d / n).write_text("1") for n in ("a.txt", "manifest.json")])
     assert sorted(p.name for p in out.iterdir()) == ["a.txt", "manifest.json"]
@@ -583,7 +589,7 @@ def test_commit_folder_replaces_a_bundle_manifest_last_and_sweeps_what_a_kill_le
                            last="manifest.json")
     finally:
         ckpt.os.replace = real_replace
-    assert order == ["a.txt", "manifest.json"] and (out / "notes.md").read_text() == "mine"
+    assert order == ([] if swap else ["a.txt", "manifest.json"]) and (out / "notes.md").read_text() == "mine"
     assert (out / "manifest.json").read_text() == "2" and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     link = tmp_path / "link"
     link.symlink_to(out)  # an --out that is a link: the new files land in its target
@@ -602,3 +608,72 @@ def test_commit_folder_replaces_a_bundle_manifest_last_and_sweeps_what_a_kill_le
     os.utime(stale, (old, old))
     assert ckpt.clean_stale_folders(out) == [".b.abcd1234"]
     assert fresh.exists() and other.exists() and not stale.exists()
+
+
+def _system_can_swap(tmp_path) -> bool:
+    """Does this system swap two folders atomically (renameat2 RENAME_EXCHANGE)? Asked of libc directly, not
+    through the code under test."""
+    import ctypes
+    import shutil
+    import sys
+    import tempfile
+
+    if not sys.platform.startswith("linux"):
+        return False
+    a, b = tempfile.mkdtemp(dir=tmp_path), tempfile.mkdtemp(dir=tmp_path)
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        return fn(-100, a.encode(), -100, b.encode(), 2) == 0
+    except (AttributeError, OSError):
+        return False
+    finally:
+        shutil.rmtree(a)
+        shutil.rmtree(b)
+
+
+_SWAPPER = """
+import sys, itertools
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from core.nets.checkpoint import commit_folder
+out = Path(sys.argv[1])
+for i in itertools.count():
+    tag = str(i)
+    def write(d, tag=tag):
+        for n in ("model.json", "real.csv", "manifest.json"):
+            (d / n).write_text(tag)
+    commit_folder(out, write, last="manifest.json")
+    print(tag, flush=True)
+"""
+
+
+def test_a_build_killed_during_the_final_move_always_leaves_a_complete_bundle(tmp_path):
+    """Issue 24.3 (the probe's kill at the instant --out lost manifest.json): a writer replaces a bundle
+    folder over and over; polled while it runs, --out always has its manifest, and after a SIGKILL at a
+    random moment every file of --out is from one and the same version."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if not _system_can_swap(tmp_path):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) here: the README states the file-by-file fallback's window")
+    root = str(Path(__file__).resolve().parent.parent)
+    rng = random.Random(0)
+    out = tmp_path / "bundle"
+    missing = polls = 0
+    for trial in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", _SWAPPER, str(out), root], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # one bundle committed
+        deadline = time.monotonic() + rng.uniform(0.2, 0.6)
+        while time.monotonic() < deadline:
+            polls += 1
+            missing += not (out / "manifest.json").exists()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        tags = {(out / n).read_text() for n in ("model.json", "real.csv", "manifest.json")}
+        assert len(tags) == 1, (trial, tags)
+    assert polls > 1000 and missing == 0, (polls, missing)

@@ -85,14 +85,16 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()[:16]
 
 
-def read_metadata(data_dir: Path, paths: list[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+def read_metadata(data_dir: Path, paths: list[str]) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
     """``metadata.csv`` of a data folder, aligned to the loaded images' ``paths``: ({numeric column: float64
-    (N,) with NaN where an image has no row or no value}, [ignored non-numeric columns]). NIfTI slices
-    ``FILE#zNNN`` take their volume's row. No file: ({}, []). DataError for a file without a ``path``
-    column or a row naming a file that is not in the folder."""
+    (N,) with NaN where an image has no row or no value}, [ignored non-numeric columns], [notes for the log:
+    reserved columns not carried, repeated identical rows]). NIfTI slices ``FILE#zNNN`` take their volume's
+    row. No file: ({}, [], []). DataError for a file without a ``path`` column, a row naming a path outside the
+    data folder (absolute, or through ``..``: refused by name before anything is looked up there), a row
+    naming a file that is not in the folder, or two rows of one image that disagree."""
     meta = data_dir / "metadata.csv"
     if not meta.is_file():
-        return {}, []
+        return {}, [], []
     try:
         with open(meta, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -102,16 +104,34 @@ def read_metadata(data_dir: Path, paths: list[str]) -> tuple[dict[str, np.ndarra
         raise DataError(f"{meta}: not a readable CSV file ({type(e).__name__}: {e})") from None
     if "path" not in header:
         raise DataError(f"{meta}: needs a 'path' column (the image's path relative to the data folder); "
-                        f"found {', '.join(header) or 'no header'}")
-    by_path = {}
+                        f"found {', '.join(header)[:200] or 'no header'}")
+    root = data_dir.resolve()
+    by_path, line_of, repeats = {}, {}, 0
     for k, r in enumerate(rows, start=2):
         p = (r.get("path") or "").strip()
+        shown = p if len(p) <= 80 else p[:77] + "..."
+        rel = Path(p.replace("\\", "/"))
+        if not p or rel.is_absolute() or ".." in rel.parts or root not in (root / rel).resolve().parents:
+            raise DataError(f"{meta} line {k}: {shown!r} is not a path inside --data {data_dir} (relative, no '..')")
         if not (data_dir / p).is_file():
-            raise DataError(f"{meta} line {k}: {p!r} is not a file in {data_dir}")
-        by_path[Path(p).as_posix()] = r
+            raise DataError(f"{meta} line {k}: {shown!r} is not a file in {data_dir}")
+        key = rel.as_posix()
+        if key in by_path:
+            if by_path[key] != r:
+                raise DataError(f"{meta} line {k}: {shown!r} already has a row (line {line_of[key]}) with other "
+                                "values; keep one row per image")
+            repeats += 1
+        by_path[key], line_of[key] = r, line_of.get(key, k)
+    notes = []
+    reserved = [c for c in header if c in RESERVED_COLUMNS and c != "path"]
+    if reserved:
+        notes.append(f"metadata.csv: column(s) {', '.join(reserved)} not carried: the bundle's real.csv has its own "
+                     "(path, score, label, x, y); rename them to keep them")
+    if repeats:
+        notes.append(f"metadata.csv: {repeats} repeated identical row(s) counted once")
     numeric, ignored = {}, []
     for col in header:
-        if col == "path" or col in RESERVED_COLUMNS:
+        if col in RESERVED_COLUMNS:
             continue
         vals = np.full(len(paths), np.nan)
         ok = True
@@ -131,7 +151,7 @@ def read_metadata(data_dir: Path, paths: list[str]) -> tuple[dict[str, np.ndarra
             numeric[col] = vals
         else:
             ignored.append(col)
-    return numeric, ignored
+    return numeric, ignored, notes
 
 
 def check_inputs(data_dir: Path, cfg: BuildConfig) -> None:
@@ -171,6 +191,11 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
     if work.resolve() == out.resolve() or out.resolve() in work.resolve().parents:
         raise DataError(f"--work {work}: lies inside --out {out}, which holds only the bundle; pass a --work "
                         "outside it (the default is OUT.work beside it)")
+    if out.resolve() == data_dir.resolve() or data_dir.resolve() in out.resolve().parents:
+        raise DataError(f"--out {out}: lies inside --data {data_dir}; pass an --out outside it")
+    if work.resolve() == data_dir.resolve() or data_dir.resolve() in work.resolve().parents:
+        raise DataError(f"--work {work}: lies inside --data {data_dir}; its model, scores and classifier would be "
+                        "written among your images: pass a --work outside it (the default is OUT.work beside --out)")
     _check_out(out, cfg)  # before hours of work, again once the data is read, and right before writing
     given = None
     if cfg.model is not None:  # size, channels and schedule come from the model; a clash fails before any work
@@ -197,7 +222,9 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
         raise DataError(f"--data {data_dir}: {len(data)} image(s) is too few for --classes {cfg.classes} "
                         f"(at least {MIN_PER_CLASS} per class, {MIN_PER_CLASS * cfg.classes} in all); "
                         "add images or lower --classes")
-    metadata, ignored = read_metadata(data_dir, data.paths)
+    metadata, ignored, notes = read_metadata(data_dir, data.paths)
+    for note in notes:
+        log(f"   {note}")
     if ignored:
         log(f"   metadata.csv: non-numeric column(s) not carried: {', '.join(ignored)}")
     if metadata:

@@ -84,13 +84,66 @@ def clean_stale_temps(folder: str | os.PathLike, min_age: float = STALE_SECONDS)
     return removed
 
 
+def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``): at every instant each name
+    holds one complete folder. False where the system or file system cannot (then nothing moved)."""
+    import ctypes
+    import errno
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False  # a C library without renameat2 (glibc < 2.28)
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _keep_extras(out: Path, tmp: Path) -> None:
+    """Hard-link (or copy) into ``tmp`` every entry of ``out`` that ``tmp`` does not hold, so a swap keeps them."""
+    import shutil
+
+    for f in out.iterdir():
+        dst = tmp / f.name
+        if os.path.lexists(dst):
+            continue
+        if f.is_dir() and not f.is_symlink():
+            shutil.copytree(f, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(f, dst)
+
+
+def _link_or_copy(src, dst) -> None:
+    import shutil
+
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def commit_folder(out: str | os.PathLike, write, last: str | None = None) -> Path:
     """Call ``write(tmp)`` on a temp folder beside ``out`` (beside its real path, so on its file system),
-    then make it ``out``: one rename when ``out`` does not exist; otherwise ``last`` is removed from ``out``
-    first, every new file is moved in with ``os.replace`` and ``last`` goes in at the end, so ``out`` never
-    holds a valid mix of old and new files (a bundle's manifest names every file's sha256). A failure inside
-    ``write`` removes the temp folder and leaves ``out`` as it was; files of ``out`` that the new folder
-    does not hold are kept. The folder gets the usual permissions (umask), not mkdtemp's 0700."""
+    then make it ``out``: one rename when ``out`` does not exist; otherwise the entries of ``out`` that the new
+    folder does not hold are linked into it and the two folders are swapped in one atomic step
+    (``exchange_paths``), so a kill at any instant leaves ``out`` the complete old folder or the complete new
+    one; the old one is then removed (a kill before that leaves it as a ``.OUT.XXXXXXXX`` temp folder, which
+    ``clean_stale_folders`` sweeps). Where the system cannot swap, ``last`` is removed from ``out`` first, every
+    new file is moved in with ``os.replace`` and ``last`` goes in at the end, so ``out`` never holds a valid mix
+    of old and new files (a bundle's manifest names every file's sha256), though a kill mid-way leaves no valid
+    bundle until the next run. A failure inside ``write`` removes the temp folder and leaves ``out`` as it was.
+    The folder gets the usual permissions (umask), not mkdtemp's 0700."""
     import shutil
 
     out = Path(os.path.realpath(out))
@@ -102,10 +155,15 @@ def commit_folder(out: str | os.PathLike, write, last: str | None = None) -> Pat
         if not out.exists():
             os.replace(tmp, out)
             return out
-        if last is not None:
+        written = sorted((f.name for f in tmp.iterdir()), key=lambda name: name == last)
+        if out.is_dir():
+            _keep_extras(out, tmp)
+            if exchange_paths(tmp, out):
+                return out  # tmp now holds the old folder: removed below
+        if last is not None:  # no swap here: file by file, ``last`` out first and in last
             (out / last).unlink(missing_ok=True)
-        for f in sorted(tmp.iterdir(), key=lambda f: f.name == last):
-            os.replace(f, out / f.name)
+        for name in written:
+            os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
