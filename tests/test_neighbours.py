@@ -45,6 +45,24 @@ def test_an_exact_copy_is_found_at_distance_zero_and_flagged():
     assert nb.near_copy.tolist() == [False] * 5 + [True] and nb.near_copy_rate == pytest.approx(1 / 6)
 
 
+def test_duplicate_real_images_do_not_switch_the_near_copy_rule_off():
+    """Issue 24.7: with 2 % of the real images duplicated, the leave-one-out 1st percentile over all rows is 0
+    (as the rule was), so a copy at distance 0 was not flagged. Counting each distinct image once keeps the
+    threshold at that of the distinct set, and the copy is flagged."""
+    rng = np.random.default_rng(3)
+    distinct = rng.normal(size=(500, 16))
+    real = np.concatenate([distinct, distinct[:10]])  # 10 of 510 rows are exact duplicates (2 %)
+    loo_all = np.sort(np.sqrt(((real[:, None] - real[None]) ** 2).sum(-1)) + np.eye(len(real)) * 1e9, axis=1)[:, 0]
+    assert np.percentile(loo_all, 1.0) == pytest.approx(0, abs=1e-6)  # the failure the issue reports
+    th = near_copy_threshold(real)
+    assert th == pytest.approx(near_copy_threshold(distinct)) and th > 0.5 * np.median(loo_all)
+    gen = np.concatenate([rng.normal(size=(4, 16)), real[[3, 200]]])  # a duplicated and a plain real row
+    nb = find_neighbours(real, gen, k=2)
+    assert nb.near_copy.tolist() == [False] * 4 + [True, True], (nb.distances[:, 0], th)
+    with pytest.raises(ValueError, match="2 distinct real images"):
+        near_copy_threshold(np.ones((5, 3)))
+
+
 @pytest.mark.parametrize("features", ["pixels", "resnet50-random"])
 def test_cli_finds_copies_and_shifted_copies(tmp_path, capsys, features):
     """A copy of a real image inside a generated set is found at distance 0 and flagged; a copy shifted by one

@@ -70,7 +70,12 @@ def test_clicked_exact_copy_is_at_distance_zero_and_flagged(studio):
     # slices: 0 of 200 found at rank 1, docs/RESULTS.md; shifted copies are tested on distinct images in
     # test_neighbours.py)
     _, text = v.on_select(studio, visit, "standard", 0)
-    assert "Standard sampler, image 1" in text and ("Not a near-copy" in text or "Near-copy" in text)
+    nb0 = studio.neighbours_of(gen.standard[:1])
+    d0 = nb0.distances[0, 0]
+    assert nb0.near_copy[0] == (d0 < nb0.threshold)  # the verdict is the rule applied to this image's distance
+    want = "**Near-copy** of real image" if nb0.near_copy[0] else "**Not a near-copy**"
+    assert "Standard sampler, image 1" in text and want in text and f"{d0:.3g}" in text, (want, text)
+    assert d0 > 1e-3 * nb0.threshold  # a sampled image is no exact copy of a real slice
     with pytest.raises(MinorityError, match="generate images first"):
         v.on_select(studio, None, "guided", 0)
     with pytest.raises(MinorityError, match="not in the last guided grid"):

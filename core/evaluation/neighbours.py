@@ -1,8 +1,10 @@
 """Nearest real neighbours of generated images and the near-copy rule (issue 18; the paper's Figure 24).
 
 A generated image is a **near-copy** when its distance to the nearest real image is below the 1st percentile
-of the real images' own nearest-neighbour distances (leave-one-out): closer to some real image than 99 % of
-real images are to their nearest other real image. Distances are computed in row blocks
+of the real images' own nearest-neighbour distances (leave-one-out over the *distinct* real rows): closer to
+some real image than 99 % of real images are to their nearest other real image. Exact duplicates among the
+real images are counted once (issue 24.7): users' folders often hold a few, and with 2 % of them the
+leave-one-out percentile fell to 0, so an exact copy of a real image (distance 0) was not flagged. Distances are computed in row blocks
 (``metrics.distance_chunks``), never as an N x M matrix.
 """
 from __future__ import annotations
@@ -50,8 +52,13 @@ def nearest(real: np.ndarray, generated: np.ndarray, k: int, chunk: int = CHUNK)
 
 
 def near_copy_threshold(real: np.ndarray, percentile: float = NEAR_COPY_PERCENTILE) -> float:
-    """The ``percentile``-th percentile of the real rows' leave-one-out nearest-neighbour distances."""
-    return float(np.percentile(knn_radii(real, 1), percentile))
+    """The ``percentile``-th percentile of the leave-one-out nearest-neighbour distances of the distinct real
+    rows (real (N, D) float; exact duplicate rows counted once); ValueError with fewer than 2 distinct rows."""
+    real = check_features(real, "near-copy real", min_n=2)
+    distinct = np.unique(real, axis=0)
+    if len(distinct) < 2:
+        raise ValueError("the near-copy threshold needs at least 2 distinct real images")
+    return float(np.percentile(knn_radii(distinct, 1), percentile))
 
 
 def find_neighbours(real: np.ndarray, generated: np.ndarray, k: int = 5, threshold: Optional[float] = None) -> Neighbours:
