@@ -17,7 +17,10 @@ from core.maths.score import ScoreSettings, make_distance, minority_scores
 from core.evaluation.severity import SeverityEstimator
 from core.nets.train import ClassifierTrainConfig, DiffusionTrainConfig, train_classifier, train_diffusion
 
-BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "mri-atrophy"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUNDLE = ASSETS / "mri-atrophy"
+# the README's targets for the shipped scores (issue 3: MRI >= 0.5; issue 17: faces, reported 0.75)
+SPEARMAN_FLOOR = {"mri-atrophy": 0.5, "faces": 0.7}
 
 
 @pytest.fixture(scope="module")
@@ -25,34 +28,91 @@ def bundle():
     return load_bundle(BUNDLE)
 
 
-def test_shipped_spearman_is_what_real_csv_says():
-    """The manifest's Spearman(score, severity) (README: 0.54) recomputed from the bundle's real.csv."""
-    manifest = json.loads((BUNDLE / "manifest.json").read_text())
-    with open(BUNDLE / "real.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    rho = spearmanr([float(r["score"]) for r in rows], [float(r["severity"]) for r in rows]).statistic
-    assert len(rows) == 6000
-    assert rho == pytest.approx(manifest["score"]["spearman_vs_severity"], abs=2e-3)
-    assert rho >= 0.5  # the issue-3 target the README reports as met
+@pytest.fixture(scope="module", params=["mri-atrophy", "faces"])
+def any_bundle(request):
+    return load_bundle(ASSETS / request.param)
 
 
-def test_guidance_at_the_rarest_class_raises_score_and_severity(bundle):
-    """Same seed, l = L-1: guided images have a higher mean minority score (the captions' measure) and a higher
-    estimated atrophy than the standard sampler's."""
+def test_stored_scores_are_what_the_code_computes(any_bundle):
+    """Issue 24.4: the bundle's real scores (behind the README's Spearman 0.54 / 0.75 and every class) are
+    recomputed *with the code*: 16 real images rescored at their original dataset indices with the manifest's
+    distance, t, draws and seed equal the stored float32 scores to 1e-6 and real.csv's 6-digit ones."""
+    b = any_bundle
+    s = b.manifest["score"]
+    settings = ScoreSettings(distance=s["distance"], t=int(s["t"]), draws=int(s["draws"]), seed=int(s["seed"]),
+                             clip=bool(s.get("clip", True)))
+    rows = np.sort(np.random.default_rng(24).choice(len(b.real.score), 16, replace=False))
+    x = torch.from_numpy(b.real.images[rows]).permute(0, 3, 1, 2).contiguous()
+    got = minority_scores(b.model, x, torch.from_numpy(rows), settings, make_distance(settings.distance, seed=settings.seed,
+                                                                                        model=b.model))
+    np.testing.assert_allclose(got, b.real.score[rows], rtol=0, atol=1e-6)
+    with open(b.root / "real.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    np.testing.assert_allclose(got, [float(table[i]["score"]) for i in rows], rtol=2e-5)
+
+
+def test_the_spearman_claim_is_the_stored_scores_against_the_truth(any_bundle):
+    """Spearman(score, truth) over every real row, from the arrays the previous test ties to the code, is the
+    manifest's recorded value and clears the README's target."""
+    b = any_bundle
+    rho = spearmanr(b.real.score, b.real.truth).statistic
+    recorded = b.manifest["score"].get("spearman_vs_truth", b.manifest["score"].get("spearman_vs_severity"))
+    assert rho == pytest.approx(recorded, abs=2e-3)
+    assert rho >= SPEARMAN_FLOOR[b.manifest["name"]], rho
+
+
+def test_classes_are_the_quantile_bins_of_the_stored_scores(any_bundle):
+    """The manifest's L thresholds and every real image's class, recomputed from the scores by the code's
+    quantile binning (fit_labels), equal the stored ones: a binning shifted by one class fails here."""
+    from core.maths.categorize import fit_labels
+
+    b = any_bundle
+    thresholds, labels = fit_labels(b.real.score.astype(np.float64), b.num_classes)
+    np.testing.assert_allclose(thresholds, b.manifest["thresholds"], rtol=1e-6)
+    assert np.array_equal(labels, b.real.label)
+    assert np.bincount(labels, minlength=b.num_classes).min() >= len(labels) // b.num_classes - 1  # quantile bins
+
+
+def test_the_classifier_reads_the_timestep(bundle):
+    """The noise-conditioned classifier's answer depends on t: the same x_t read at t = 100 and t = 900 gives
+    class distributions apart (total variation > 0.1; 0.22 measured, exactly 0 for a classifier blind to t), and at the right t its expected class tracks the
+    true class of lightly noised real slices (Spearman > 0.5; the manifest records 0.50 held out over all t)."""
+    rows = np.random.default_rng(7).choice(len(bundle.real.score), 64, replace=False)
+    x0 = torch.from_numpy(bundle.real.images[rows]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    g = torch.Generator().manual_seed(0)
+    t = torch.full((64,), 100, dtype=torch.long)
+    x_t = bundle.model.schedule.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+    net = bundle.classifier.net
+    with torch.no_grad():
+        p_right = torch.softmax(net(x_t, t), -1)
+        p_wrong = torch.softmax(net(x_t, torch.full_like(t, 900)), -1)
+    tv = 0.5 * (p_right - p_wrong).abs().sum(-1).mean().item()
+    assert tv > 0.1, tv
+    expected = (p_right * torch.arange(p_right.shape[1])).sum(-1).numpy()
+    assert spearmanr(expected, bundle.real.label[rows]).statistic > 0.5
+
+
+# Issue 24.4: the MRI effect, measured with the code at a fraction of the documented cost. RESULTS (256 samples,
+# 50 DDIM steps): at l = L-1, w = 2.5, 96.9 % of samples lie above the real 90th severity percentile (standard
+# 5.9 %) and the mean estimated severity rises by 0.83. Here 24 samples, 10 DDIM steps, same seeds for both
+# rows; the guard asks for 80 % of the claimed share and 60 % of the claimed gain. Measured when written:
+# share 0.97 (w = 2.5), 0.38 at w = 0.5 (the scale x 0.2), standard 0.09; gain 1.2.
+CLAIM_SHARE, CLAIM_GAIN = 0.969, 0.83
+
+
+def test_guidance_at_the_rarest_class_reaches_most_of_the_claimed_effect(bundle):
     L = bundle.num_classes
+    est = SeverityEstimator().fit(bundle.real.images, bundle.real.truth)
+    p90 = np.percentile(est(bundle.real.images), 90)
     runs = {}
     for name, guidance in (("standard", None), ("guided", combine(ClassifierGuidance(bundle.classifier.net, L - 1, 2.5)))):
-        x = sample(bundle.model, 12, steps=12, sampler="ddim", guidance=guidance, generator=torch.Generator().manual_seed(5))
-        runs[name] = to_uint8(x)
-    m = bundle.manifest["score"]
-    settings = ScoreSettings(distance=m["distance"], t=int(m["t"]), draws=2, seed=int(m["seed"]))
-    distance = make_distance(settings.distance, seed=settings.seed, model=bundle.model)
-    est = SeverityEstimator().fit(bundle.real.images, bundle.real.truth)
-    score = {k: minority_scores(bundle.model, torch.from_numpy(v).permute(0, 3, 1, 2).contiguous(), torch.arange(len(v)),
-                                settings, distance).mean() for k, v in runs.items()}
-    severity = {k: est(v).mean() for k, v in runs.items()}
-    assert score["guided"] > score["standard"], score
-    assert severity["guided"] > severity["standard"] + 0.1, severity
+        x = sample(bundle.model, 24, steps=10, sampler="ddim", guidance=guidance, generator=torch.Generator().manual_seed(5))
+        runs[name] = est(to_uint8(x))
+    share = {k: float((v > p90).mean()) for k, v in runs.items()}
+    gain = float(runs["guided"].mean() - runs["standard"].mean())
+    assert share["standard"] <= 0.25, share  # the standard sampler stays near the real 10 %
+    assert share["guided"] >= 0.8 * CLAIM_SHARE, share
+    assert gain >= 0.6 * CLAIM_GAIN, gain
 
 
 def test_severity_estimator_is_accurate_on_held_out_phantom_slices(tmp_path):
