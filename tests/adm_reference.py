@@ -1,6 +1,9 @@
 """A plain-functional ADM forward written from ../shared/ADM.md's description, for the importer's equivalence
 tests only. It reads the ADM state dict directly (no conversion), so it checks convert_unet and the
-diffusers structure independently. Kept small: fp32, no dropout, no fp16."""
+diffusers structure independently. Kept small: no dropout, no fp16. It runs in the dtype of its inputs and
+weights (the tests use float64, so that an error of 1e-6 in a normalisation stands out); GroupNorm and the
+softmax run in at least fp32 as in ADM, and the sinusoidal timestep embedding is computed in fp32 as ADM
+does ("t is cast to float") and then cast to the weights' dtype."""
 from __future__ import annotations
 
 import math
@@ -9,8 +12,14 @@ import torch
 import torch.nn.functional as F
 
 
+def _wide(dtype):
+    """ADM's fp32 upcast, without narrowing float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _gn(x, s, key):
-    return F.group_norm(x.float(), 32, s[f"{key}.weight"], s[f"{key}.bias"], eps=1e-5).to(x.dtype)
+    w = _wide(x.dtype)
+    return F.group_norm(x.to(w), 32, s[f"{key}.weight"].to(w), s[f"{key}.bias"].to(w), eps=1e-5).to(x.dtype)
 
 
 def _conv(x, s, key, stride=1):
@@ -46,7 +55,7 @@ def _attend(qkv, heads, legacy):
     else:
         q, k, v = (z.reshape(b * heads, d, length) for z in qkv.chunk(3, dim=1))
     scale = 1 / math.sqrt(math.sqrt(d))
-    w = torch.einsum("bct,bcs->bts", q * scale, k * scale).float().softmax(-1).to(qkv.dtype)
+    w = torch.einsum("bct,bcs->bts", q * scale, k * scale).to(_wide(qkv.dtype)).softmax(-1).to(qkv.dtype)
     return torch.einsum("bts,bcs->bct", w, v).reshape(b, -1, length)
 
 
@@ -59,12 +68,12 @@ def _attention(x, s, key, heads, legacy):
 
 
 def _trunk(p, s, x, t, y=None):
-    """Time embedding, input blocks and middle block: (h, emb, skips)."""
+    """Time embedding, input blocks and middle block: (h, emb, skips, ds)."""
     mc = p.model_channels
     half = mc // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
     a = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(a), torch.sin(a)], dim=1)
+    emb = torch.cat([torch.cos(a), torch.sin(a)], dim=1).to(s["time_embed.0.weight"].dtype)
     emb = F.linear(F.silu(F.linear(emb, s["time_embed.0.weight"], s["time_embed.0.bias"])),
                    s["time_embed.2.weight"], s["time_embed.2.bias"])
     if y is not None:
@@ -114,16 +123,3 @@ def unet_forward(p, s, x, t, y=None):
             j += 1
     return F.conv2d(F.silu(_gn(h, s, "out.0")), s["out.2.weight"], s["out.2.bias"], padding=1)
 
-
-def encoder_forward(p, s, x, t, features_only=False):
-    """ADM EncoderUNetModel with attention pooling: x (B, C, H, W), t (B,) -> logits (B, K), or the middle
-    block's output with ``features_only``."""
-    h, _, _, _ = _trunk(p, s, x, t)
-    if features_only:
-        return h
-    h = F.silu(_gn(h, s, "out.0"))
-    b, c = h.shape[:2]
-    z = h.reshape(b, c, -1)
-    z = torch.cat([z.mean(dim=-1, keepdim=True), z], dim=-1) + s["out.2.positional_embedding"][None]
-    qkv = F.conv1d(z, s["out.2.qkv_proj.weight"], s["out.2.qkv_proj.bias"])
-    return F.conv1d(_attend(qkv, c // 64, legacy=False), s["out.2.c_proj.weight"], s["out.2.c_proj.bias"])[:, :, 0]

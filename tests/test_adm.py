@@ -1,9 +1,16 @@
-"""Issue 19 (first part): ADM presets, their exact state-dict layouts and the weights-only reader.
+"""Issues 19 and 24: ADM presets, their exact state-dict layouts, the weights-only reader, and the equivalence of
+the imported networks with reference forwards written from ../shared/ADM.md.
 
-Golden figures: every preset's parameter count equals ADM.md's table (computed from the preset alone, no
-network built), the minority head has 71 tensors, and ADM.md's example shapes hold."""
+Golden figures: every preset's exact parameter count, counted here from ADM.md's architecture description
+(adm_md_count, which uses neither core.nets.adm.layout nor a number stored in a preset), equals layout()'s total
+and the parameters of the network built for it; ADM.md's rounded counts, file sizes and the minority head's 71
+tensors hold, and so do its example shapes. The equivalence tests run in float64 with tolerances that a GroupNorm
+eps of 1e-6 instead of 1e-5 exceeds by more than three orders of magnitude (measured figures beside F64_TOL and
+CLF_F64_TOL)."""
+import copy
 import json
 import pickle
+from math import prod
 
 import numpy as np
 import pytest
@@ -13,13 +20,132 @@ from core.errors import CheckpointError
 from core.nets.adm import PRESETS, check_layout, count_parameters, describe, layout, preset, read_checkpoint, tiny
 
 
+def adm_md_count(p):
+    """(parameters, tensors) of preset ``p`` counted from ../shared/ADM.md's architecture description alone,
+    without core.nets.adm.layout nor any number stored in the preset: every module contributes its weight and
+    bias (GroupNorm: 2c; a k x k convolution ci -> co: ci co k^2 + co; a linear i -> o: i o + o)."""
+    mc, emb = p.model_channels, 4 * p.model_channels
+    total = [0, 0]
+
+    def add(*numels):
+        total[0] += sum(numels)
+        total[1] += len(numels)
+
+    def gn(c):
+        add(c, c)
+
+    def conv(ci, co, k):  # Conv2d k x k, or Conv1d (k = 1: the attention's qkv / proj_out, the pool's projections)
+        add(ci * co * k * k, co)
+
+    def res(ci, co):  # in_layers GN + conv3, emb_layers linear (2co with scale-shift), out_layers GN + conv3, skip
+        gn(ci)
+        conv(ci, co, 3)
+        conv(emb, 2 * co if p.use_scale_shift_norm else co, 1)
+        gn(co)
+        conv(co, co, 3)
+        if ci != co:
+            conv(ci, co, 1)
+
+    def attention(c):  # norm, qkv (3c, c, 1), proj_out (c, c, 1)
+        gn(c)
+        conv(c, 3 * c, 1)
+        conv(c, c, 1)
+
+    widths = [int(m * mc) for m in p.channel_mult]
+    attention_ds = {p.image_size // r for r in p.attention_resolutions}
+    attended = [2 ** level in attention_ds for level in range(len(widths))]  # level l has ds = 2^l
+    conv(mc, emb, 1)  # time_embed.0
+    conv(emb, emb, 1)  # time_embed.2
+    if p.kind == "diffusion" and p.num_classes:
+        add(p.num_classes * emb)  # label_emb (no bias)
+    conv(p.in_channels, widths[0], 3)
+    skips = [widths[0]]
+    c = widths[0]
+    for level, w in enumerate(widths):
+        for _ in range(p.num_res_blocks):
+            res(c, w)
+            c = w
+            if attended[level]:
+                attention(c)
+            skips.append(c)
+        if level < len(widths) - 1:  # the downsampler: a resblock, or a stride-2 conv3
+            if p.resblock_updown:
+                res(c, c)
+            else:
+                conv(c, c, 3)
+            skips.append(c)
+    res(c, c)  # the middle block
+    attention(c)
+    res(c, c)
+    if p.kind == "classifier":  # GN, SiLU, AttentionPool2d
+        gn(c)
+        side = p.image_size // 2 ** (len(widths) - 1)
+        add(c * (side * side + 1))  # positional embedding
+        conv(c, 3 * c, 1)  # qkv_proj
+        conv(c, p.out_channels, 1)  # c_proj
+        return tuple(total)
+    for level in reversed(range(len(widths))):
+        for i in range(p.num_res_blocks + 1):
+            res(c + skips.pop(), widths[level])
+            c = widths[level]
+            if attended[level]:
+                attention(c)
+            if level and i == p.num_res_blocks:  # the upsampler: a resblock, or nearest x2 then a conv3
+                if p.resblock_updown:
+                    res(c, c)
+                else:
+                    conv(c, c, 3)
+    assert not skips
+    gn(c)
+    conv(c, p.out_channels, 3)
+    return tuple(total)
+
+
+# ../shared/ADM.md's tables: parameters in millions (diffusion: 1 decimal; the minority head: 2 decimals)
+ADM_MD_MILLIONS = {
+    "gd-64-cond": 295.9, "gd-128-cond": 421.5, "gd-256-cond": 553.8, "gd-256-uncond": 552.8, "gd-512-cond": 559.0,
+    "gd-lsun-bedroom": 552.8, "gd-lsun-cat": 552.8, "gd-lsun-horse": 552.8, "id-cifar10": 52.5,
+    "id-imagenet64-uncond": 121.1, "id-imagenet64-cond": 273.0, "id-lsun": 113.7, "gd-64-classifier": 65.4,
+    "gd-128-classifier": 42.6, "gd-256-classifier": 54.1, "gd-512-classifier": 54.5, "mc-lsun-head": 2.90}
+# ADM.md's file sizes (fp32, 4 bytes a parameter, decimal units), where it gives one
+ADM_MD_BYTES = {"gd-64-cond": (1.18e9, 0.005e9), "gd-256-cond": (2.2e9, 0.05e9), "gd-256-uncond": (2.21e9, 0.005e9),
+                "gd-64-classifier": (262e6, 0.5e6), "gd-256-classifier": (216e6, 0.5e6),
+                "mc-lsun-head": (11.6e6, 0.05e6)}
+
+
+def test_every_preset_is_in_adm_md_tables():
+    assert set(ADM_MD_MILLIONS) == set(PRESETS)
+
+
 @pytest.mark.parametrize("name", list(PRESETS))
-def test_parameter_counts_equal_the_published_figures(name):
+def test_parameter_counts_are_exact(name):
+    """The exact integer count from ADM.md's architecture equals layout()'s total and the parameters of the network
+    built for the preset (on the meta device: no memory, full size); for diffusion presets, convert_unet gives
+    every tensor of the diffusers model its exact shape. ADM.md's rounded figures and file sizes hold too."""
+    from core.nets.adm import build_unet2d, convert_unet
+    from core.nets.adm_encoder import AdmEncoder
+
     p = PRESETS[name]
-    # within the table's rounding; ADM.md's 54.5M for the 512 classifier is our 54,448,360 rounded twice
-    # (54.448 -> 54.45 -> 54.5), so that one row gets 0.06
-    tol = 0.06 if name == "gd-512-classifier" else 0.05
-    assert count_parameters(p) / 1e6 == pytest.approx(p.published_params, abs=tol), name
+    n, tensors = adm_md_count(p)
+    assert count_parameters(p) == n and len(layout(p)) == tensors
+    with torch.device("meta"):
+        net = build_unet2d(p) if p.kind == "diffusion" else AdmEncoder(p)
+    built = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    assert sum(prod(s) for s in built.values()) == n
+    if p.kind == "diffusion":
+        converted = convert_unet({k: torch.empty(s, device="meta") for k, s in layout(p).items()}, p)
+        assert {k: tuple(v.shape) for k, v in converted.items()} == built
+    else:
+        assert built == layout(p) and len(built) == tensors  # ADM's own names, one module per tensor
+    # ADM.md's 54.5M for the 512 classifier is 54,448,360 rounded twice (54.448 -> 54.45 -> 54.5): 0.06 there
+    tol = 0.005 if name == "mc-lsun-head" else 0.06 if name == "gd-512-classifier" else 0.05
+    assert abs(n / 1e6 - ADM_MD_MILLIONS[name]) <= tol, n
+    assert p.published_params == ADM_MD_MILLIONS[name]  # the preset's own record agrees with the table
+    if name in ADM_MD_BYTES:
+        size, rounding = ADM_MD_BYTES[name]
+        assert abs(4 * n - size) <= rounding, 4 * n
+    if name == "mc-lsun-head":
+        assert tensors == 71  # ADM.md: 71 tensors
     assert describe(p).startswith(name)
 
 
@@ -139,8 +265,18 @@ VARIANTS = {  # small widths, the structure of each family
 }
 
 
+# float64 tolerance of the equivalence tests. Measured on these variants: the correct code differs from the
+# reference by at most 9.3e-15 (outputs up to 3.9 in size); with GroupNorm eps 1e-6 instead of ADM's 1e-5 in
+# unet_config the difference is 2.9e-5 to 7.0e-5 (in float32 the same mutation gives 2.9e-5 to 7.0e-5 against a
+# float32 noise floor of 1.8e-6 to 4.3e-6, so the old float32 tolerance 1e-4 passed it). 1e-9 sits five orders
+# of magnitude above the first and four below the second.
+F64_TOL = 1e-9
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_converted_unet_equals_the_reference_forward(variant):
+    """The converted diffusers UNet2DModel and the reference ADM forward (tests/adm_reference.py), in float64 to
+    F64_TOL, and in float32 (how it samples) to 1e-4."""
     from adm_reference import unet_forward
 
     from core.nets.adm import build_unet2d, convert_unet
@@ -155,10 +291,14 @@ def test_converted_unet_equals_the_reference_forward(variant):
     t = torch.tensor([3, 870])
     y = torch.tensor([1, p.num_classes - 1]) if p.num_classes else None
     with torch.no_grad():
-        want = unet_forward(p, state, x, t, y)
-        got = net(x, t, class_labels=y).sample
+        want32 = unet_forward(p, state, x, t, y)
+        got32 = net(x, t, class_labels=y).sample
+        want = unet_forward(p, {k: v.double() for k, v in state.items()}, x.double(), t, y)
+        got = net.double()(x.double(), t, class_labels=y).sample
+    assert got.dtype == want.dtype == torch.float64
     assert got.shape == (2, p.out_channels, p.image_size, p.image_size)
-    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+    assert (got - want).abs().max() < F64_TOL, (got - want).abs().max()
+    assert torch.allclose(got32, want32, atol=1e-4, rtol=1e-4), (got32 - want32).abs().max()
     assert want.abs().mean() > 1e-2  # not a trivially zero network
 
 
@@ -260,6 +400,66 @@ def test_import_adm_command_refuses_bad_inputs_and_writes_nothing(tmp_path, caps
     assert "mc-lsun-head" in capsys.readouterr().out
 
 
+def test_importer_messages_say_what_the_file_is_and_which_option_named_it(tmp_path, capsys):
+    """One error line (exit 2) for each bad file: random bytes are 'not a PyTorch checkpoint (neither a zip
+    archive nor a pickle)', not a pickle refused by the weights-only loader; a pickle that would run code is
+    refused with the loader's reason; and the message names the option the file came from (--checkpoint or
+    --minority-head)."""
+    import warnings
+
+    from core.cli import main
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as fh:
+        pickle.dump({"x": Evil()}, fh)
+    evil2 = tmp_path / "evil2.pt"
+    torch.save({"w": torch.zeros(2), "x": Evil()}, evil2)  # torch.save's own zip format, with a non-tensor object
+    noise = tmp_path / "random.pt"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    trunk = tmp_path / "trunk.pt"
+    torch.save(_state(SMALL_CLF, 3), trunk)  # readable; the head is read before any layout is checked
+
+    def run(*args):
+        capsys.readouterr()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a warning would be a second line on the terminal
+            code = main(list(args))
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, (code, lines)
+        return lines[0]
+
+    not_pt = "not a PyTorch checkpoint (neither a zip archive nor a pickle"
+    out = str(tmp_path / "out")
+    line = run("import-adm", "--checkpoint", str(noise), "--preset", "id-cifar10", "--out", out)
+    assert line.startswith(f"error: --checkpoint {noise}: {not_pt}") and "weights-only" not in line, line
+    assert f"--checkpoint {empty}: an empty file" in run("import-adm", "--checkpoint", str(empty), "--preset",
+                                                         "id-cifar10", "--out", out)
+    for f in (evil, evil2):
+        line = run("import-adm", "--checkpoint", str(f), "--preset", "id-cifar10", "--out", out)
+        assert line.startswith(f"error: --checkpoint {f}: refused by the weights-only loader (a pickle"), line
+        assert "Unsupported" in line and "weights_only` set to `False`" not in line, line
+    clf = ["import-adm-classifier", "--preset", "gd-256-classifier", "--out", out]
+    line = run(*clf, "--checkpoint", str(trunk), "--minority-head", str(evil))
+    assert line.startswith(f"error: --minority-head {evil}: refused by the weights-only loader"), line
+    line = run(*clf, "--checkpoint", str(trunk), "--minority-head", str(noise))
+    assert line.startswith(f"error: --minority-head {noise}: {not_pt}"), line
+    line = run(*clf, "--checkpoint", str(evil2), "--minority-head", str(trunk))
+    assert line.startswith(f"error: --checkpoint {evil2}: refused by the weights-only loader"), line
+    line = run(*clf, "--checkpoint", str(trunk), "--minority-head", str(trunk))  # a readable file of the wrong layout
+    assert line.startswith(f"error: --checkpoint {trunk}: not a gd-256-classifier checkpoint"), line
+    line = run(*clf, "--checkpoint", str(trunk), "--minority-head", str(tmp_path / "missing.pt"))
+    assert line == f"error: --minority-head {tmp_path / 'missing.pt'}: no such file", line
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
 SMALL_CLF = tiny(PRESETS["gd-256-classifier"], image_size=32, channel_mult=(1, 2, 2), attention_resolutions=(16, 8),
                  model_channels=64, out_channels=7)
 SMALL_HEAD = tiny(PRESETS["mc-lsun-head"], image_size=8, in_channels=128, model_channels=64, out_channels=5)
@@ -276,8 +476,22 @@ def _state(p, seed):
     return s
 
 
+def _double(state):
+    return {k: v.double() for k, v in state.items()}
+
+
+# float64 tolerance of the classifier equivalence test. Measured: the correct code differs from
+# tests/adm_classifier_reference.py by at most 1.8e-15 (logits), 1.1e-14 (trunk features, up to 14 in size),
+# 4.4e-16 (head and cascade logits). Mutations of core/nets/adm_encoder.py, largest / smallest of the four differences: GroupNorm eps 1e-6
+# 2.3e-4 (features) / 1.5e-6 (head logits); eps 1.1e-5 2.6e-5 / 1.6e-7; attention scale x 1.0001 1.5e-4 / 1.7e-5.
+# In float32 (noise: logits up to 7e-7, features up to 7e-6) the 1e-4 checks below let eps 1.1e-5 through.
+CLF_F64_TOL = 1e-9
+
+
 def test_encoder_classifier_and_minority_cascade_equal_the_reference():
-    from adm_reference import encoder_forward
+    """AdmEncoder and MinorityCascade against tests/adm_classifier_reference.py (written from ADM.md, sharing no
+    code with core/nets/adm_encoder.py): in float64 to CLF_F64_TOL, and in float32 to 1e-4."""
+    from adm_classifier_reference import cascade_logits, classifier_logits, trunk_features
 
     from core.nets.adm_encoder import AdmEncoder, MinorityCascade
 
@@ -289,11 +503,24 @@ def test_encoder_classifier_and_minority_cascade_equal_the_reference():
     g = torch.Generator().manual_seed(5)
     x, t = torch.randn(2, 3, 32, 32, generator=g), torch.tensor([10, 700])
     with torch.no_grad():
-        assert torch.allclose(trunk(x, t), encoder_forward(SMALL_CLF, st, x, t), atol=1e-4)
-        feats = encoder_forward(SMALL_CLF, st, x, t, features_only=True)
-        assert feats.shape == (2, 128, 8, 8) and torch.allclose(trunk.features(x, t), feats, atol=1e-4)
-        want = encoder_forward(SMALL_HEAD, sh, feats, t)
-        assert torch.allclose(MinorityCascade(trunk, head)(x, t), want, atol=1e-4)
+        trunk64, head64 = copy.deepcopy(trunk).double(), copy.deepcopy(head).double()
+        x64, st64, sh64 = x.double(), _double(st), _double(sh)
+        feats64 = trunk_features(SMALL_CLF, st64, x64, t)
+        errors = {
+            "logits": trunk64(x64, t) - classifier_logits(SMALL_CLF, st64, x64, t),
+            "features": trunk64.features(x64, t) - trunk_features(SMALL_CLF, st64, x64, t),
+            "head logits": head64(feats64, t) - classifier_logits(SMALL_HEAD, sh64, feats64, t),
+            "cascade logits": MinorityCascade(trunk64, head64)(x64, t) - cascade_logits(SMALL_CLF, st64, SMALL_HEAD,
+                                                                                          sh64, x64, t)}
+        assert all(e.dtype == torch.float64 for e in errors.values())
+        worst = {k: float(e.abs().max()) for k, e in errors.items()}
+        assert max(worst.values()) < CLF_F64_TOL, worst
+        assert float(classifier_logits(SMALL_HEAD, sh64, feats64, t).std()) > 0.1  # not a constant head
+        assert torch.allclose(trunk(x, t), classifier_logits(SMALL_CLF, st, x, t), atol=1e-4)  # float32, as it runs
+        feats = trunk_features(SMALL_CLF, st, x, t)
+        assert feats.shape == (2, 128, 8, 8) and torch.allclose(trunk.features(x, t), feats, atol=1e-4, rtol=1e-5)
+        assert torch.allclose(MinorityCascade(trunk, head)(x, t), cascade_logits(SMALL_CLF, st, SMALL_HEAD, sh, x, t),
+                              atol=1e-4)
     # the classifier feature space (evaluate / neighbours --features classifier) reads the head's attention pool
     from core.evaluation.metrics import extract_features, make_extractor
     from core.nets.models import LoadedClassifier
@@ -317,8 +544,10 @@ def test_encoder_classifier_and_minority_cascade_equal_the_reference():
 
 
 def test_minority_classifier_imports_and_guides_the_sampler(tmp_path, monkeypatch):
+    from adm_classifier_reference import cascade_logits
+
     from core.maths.guidance import ClassifierGuidance, combine
-    from core.maths.sampling import sample
+    from core.maths.sampling import sample_ddim
     from core.nets import adm
     from core.nets.adm_encoder import import_classifier
     from core.nets.models import DiffusionModel, load_classifier
@@ -338,9 +567,28 @@ def test_minority_classifier_imports_and_guides_the_sampler(tmp_path, monkeypatc
     net = adm.build_unet2d(p).eval()
     model = DiffusionModel(net, adm.adm_schedule(p), 32, 3, variance_type="learned_range")
     g = combine(ClassifierGuidance(clf.net, 4, 3.0))
-    a = sample(model, 2, steps=3, sampler="ddim", guidance=g, generator=torch.Generator().manual_seed(0))
-    b = sample(model, 2, steps=3, sampler="ddim", guidance=None, generator=torch.Generator().manual_seed(0))
-    assert a.shape == (2, 3, 32, 32) and not torch.equal(a, b)  # the imported cascade steers the sampler
+    # the imported cascade steers the sampler by exactly ADM's term: at the first DDIM step (original t = 999) the
+    # guided x0_hat is the unguided one plus (1 - abar) / sqrt(abar) * w * grad_x log p(4 | x_T, 999), the gradient
+    # taken here in float64 through the reference cascade (tests/adm_classifier_reference.py) on the saved weights
+    ts = model.schedule.timesteps(3)
+    x_T = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    first = {}
+    for name, guidance in (("guided", g), ("plain", None)):
+        seen = []
+        first[name] = (sample_ddim(model, x_T, ts, guidance=guidance, callback=seen.append), seen[0])
+    t0 = int(ts[-1])
+    assert t0 == 999 and first["guided"][0].shape == (2, 3, 32, 32)
+    x = x_T.double().requires_grad_(True)
+    logits = cascade_logits(SMALL_CLF, _double(torch.load(tmp_path / "clf.pt")), SMALL_HEAD,
+                            _double(torch.load(tmp_path / "head.pt")), x, torch.full((2,), t0))
+    (grad,) = torch.autograd.grad(torch.log_softmax(logits, dim=-1)[:, 4].sum(), x)
+    abar = float(model.schedule.abar[t0])
+    want = (1 - abar) / abar ** 0.5 * 3.0 * grad
+    got = first["guided"][1].x0_hat.double() - first["plain"][1].x0_hat.double()
+    assert float(want.abs().max()) > 0.5  # a shift of a quarter of the data range or more (measured 0.79)
+    # measured: 1.3e-6 for a largest shift of 0.79 (float32 sampling against the float64 reference)
+    assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max()), float((got - want).abs().max())
+    assert not torch.equal(first["guided"][0], first["plain"][0])
     from core.cli import main
     from core.nets.models import save_model_run
 
@@ -350,10 +598,15 @@ def test_minority_classifier_imports_and_guides_the_sampler(tmp_path, monkeypatc
     assert np.load(tmp_path / "s.npz")["images"].shape == (2, 32, 32, 3)
 
 
-def test_classifier_import_refusals(tmp_path):
+def test_classifier_import_refusals(tmp_path, monkeypatch):
+    import core.nets.adm_encoder as enc
     from core.nets.adm_encoder import import_classifier
 
     torch.save(_state(SMALL_CLF, 3), tmp_path / "clf.pt")
+    with monkeypatch.context() as m:  # the small head stands in for mc-lsun-head; the trunk file is given as the head
+        m.setattr(enc, "preset", lambda name: dict(PRESETS, **{"mc-lsun-head": SMALL_HEAD})[name])
+        with pytest.raises(CheckpointError, match=r"^--minority-head \S*clf.pt: not a mc-lsun-head checkpoint"):
+            import_classifier(tmp_path / "clf.pt", SMALL_CLF, tmp_path / "o", minority_head=str(tmp_path / "clf.pt"))
     with pytest.raises(ValueError, match="is a diffusion: use import-adm"):
         import_classifier(tmp_path / "clf.pt", PRESETS["gd-256-uncond"], tmp_path / "o")
     with pytest.raises(ValueError, match="minority head without its trunk"):

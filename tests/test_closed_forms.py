@@ -134,3 +134,22 @@ def test_negative_scale_is_rejected():
     mix, clf = _three_way()
     with pytest.raises(ValueError, match="scale must be >= 0"):
         combine(ClassifierGuidance(clf, 1, -1.0))
+
+
+def test_learned_range_interpolation_is_not_clamped():
+    """ADM's learned range takes frac = (v + 1) / 2 as it comes (no clamp to [0, 1]): v = 1.5 extrapolates to
+    log sigma^2 = 1.25 log beta - 0.25 log beta~ (clipped), written here from the respaced tables directly."""
+    import math
+
+    from core.maths.sampling import ddpm_variance
+    from core.maths.schedule import respace
+
+    sch = make_schedule("linear", 1000)
+    rs = respace(sch, sch.timesteps(10))
+    for k, v in ((4, 1.5), (7, -1.8)):
+        frac = (v + 1) / 2
+        want = math.exp(frac * math.log(float(rs.betas[k])) + (1 - frac) * float(rs.posterior_log_variance_clipped[k]))
+        got = ddpm_variance("learned_range", rs, k, torch.full((1, 1, 2, 2), v))
+        assert float(got.mean()) == pytest.approx(want, rel=1e-5)
+        assert not (min(float(rs.betas[k]), float(rs.posterior_variance[k])) <= want
+                    <= max(float(rs.betas[k]), float(rs.posterior_variance[k])))  # outside the clamped range

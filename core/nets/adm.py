@@ -215,30 +215,78 @@ def tiny(p: AdmPreset, **changes) -> AdmPreset:
 
 
 # ---- reading a checkpoint -----------------------------------------------------------------------
-def read_checkpoint(path: str | os.PathLike) -> dict:
+_SNIFF_BYTES = 64 * 1024
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    """Whether ``head`` (a file's first bytes) starts a pickle of protocol 2-5, as torch.save's legacy format
+    and pickle.dump write: a PROTO opcode, then opcodes that pickletools can parse (it reads them, it never
+    runs them) up to STOP or to the end of the bytes read."""
+    import io
+    import pickletools
+
+    if len(head) < 2 or head[0] != 0x80 or not 2 <= head[1] <= 5:
+        return False
+    stream = io.BytesIO(head)
+    try:
+        for op, _, _ in pickletools.genops(stream):
+            if op.name == "STOP":
+                return True
+    except ValueError:  # an unknown opcode, or the bytes read end inside an argument
+        return stream.tell() >= len(head)
+    return True
+
+
+def _refusal_detail(e: Exception) -> str:
+    """The loader's own reason (e.g. 'Unsupported global: GLOBAL io.open was not an allowed global by default'),
+    without its advice to re-run with weights_only=False or to allow-list the global."""
+    import re
+
+    text = str(e)
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n|$)", text)
+    detail = m.group(1) if m else (text.strip().splitlines() or [type(e).__name__])[0]
+    return detail.split(". Please")[0].strip()[:160]
+
+
+def read_checkpoint(path: str | os.PathLike, flag: str = "--checkpoint") -> dict:
     """The tensors of a ``.pt`` state dict, read with ``torch.load(weights_only=True)`` on the CPU (a pickle
-    that would run code is refused, not run); one CheckpointError line for anything else."""
+    that would run code is refused, not run); one CheckpointError line for anything else, naming ``flag`` (the
+    command-line option the file came from). A file that is neither a zip archive (torch.save's format) nor a
+    pickle (its legacy format) is refused before torch.load sees it."""
     import pickle
+    import warnings
 
     import torch
 
     path = Path(path)
+    where = f"{flag} {path}"
     if not path.is_file():
-        raise CheckpointError(f"--checkpoint {path}: no such file")
+        raise CheckpointError(f"{where}: no such file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as fh:
+            head = fh.read(_SNIFF_BYTES)
+    except OSError as e:
+        raise CheckpointError(f"{where}: cannot be read ({e.strerror or type(e).__name__})") from None
+    if not head:
+        raise CheckpointError(f"{where}: an empty file, not a PyTorch checkpoint")
+    if not head.startswith(b"PK\x03\x04") and not _looks_like_pickle(head):
+        raise CheckpointError(f"{where}: not a PyTorch checkpoint (neither a zip archive nor a pickle; it starts "
+                              f"with bytes {head[:4].hex(' ')})")
+    try:
+        with warnings.catch_warnings():  # its note on a pickle protocol other than 2 would be a second line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"--checkpoint {path}: refused by the weights-only loader (a full pickle, not plain "
-                              f"tensors; it is never unpickled): {first[:160]}") from None
+        raise CheckpointError(f"{where}: refused by the weights-only loader (a pickle holding more than plain "
+                              f"tensors; it is never unpickled): {_refusal_detail(e)}") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"--checkpoint {path}: not a readable PyTorch checkpoint (truncated or damaged?): "
+        raise CheckpointError(f"{where}: not a readable PyTorch checkpoint (truncated or damaged?): "
                               f"{first[:160]}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise CheckpointError(f"--checkpoint {path}: holds a {type(obj).__name__}, not a state dict of tensors")
+        raise CheckpointError(f"{where}: holds a {type(obj).__name__}, not a state dict of tensors")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
@@ -430,8 +478,8 @@ def import_diffusion(checkpoint: str | os.PathLike, p: AdmPreset, out: str | os.
     if p.kind != "diffusion":
         raise ValueError(f"--preset {p.name} is a {p.kind}: use import-adm-classifier")
     out = new_folder(out)
-    state = read_checkpoint(checkpoint)
-    check_layout(state, p, str(checkpoint))
+    state = read_checkpoint(checkpoint, "--checkpoint")
+    check_layout(state, p, f"--checkpoint {checkpoint}")
     log(f"{checkpoint}: {len(state)} tensors, {sum(v.numel() for v in state.values()) / 1e6:.1f}M parameters, "
         f"layout of {p.name}")
     net = build_unet2d(p)

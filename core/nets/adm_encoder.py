@@ -22,11 +22,18 @@ from core.nets.adm import AdmPreset, check_layout, new_folder, preset, read_chec
 from core.nets.checkpoint import commit_folder
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """ADM's fp32 upcast for the normalisations and the softmax, without narrowing float64 (which the
+    equivalence tests use, so that errors of 1e-6 stand out)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class _GN32(nn.GroupNorm):
-    """ADM's GroupNorm32: normalise in fp32, return the input's dtype."""
+    """ADM's GroupNorm32: normalise in fp32 (float64 stays float64), return the input's dtype."""
 
     def forward(self, x):
-        return super().forward(x.float()).to(x.dtype)
+        w = _wide(x.dtype)
+        return F.group_norm(x.to(w), self.num_groups, self.weight.to(w), self.bias.to(w), self.eps).to(x.dtype)
 
 
 class AdmResBlock(nn.Module):
@@ -63,7 +70,7 @@ def qkv_attention(qkv: torch.Tensor, heads: int, legacy: bool) -> torch.Tensor:
     else:
         q, k, v = (z.reshape(b * heads, d, length) for z in qkv.chunk(3, dim=1))
     scale = d ** -0.25
-    w = torch.einsum("bct,bcs->bts", q * scale, k * scale).float().softmax(dim=-1).to(qkv.dtype)
+    w = torch.einsum("bct,bcs->bts", q * scale, k * scale).to(_wide(qkv.dtype)).softmax(dim=-1).to(qkv.dtype)
     return torch.einsum("bts,bcs->bct", w, v).reshape(b, -1, length)
 
 
@@ -164,8 +171,8 @@ class AdmEncoder(nn.Module):
     def embed(self, t: torch.Tensor) -> torch.Tensor:
         half = self.preset.model_channels // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        a = t.float()[:, None] * freqs[None]
-        return self.time_embed(torch.cat([torch.cos(a), torch.sin(a)], dim=1))
+        a = t.float()[:, None] * freqs[None]  # in fp32, as ADM; then the weights' dtype
+        return self.time_embed(torch.cat([torch.cos(a), torch.sin(a)], dim=1).to(self.time_embed[0].weight.dtype))
 
     def features(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t (B, C, H, W) on the [-1, 1] data scale, t (B,) original timesteps -> middle block (B, C', S, S)."""
@@ -236,27 +243,30 @@ def import_classifier(checkpoint: str | os.PathLike, p: AdmPreset, out: str | os
     if p.name == "mc-lsun-head":
         raise ValueError("--preset mc-lsun-head is a minority head without its trunk: pass the 256x256 classifier as "
                          "--checkpoint with --preset gd-256-classifier and the head as --minority-head")
-    state = read_checkpoint(checkpoint)
-    check_layout(state, p, str(checkpoint))
+    hp = preset("mc-lsun-head") if minority_head is not None else None
+    if hp is not None and (p.name != "gd-256-classifier" or int(p.channel_mult[-1] * p.model_channels) != hp.in_channels
+                           or p.image_size // 2 ** (len(p.channel_mult) - 1) != hp.image_size):
+        raise ValueError(f"--minority-head needs a trunk with {hp.in_channels} x {hp.image_size} x {hp.image_size} "
+                         f"middle features: --preset gd-256-classifier (the official head was trained on it), "
+                         f"not {p.name}")
+    outputs = hp.out_channels if hp is not None else p.out_channels
+    if thresholds is not None and len(thresholds) != outputs:
+        raise ValueError(f"--thresholds has {len(thresholds)} values; the classifier has {outputs} outputs")
+    # both files are read and checked before any network is built; each message names the option it came from
+    state = read_checkpoint(checkpoint, "--checkpoint")
+    hstate = read_checkpoint(minority_head, "--minority-head") if hp is not None else None
+    check_layout(state, p, f"--checkpoint {checkpoint}")
+    if hp is not None:
+        check_layout(hstate, hp, f"--minority-head {minority_head}")
     trunk = AdmEncoder(p)
     trunk.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    if minority_head is not None:
-        hp = preset("mc-lsun-head")
-        if p.name != "gd-256-classifier" or trunk.feature_channels != hp.in_channels or p.image_size // 2 ** (len(p.channel_mult) - 1) != hp.image_size:
-            raise ValueError(f"--minority-head needs a trunk with {hp.in_channels} x {hp.image_size} x {hp.image_size} "
-                             f"middle features: --preset gd-256-classifier (the official head was trained on it), "
-                             f"not {p.name}")
-        hstate = read_checkpoint(minority_head)
-        check_layout(hstate, hp, str(minority_head))
+    if hp is not None:
         head = AdmEncoder(hp)
         head.load_state_dict({k: v.float() for k, v in hstate.items()}, strict=True)
         net: nn.Module = MinorityCascade(trunk, head)
         cfg = {"adm_cascade": {"trunk": _preset_dict(p), "head": _preset_dict(hp)}}
-        outputs = hp.out_channels
     else:
-        net, cfg, outputs = trunk, {"adm": _preset_dict(p)}, p.out_channels
-    if thresholds is not None and len(thresholds) != outputs:
-        raise ValueError(f"--thresholds has {len(thresholds)} values; the classifier has {outputs} outputs")
+        net, cfg = trunk, {"adm": _preset_dict(p)}
     log(f"{checkpoint}: {p.name}" + (f" + minority head {minority_head}" if minority_head else "") +
         f", {sum(v.numel() for v in net.state_dict().values()) / 1e6:.2f}M parameters")
     config = {"schema": SCHEMA_VERSION, "kind": "classifier", **cfg, "thresholds": thresholds, "num_outputs": outputs,
