@@ -72,6 +72,8 @@ def main():
     p.add_argument("--feature-size", type=int, default=128, help="random ResNet-50 input size (antialiased resize)")
     p.add_argument("--skip-diagnostics", action="store_true",
                    help="skip the score retest with fresh draws (17 min here) and keep the other numbers")
+    p.add_argument("--skip-training-free", action="store_true", help="skip step 5 (self-guided, Boost-and-Skip)")
+    p.add_argument("--save-npz", default=None, help="also write each set as SET.npz here (for `neighbours`)")
     p.add_argument("--out", default="docs/results")
     a = p.parse_args()
     out = Path(a.out)
@@ -172,7 +174,12 @@ def main():
         print(f"  precision drop at w={w}: {d['full']:+.3f} against all real slices"
               + (f", {d['halves_mean']:+.3f} ({d['halves_min']:+.3f} .. {d['halves_max']:+.3f}) over halves"
                  if d["halves_mean"] is not None else ""), flush=True)
-    _training_free(a, b, sets, evaluate, res, out)
+    if a.save_npz:
+        Path(a.save_npz).mkdir(parents=True, exist_ok=True)
+        for k, (imgs, _) in sets.items():
+            np.savez(Path(a.save_npz) / f"{k.replace('=', '').replace(',', '_')}.npz", images=imgs)
+    if not a.skip_training_free:
+        _training_free(a, b, sets, evaluate, res, out)
     (out / "validate_demo.json").write_text(json.dumps(res, indent=2) + "\n")
     _plots(out, sets, real_est, thr, L, a.scale)
 
