@@ -194,15 +194,7 @@ def test_a_matching_checkpoint_reads_and_checks(tmp_path):
 
 
 def test_full_pickle_is_refused_and_never_run(tmp_path):
-    marker = tmp_path / "ran"
-
-    class Evil:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    f = tmp_path / "evil.pt"
-    with open(f, "wb") as fh:
-        pickle.dump({"x": Evil()}, fh)
+    marker, f = _evil_pickle(tmp_path)
     with pytest.raises(CheckpointError, match="weights-only loader"):
         read_checkpoint(f)
     assert not marker.exists()
@@ -366,21 +358,34 @@ def test_a_half_width_first_level_survives_the_run_folder(tmp_path):
         assert torch.allclose(m.predict(x, t, y).eps, unet_forward(p, state, x, t, y)[:, :3], atol=1e-4)
 
 
+
+
+class _Evil:
+    """Pickling it records a call to open(marker, "w"): loading it must never create ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _evil_pickle(tmp_path, name="evil.pt"):
+    """(marker, path): a plain pickle whose loading would create ``marker``."""
+    marker = tmp_path / "ran"
+    path = tmp_path / name
+    with open(path, "wb") as fh:
+        pickle.dump({"x": _Evil(marker)}, fh)
+    return marker, path
+
+
 def test_import_adm_command_refuses_bad_inputs_and_writes_nothing(tmp_path, capsys):
     from core.cli import main
 
     def err():
         return capsys.readouterr().err.strip().splitlines()[-1]
 
-    marker = tmp_path / "ran"
-
-    class Evil:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    evil = tmp_path / "evil.pt"
-    with open(evil, "wb") as fh:
-        pickle.dump({"x": Evil()}, fh)
+    marker, evil = _evil_pickle(tmp_path)
     head = tmp_path / "mc_lsun.pt"
     torch.save(_random_state(PRESETS["mc-lsun-head"]), head)
     cut = tmp_path / "cut.pt"
@@ -409,17 +414,9 @@ def test_importer_messages_say_what_the_file_is_and_which_option_named_it(tmp_pa
 
     from core.cli import main
 
-    marker = tmp_path / "ran"
-
-    class Evil:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    evil = tmp_path / "evil.pt"
-    with open(evil, "wb") as fh:
-        pickle.dump({"x": Evil()}, fh)
+    marker, evil = _evil_pickle(tmp_path)
     evil2 = tmp_path / "evil2.pt"
-    torch.save({"w": torch.zeros(2), "x": Evil()}, evil2)  # torch.save's own zip format, with a non-tensor object
+    torch.save({"w": torch.zeros(2), "x": _Evil(marker)}, evil2)  # torch.save's own zip format, with a non-tensor object
     noise = tmp_path / "random.pt"
     noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     empty = tmp_path / "empty.pt"
