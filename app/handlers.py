@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import numbers
 import queue
 import tempfile
 import threading
@@ -74,32 +75,51 @@ class GenerateRequest:
         return f"{self.minority_class - self.spread}-{self.minority_class}" if self.spread else str(self.minority_class)
 
     def check(self, num_classes: int) -> "GenerateRequest":
-        """The request with numbers coerced, or a MinorityError naming the allowed values."""
-        def within(name, v, lo, hi):
-            if not lo <= v <= hi:
-                raise MinorityError(f"{name} must be in [{lo}, {hi}], got {v}")
-            return v
-
+        """The request with numbers coerced, or a MinorityError naming the field and the allowed values.
+        Values arrive from the HTTP API as JSON, so the bounds Gradio checks are not enough: JSON ``true``
+        passes them as 1, NaN passes every comparison, and 1.5 is not a seed. See ``number``."""
         if self.method not in METHODS:
-            raise MinorityError(f"unknown method {self.method!r}; allowed: {', '.join(METHODS)}")
+            raise MinorityError(f"unknown method {clip_text(self.method)!r}; allowed: {', '.join(METHODS)}")
         if self.sampler not in SAMPLERS:
-            raise MinorityError(f"unknown sampler {self.sampler!r}; allowed: {', '.join(SAMPLERS)}")
-        try:
-            return GenerateRequest(
-                minority_class=within("minority class l", int(self.minority_class), 0, num_classes - 1),
-                scale=within("scale w", float(self.scale), *LIMITS["scale"]),
-                steps=within("steps", int(self.steps), *LIMITS["steps"]),
-                n=within("number of images", int(self.n), *LIMITS["n"]),
-                seed=within("seed", int(self.seed), *LIMITS["seed"]),
-                sampler=self.sampler, method=self.method,
-                gamma=within("gamma", float(self.gamma), *LIMITS["gamma"]),
-                skip=within("skip", int(self.skip), 0, min(LIMITS["skip"][1], int(self.steps) - 1)),
-                interval=within("interval", int(self.interval), *LIMITS["interval"]),
-                spread=within("range below l", int(self.spread), 0, min(LIMITS["spread"][1], int(self.minority_class))))
-        except (TypeError, ValueError) as e:
-            if isinstance(e, MinorityError):
-                raise
-            raise MinorityError(f"invalid setting: {e}") from None
+            raise MinorityError(f"unknown sampler {clip_text(self.sampler)!r}; allowed: {', '.join(SAMPLERS)}")
+        l = number("minority class l", self.minority_class, 0, num_classes - 1, whole=True)  # noqa: E741
+        steps = number("steps", self.steps, *LIMITS["steps"], whole=True)
+        return GenerateRequest(
+            minority_class=l, scale=number("scale w", self.scale, *LIMITS["scale"]), steps=steps,
+            n=number("number of images", self.n, *LIMITS["n"], whole=True),
+            seed=number("seed", self.seed, *LIMITS["seed"], whole=True),
+            sampler=self.sampler, method=self.method,
+            gamma=number("gamma", self.gamma, *LIMITS["gamma"]),
+            skip=number("skip", self.skip, 0, min(LIMITS["skip"][1], steps - 1), whole=True),
+            interval=number("interval", self.interval, *LIMITS["interval"], whole=True),
+            spread=number("range below l", self.spread, 0, min(LIMITS["spread"][1], l), whole=True))
+
+
+def number(name: str, v, lo, hi, whole: bool = False):
+    """``v`` as a float in [lo, hi] (an int when ``whole``), or a MinorityError naming the field ``name``:
+    bools (JSON true) and non-numbers are refused, NaN and infinities fail the range, and a whole-number
+    field takes integers or integral floats (7.0) only: 1.5 is refused, never rounded or truncated."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise MinorityError(f"{name} must be a number, got {clip_text(repr(v))}")
+    try:
+        x = float(v)
+    except OverflowError:  # an int too large for a float
+        x = float("inf")
+    if not lo <= x <= hi:
+        raise MinorityError(f"{name} must be in [{lo}, {hi}], got {clip_text(v)}")
+    if whole and not x.is_integer():
+        raise MinorityError(f"{name} must be a whole number in [{lo}, {hi}], got {v}")
+    return int(x) if whole else x
+
+
+ECHO_CHARS = 80  # user text quoted back in a message is cut to this many characters
+
+
+def clip_text(text, limit: int = ECHO_CHARS) -> str:
+    """``text`` (any value, as str) cut to ``limit`` characters with an ellipsis: a message never echoes a
+    visitor's 100 KB string whole."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -558,12 +578,12 @@ def row_filter(metadata: dict, where: str, n: int) -> np.ndarray:
         col, value = col.strip(), value.strip()
         if op is None or col not in metadata:
             cols = ", ".join(metadata) or "none in this bundle"
-            raise MinorityError(f"filter {part!r}: write column op number, e.g. {next(iter(metadata), 'x')} > 0; "
-                                f"columns: {cols}")
+            raise MinorityError(f"filter {clip_text(part)!r}: write column op number, e.g. "
+                                f"{next(iter(metadata), 'x')} > 0; columns: {cols}")
         try:
             x = float(value)
         except ValueError:
-            raise MinorityError(f"filter {part!r}: {value!r} is not a number") from None
+            raise MinorityError(f"filter {clip_text(part)!r}: {clip_text(value)!r} is not a number") from None
         v = metadata[col]
         with np.errstate(invalid="ignore"):
             keep &= {"=": v == x, "!=": v != x, "<": v < x, "<=": v <= x, ">": v > x, ">=": v >= x}[op]

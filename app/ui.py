@@ -4,8 +4,12 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 
 import gradio as gr
+from gradio.data_classes import ListFiles
+from gradio.route_utils import FnIndexInferError
+from starlette.responses import PlainTextResponse
 
 from core.bundles.bundle import truth_column
 from core.errors import MinorityError
@@ -16,6 +20,11 @@ log = logging.getLogger("minority-studio")
 
 QUEUE_SIZE = 8  # pending requests beyond this get a clean "queue full" error
 MAX_FILE_SIZE = "20mb"  # the one upload input ("Score an image"); larger uploads are refused with 413
+# Gradio's delete_cache (frequency, age) in seconds: every 10 minutes, files this app put in Gradio's cache
+# more than an hour ago are deleted (uploads never scored, download zips, gallery images), and all of them when
+# the server stops. A scored upload is deleted at once (app.verdicts.read_upload); this bounds the ones sent to
+# /gradio_api/upload and never scored. An hour keeps a visitor's grids and download link alive for a session.
+DELETE_CACHE = (600, 3600)
 
 # "l2" in a code font reads as "12": the header names the distance in words
 DISTANCE_NAMES = {"l2": "L2 (mean squared error)", "l1": "L1 (mean absolute error)", "ssim": "1 − SSIM",
@@ -64,16 +73,64 @@ def _readable(fn):
 
 
 class StudioBlocks(gr.Blocks):
-    """gr.Blocks whose too-few-inputs answer is one readable line naming the expected inputs (Gradio's own
-    message lists Python object addresses)."""
+    """gr.Blocks whose wrong-number-of-inputs answer is one readable line naming the expected inputs (Gradio's
+    own message lists Python object addresses, and Gradio ignores extra values silently).
+
+    Extra values: an API call may send the values without the gr.State slots (Gradio fills them in) or with
+    them (the browser's format), so a call with exactly len(inputs) values, one more than the API lists for
+    /generate, cannot be told from the browser's and is accepted (the State slot's value is never read: the
+    visitor's state comes from the session). More values than that are refused. Events that cancel others
+    (Stop) receive the session hash as their one value and are left alone."""
 
     def validate_inputs(self, block_fn, inputs):
-        if len(inputs) < len(block_fn.inputs):
-            wanted = [b for b in block_fn.inputs if not isinstance(b, gr.State)]  # a visitor's state is not sent
+        wanted = [b for b in block_fn.inputs if not isinstance(b, gr.State)]  # a visitor's state is not sent
+        too_many = len(inputs) > len(block_fn.inputs) and not block_fn.cancels and block_fn.fn is not None
+        if len(inputs) < len(block_fn.inputs) or too_many:
             names = ", ".join(str(getattr(b, "label", None) or type(b).__name__) for b in wanted)
             api = f"/{block_fn.api_name}" if getattr(block_fn, "api_name", None) else "this event"
-            raise gr.Error(f"{api} needs {len(wanted)} values ({names}); got {min(len(inputs), len(wanted))}")
+            got = len(inputs) if too_many else min(len(inputs), len(wanted))
+            raise gr.Error(f"{api} needs {len(wanted)} values ({names}); got {got}")
         return super().validate_inputs(block_fn, inputs)
+
+
+def _path_only(upload: gr.File) -> gr.File:
+    """``upload`` (a single-file gr.File of type "filepath") handing its handler the upload's path and nothing
+    else. Gradio 6.31's File._process_single_file also opens a NamedTemporaryFile(delete=False) in the cache
+    on every call and never writes, closes or deletes it: one empty tmpXXXXXXXX file left per scored upload.
+    An instance attribute, not a subclass: Gradio writes a .pyi stub beside the module of every Component
+    subclass at import time (component_meta.create_or_modify_pyi)."""
+    def preprocess(payload):
+        if payload is None:
+            return None
+        return str((payload[0] if isinstance(payload, ListFiles) else payload).path)
+
+    if upload.type != "filepath" or upload.file_count != "single" or upload.file_types:
+        raise ValueError("_path_only takes a single-file gr.File of type 'filepath' without file_types")
+    upload.preprocess = preprocess
+    return upload
+
+
+def claims_upload(demo: gr.Blocks, path: str) -> bool:
+    """Whether ``path`` is a file Gradio's upload route (/gradio_api/upload) wrote for this app, claimed once.
+
+    The rule for /score_image: read and delete a file only if it arrived through the upload route. Gradio
+    records every path that route writes in ``Blocks.upload_file_set``; files the app itself put in the
+    cache (download zips, gallery images, previews) are never in it, so naming one, even with its hashed
+    path, is refused and the file survives. A claimed path leaves the set (a replay is refused too; the file
+    is deleted after reading anyway). Gradio's /upload and /call are separate requests with no session tie,
+    so "this visitor's upload" cannot be checked further; an upload's path holds the sha256 of its content
+    with the server's secret hash seed, so another visitor's upload path cannot be guessed."""
+    uploads = demo.upload_file_set
+    key = os.path.abspath(path)
+    for p in (path, key):
+        if p in uploads:
+            uploads.discard(p)
+            return True
+    for p in list(uploads):  # the set as Gradio stored it may be spelled differently (a relative GRADIO_TEMP_DIR)
+        if os.path.abspath(p) == key:
+            uploads.discard(p)
+            return True
+    return False
 
 
 def _method_controls(method: str) -> tuple:
@@ -90,15 +147,16 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_") or "bundle"
 
 
-def build_ui(studios) -> gr.Blocks:
+def build_ui(studios, delete_cache: tuple = DELETE_CACHE) -> gr.Blocks:
     """The Blocks app over a Library of bundles (or one Studio): a bundle selector on top switches the whole
     page; each bundle's page is laid out from its manifest alone (no weights loaded). The first bundle keeps
-    the plain API names (/generate, /density, /browse, /score_image); the others add _<name>."""
+    the plain API names (/generate, /density, /browse, /score_image); the others add _<name>.
+    ``delete_cache``: Gradio's (frequency, age) in seconds for its cache (DELETE_CACHE; tests shorten it)."""
     from .library import Library
 
     lib = studios if isinstance(studios, Library) else Library([studios])
     names = lib.names()
-    with StudioBlocks(title="Minority guidance studio") as demo:
+    with StudioBlocks(title="Minority guidance studio", delete_cache=delete_cache) as demo:
         gr.Markdown(INTRO)
         selector = gr.Radio(names, value=names[0], label="Bundle", elem_id="bundle-select", visible=len(names) > 1,
                             info="each bundle is its own data set, model and classifier")
@@ -180,8 +238,10 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
                                    info="the bundle's recommended sampler is selected" if start != d["sampler"] else None)
                 steps = gr.Slider(*h.LIMITS["steps"], value=d["steps"], step=1, label="Steps", elem_id=eid("steps"))
                 n = gr.Slider(*h.LIMITS["n"], value=d["n"], step=1, label="Number of images", elem_id=eid("n"))
-                seed = gr.Number(d["seed"], precision=0, label="Seed", minimum=0, maximum=h.LIMITS["seed"][1],
-                                 elem_id=eid("seed"))
+                # precision=None: Gradio's precision=0 rounds 1.5 to 2 before the handler sees it (an API call's
+                # seed 1.5 ran as seed 2); GenerateRequest.check refuses a fraction by name instead
+                seed = gr.Number(d["seed"], precision=None, step=1, label="Seed", minimum=0,
+                                 maximum=h.LIMITS["seed"][1], elem_id=eid("seed"))
                 with gr.Row():
                     run_btn = gr.Button("Generate", variant="primary", elem_id=eid("generate"))
                     stop_btn = gr.Button("Stop", variant="stop", elem_id=eid("stop"))
@@ -208,8 +268,8 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
         up_state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
-                upload = gr.File(label="PNG, JPEG or NIfTI, at most 20 MB", file_count="single", type="filepath",
-                                 elem_id=eid("upload"))
+                upload = _path_only(gr.File(label="PNG, JPEG or NIfTI, at most 20 MB", file_count="single",
+                                            type="filepath", elem_id=eid("upload")))
                 z_slider = gr.Slider(0, 1, value=0, step=1, visible=False, label="Axial slice z", elem_id=eid("slice"))
                 seen = gr.Image(label="As the model sees it", height=200, interactive=False, elem_id=eid("seen"))
             with gr.Column(scale=2):
@@ -253,7 +313,7 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
         gallery.select(_selected(studio, grid), visit, [nb_strip, nb_text], api_visibility="private",
                        concurrency_limit=1, concurrency_id="sampling")
 
-    upload_fn = _readable(functools.partial(v.on_upload, studio))
+    upload_fn = _readable(functools.partial(v.on_upload, studio, owned=functools.partial(claims_upload, demo)))
     upload.upload(lambda path: _with_slider(upload_fn(path)), upload,
                   [up_state, z_slider, seen, verdict_md, verdict_map, verdict_nb], api_name=api("score_image"),
                   concurrency_limit=1, concurrency_id="sampling")
@@ -311,4 +371,13 @@ def launch(demo: gr.Blocks, queue_size: int = QUEUE_SIZE, **kwargs):
     served from disk beyond Gradio's own cache: no allowed_paths, and no handler reads a path a user typed.
     Host and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT when set (as on Spaces)."""
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
-    return demo.launch(max_file_size=MAX_FILE_SIZE, show_error=True, footer_links=["api"], **kwargs)
+    return demo.launch(max_file_size=MAX_FILE_SIZE, show_error=True, footer_links=["api"],
+                       app_kwargs={"exception_handlers": {FnIndexInferError: _unknown_api}}, **kwargs)
+
+
+async def _unknown_api(request, exc) -> PlainTextResponse:
+    """POST /gradio_api/call/<name> for a name no event has: 404 and one line (Gradio raises FnIndexInferError
+    from its route, which became a 500). Registered on the FastAPI app through launch(app_kwargs=...).
+    The /gradio_api/call/v2/<name> route fails earlier with a KeyError, still a 500: a handler for KeyError
+    would turn every other KeyError into a 404 too."""
+    return PlainTextResponse("unknown API name; the page's 'Use via API' link lists the endpoints", status_code=404)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from core.errors import InvalidImageError, MinorityError
 
-from .handlers import DISPLAY, Studio, Visit, display
+from .handlers import DISPLAY, Studio, Visit, clip_text, display
 
 NEIGHBOURS_K = 5  # nearest real images shown beside a selected or uploaded image
 
@@ -90,13 +90,20 @@ def verdict(studio: Studio, image: np.ndarray) -> Verdict:
                    studio.neighbours_of(image[None], NEIGHBOURS_K))
 
 
-def read_upload(studio: Studio, path: Optional[str]):
+def read_upload(studio: Studio, path: Optional[str], owned: Optional[Callable[[str], bool]] = None):
     """The uploaded file decoded as the bundle's data (core.bundles.data.read_upload), then deleted from
-    Gradio's temp folder whatever happened; a MinorityError line for anything refused."""
+    Gradio's temp folder whatever happened; a MinorityError line for anything refused.
+
+    ``owned(path)``: whether the server received this file through its own upload route (the app passes
+    one; see app.ui). A path it refuses (another visitor's download, any other file in Gradio's cache) is
+    neither read nor deleted. With ``owned`` given, the file's now empty upload folder is removed too."""
     from core.bundles.data import DEFAULT_BAND, read_upload as decode
 
     if not path:
         raise MinorityError("choose a PNG, JPEG or NIfTI file first")
+    if owned is not None and not owned(str(path)):
+        raise MinorityError(f"{clip_text(Path(path).name)}: not a file uploaded to this tab; upload the file "
+                            "itself (only files sent with the upload are read)")
     m = studio.bundle.manifest
     band = tuple((m.get("config") or {}).get("slice_band") or DEFAULT_BAND)
     try:
@@ -106,8 +113,24 @@ def read_upload(studio: Studio, path: Optional[str]):
     finally:
         try:
             os.unlink(path)  # the upload is read into memory: nothing of it stays on the server's disk
+            if owned is not None:
+                os.rmdir(Path(path).parent)  # Gradio's per-upload folder <cache>/<content hash>/, if now empty
         except OSError:
             pass
+        release_memory()
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the OS after a decode: a collection, then glibc's malloc_trim (the gzip and
+    NIfTI readers leave many freed chunks in the heap, which RSS kept showing). No-op elsewhere."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def slice_control(upload) -> dict:
@@ -119,9 +142,10 @@ def slice_control(upload) -> dict:
             "label": f"Axial slice z ({len(zs)} non-empty slices in the bundle's band)"}
 
 
-def on_upload(studio: Studio, path: Optional[str]) -> tuple:
-    """(upload state, slice slider dict, results of on_score at the default slice) for a new upload."""
-    up = read_upload(studio, path)
+def on_upload(studio: Studio, path: Optional[str], owned: Optional[Callable[[str], bool]] = None) -> tuple:
+    """(upload state, slice slider dict, results of on_score at the default slice) for a new upload;
+    ``owned``: see read_upload."""
+    up = read_upload(studio, path, owned)
     ctl = slice_control(up)
     return (up, ctl, *on_score(studio, up, ctl.get("value")))
 

@@ -35,7 +35,14 @@ def test_building_the_ui_loads_no_weights():
     ({"method": "Boost-and-Skip", "gamma": 0.5}, "gamma must be in"),
     ({"interval": 0}, "interval must be in"),
     ({"sampler": "euler"}, "allowed: DDIM"),
-    ({"seed": "abc"}, "invalid setting"),
+    ({"seed": "abc"}, "seed must be a number, got 'abc'"),
+    ({"minority_class": float("nan")}, "minority class l must be in \\[0, 49\\], got nan"),
+    ({"spread": float("nan")}, "range below l must be in \\[0, 10\\], got nan"),
+    ({"scale": True}, "scale w must be a number, got True"),
+    ({"n": True}, "number of images must be a number, got True"),
+    ({"seed": 1.5}, "seed must be a whole number in \\[0, 2147483647\\], got 1.5"),
+    ({"steps": 7.5}, "steps must be a whole number"),
+    ({"seed": 10 ** 400}, "seed must be in \\[0, 2147483647\\], got 1000000000"),
     ({"spread": 11}, "range below l must be in"),
     ({"minority_class": 3, "spread": 4}, "range below l must be in \\[0, 3\\]"),
 ])
@@ -219,3 +226,61 @@ def test_finished_captions_show_the_estimated_atrophy(studio):
     est = studio.severity_estimator()
     run = out[-1][4].runs[-1]
     assert [cap for _, cap in guided_items] == [f"{s:.3f} · {a:.2f}" for s, a in zip(run.guided_score, np.clip(est(run.guided), 0, 1))]
+
+
+def test_integral_floats_are_whole_numbers(studio):
+    """7.0 for a whole-number field (a JSON client may send it) is the number 7; only fractions are refused."""
+    req = h.GenerateRequest(49.0, 2, steps=5.0, n=2.0, seed=7.0, spread=3.0).check(studio.bundle.num_classes)
+    assert (req.minority_class, req.steps, req.n, req.seed, req.spread) == (49, 5, 2, 7, 3)
+    assert all(type(v) is int for v in (req.minority_class, req.steps, req.n, req.seed, req.spread))
+    assert type(req.scale) is float and req.scale == 2.0
+
+
+@pytest.mark.parametrize("where", ["A" * 100_000, "severity > " + "9" * 100_000 + "x"])
+def test_a_long_browse_filter_is_not_echoed_whole(studio, where):
+    """Probe browse_where_100k: a 100 KB filter came back whole in the error (100 139 bytes)."""
+    with pytest.raises(MinorityError) as info:
+        h.on_browse(studio, "most unique first", "all", 1, where)
+    msg = str(info.value)
+    assert msg.startswith("filter 'AAAA" if where[0] == "A" else "filter 'severity > 999") and "…" in msg
+    assert len(msg) < 2 * h.ECHO_CHARS + 120 and "\n" not in msg, len(msg)
+    assert h.clip_text("short") == "short" and len(h.clip_text("x" * 81)) == h.ECHO_CHARS
+
+
+def test_upload_not_owned_is_neither_read_nor_deleted(studio, tmp_path):
+    """/score_image reads and deletes only a file the server's upload route received (app.ui.claims_upload): any
+    other path, such as another visitor's download zip in Gradio's cache, is refused and left in place."""
+    from app import verdicts as v
+
+    other = tmp_path / "abc123" / "minority-guidance_l49_w2.5_seed0_1.zip"
+    other.parent.mkdir()
+    other.write_bytes(b"PK\x03\x04 someone's download")
+    asked = []
+    with pytest.raises(MinorityError) as info:
+        v.on_upload(studio, str(other), owned=lambda p: asked.append(p) or False)
+    assert asked == [str(other)] and other.read_bytes() == b"PK\x03\x04 someone's download"
+    assert str(info.value) == ("minority-guidance_l49_w2.5_seed0_1.zip: not a file uploaded to this tab; upload the "
+                               "file itself (only files sent with the upload are read)")
+    # an owned upload is read (refused by its content here: scoring costs the neighbour index ~10 s), then deleted
+    # with its now empty per-upload folder (Gradio's <cache>/<hash>/)
+    mine = tmp_path / "def456" / "slice.png"
+    mine.parent.mkdir()
+    mine.write_bytes(b"not an image")
+    with pytest.raises(MinorityError, match="slice.png: not a PNG, JPEG or NIfTI file"):
+        v.on_upload(studio, str(mine), owned=lambda p: True)
+    assert not mine.exists() and not mine.parent.exists()
+
+
+def test_claims_upload_takes_only_the_upload_routes_files_once(tmp_path):
+    """The rule behind /score_image: a path is claimed when Gradio's upload route recorded it
+    (Blocks.upload_file_set), and only once."""
+    from types import SimpleNamespace
+
+    from app.ui import claims_upload
+
+    up = str(tmp_path / "h1" / "a.png")
+    demo = SimpleNamespace(upload_file_set={up})
+    assert not claims_upload(demo, str(tmp_path / "h2" / "download.zip"))
+    assert not claims_upload(demo, str(tmp_path / "h1" / ".." / "h2" / "a.png"))
+    assert claims_upload(demo, str(tmp_path / "h1" / "x" / ".." / "a.png"))  # the same file, spelled otherwise
+    assert demo.upload_file_set == set() and not claims_upload(demo, up)  # a replay is refused

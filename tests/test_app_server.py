@@ -1,18 +1,27 @@
 """The app served over HTTP (issue 5): gradio_client API calls and the public-Space safety probes of
 TESTING.md (paths, upload size, bounded queue, Stop)."""
+import atexit
 import json
 import os
+import shutil
 import socket
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+if "GRADIO_TEMP_DIR" not in os.environ:  # a cache of this run's own: the file counts below see no other process
+    os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="gradio-test-")
+    atexit.register(shutil.rmtree, os.environ["GRADIO_TEMP_DIR"], True)
 from gradio_client import Client  # noqa: E402
 
 from app import handlers as h  # noqa: E402
 from app.ui import MAX_FILE_SIZE, build_ui, launch  # noqa: E402
+
+GENERATE = [49, 2.5, 5, 1, 1, "DDIM", "minority guidance", 3.0, 3, 5, 0]  # one image, 5 steps: about 0.3 s
 
 
 def _free_port() -> int:
@@ -36,6 +45,33 @@ def _get(url):
     import httpx
 
     return httpx.get(url, timeout=10, follow_redirects=False)
+
+
+def _call(url, api, body: str):
+    """POST a raw JSON body (NaN, true and extra values as written) to /gradio_api/call/<api> and read the
+    SSE answer: (event, data) with data the error line or the output list; (HTTP status, text) if refused."""
+    import httpx
+
+    r = httpx.post(f"{url}gradio_api/call/{api}", content=body, headers={"content-type": "application/json"},
+                   timeout=30)
+    if r.status_code != 200:
+        return r.status_code, r.text
+    text = httpx.get(f"{url}gradio_api/call/{api}/{r.json()['event_id']}", timeout=120).text
+    event = [ln for ln in text.splitlines() if ln.startswith("event: ")][-1][7:]
+    data = json.loads([ln for ln in text.splitlines() if ln.startswith("data: ")][-1][6:])
+    return event, data["error"] if event == "error" else data
+
+
+def _upload(url, name, data: bytes) -> str:
+    import httpx
+
+    r = httpx.post(f"{url}gradio_api/upload", files={"files": (name, data)}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()[0]
+
+
+def _file_data(path):
+    return {"path": path, "orig_name": Path(path).name, "meta": {"_type": "gradio.FileData"}}
 
 
 def test_generate_over_the_api(served):
@@ -169,6 +205,12 @@ def test_the_real_app_has_its_queue_bound_and_stop_wiring(monkeypatch):
     assert app_module.main(["--bundle", str(h.DEFAULT_BUNDLE)]) == 0
     demo = seen["demo"]
     assert demo._queue.max_size == QUEUE_SIZE == 8 and seen["max_file_size"] == MAX_FILE_SIZE
+    from gradio.route_utils import FnIndexInferError
+
+    from app.ui import DELETE_CACHE
+
+    assert demo.delete_cache == DELETE_CACHE == (600, 3600)  # unscored uploads are deleted within 70 minutes
+    assert FnIndexInferError in seen["app_kwargs"]["exception_handlers"]  # an unknown API name is a 404
     config = demo.config
     stop_id = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "stop")
     gen = next(d for d in config["dependencies"] if d.get("api_name") == "generate")
@@ -199,3 +241,82 @@ def test_app_entry_skips_a_damaged_second_bundle_and_opens_the_good_one(monkeypa
     assert "was skipped" in page and "mri-atrophy" in page
     assert app_module.main(["--bundle", str(bad)]) == 2  # nothing usable: one line, no server
     assert "no usable bundle" in capsys.readouterr().err
+
+
+# ---- uploads and the cache (issue 24, part 2) -----------------------------------------------------------------
+def test_score_image_refuses_a_download_it_did_not_receive(served):
+    """Probe up_filedata_other_visitors_download: /score_image read, then deleted, any file of Gradio's cache the
+    caller named (another visitor's download zip, given its hashed path). Now refused in one line; the zip stays."""
+    _, url, _ = served
+    event, out = _call(url, "generate", json.dumps({"data": GENERATE}))
+    assert event == "complete"
+    zip_path = out[3]["path"]
+    assert zip_path.endswith(".zip") and os.path.isfile(zip_path)
+    event, msg = _call(url, "score_image", json.dumps({"data": [_file_data(zip_path)]}))
+    assert event == "error" and "\n" not in msg, msg
+    assert msg == f"{Path(zip_path).name}: not a file uploaded to this tab; upload the file itself (only files " \
+                  "sent with the upload are read)"
+    assert os.path.isfile(zip_path) and _get(f"{url}gradio_api/file={zip_path}").status_code == 200
+
+
+def test_score_image_reads_its_own_upload_and_leaves_nothing(served):
+    """An upload is read (here refused by its content: scoring would cost the neighbour index ~10 s; the browser
+    test scores one), then its file and its folder are gone, and no empty temp file is left beside them (Gradio's
+    File left one tmpXXXXXXXX per scored upload: probe up_leftovers_per_upload); a replay is refused."""
+    _, url, _ = served
+    cache = Path(os.environ["GRADIO_TEMP_DIR"])
+    empty_before = {f for f in cache.iterdir() if f.is_file() and f.stat().st_size == 0}
+    path = _upload(url, "slice.png", b"not an image\n" * 10)
+    assert Path(path).parent.parent == cache and os.path.isfile(path)
+    event, msg = _call(url, "score_image", json.dumps({"data": [_file_data(path)]}))
+    assert (event, msg) == ("error", "slice.png: not a PNG, JPEG or NIfTI file (judged by its content, not its name)")
+    assert not os.path.exists(path) and not Path(path).parent.exists()
+    assert {f for f in cache.iterdir() if f.is_file() and f.stat().st_size == 0} == empty_before
+    event, msg = _call(url, "score_image", json.dumps({"data": [_file_data(path)]}))
+    assert event == "error" and "not a file uploaded to this tab" in msg
+
+
+@pytest.fixture(scope="module")
+def short_cache():
+    """The app with Gradio's cache cleaned every second of files older than a second (the real app: DELETE_CACHE)."""
+    demo = build_ui(h.Studio(h.DEFAULT_BUNDLE), delete_cache=(1, 1))
+    port = _free_port()
+    launch(demo, queue_size=2, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_uploads_never_scored_are_deleted_on_schedule(short_cache):
+    """Probe up_uploaded_never_scored_stays: a file sent to /gradio_api/upload and never scored stayed on disk."""
+    path = _upload(short_cache, "parked.png", b"\x89PNG\r\n\x1a\n" + bytes(1000))
+    assert os.path.isfile(path)
+    t0 = time.time()
+    while os.path.exists(path) and time.time() - t0 < 10:
+        time.sleep(0.2)
+    assert not os.path.exists(path), "the unscored upload was not deleted within 10 s"
+
+
+@pytest.mark.parametrize("values, msg", [
+    ('[NaN, 2.5, 5, 1, 1, "DDIM", "minority guidance", 3.0, 3, 5, 0]', "minority class l must be in [0, 49], got nan"),
+    ('[49, 2.5, 5, 1, 1, "DDIM", "minority guidance", 3.0, 3, 5, NaN]', "range below l must be in [0, 10], got nan"),
+    ('[49, true, 5, 1, 1, "DDIM", "minority guidance", 3.0, 3, 5, 0]', "scale w must be a number, got True"),
+    ('[49, 2.5, 5, 1, 1.5, "DDIM", "minority guidance", 3.0, 3, 5, 0]',
+     "seed must be a whole number in [0, 2147483647], got 1.5"),
+    ('[49, 2.5, 5, 1, 1, "DDIM", "minority guidance", 3.0, 3, 5, 0, 1, 2, 3]', "/generate needs 11 values (Minority "
+     "class l, Guidance scale w, Steps, Number of images, Seed, Sampler, Method, Boost gamma, Skip Δt, Self-guidance "
+     "interval k, Range below l); got 14"),
+])
+def test_generate_refuses_raw_json_values_by_name(served, values, msg):
+    """Probes gen_l_nan, gen_spread_nan, gen_w_True, badapi seed=1.5, gen_too_many_values: refused (not coerced,
+    rounded or ignored), one line naming the field."""
+    _, url, _ = served
+    assert _call(url, "generate", '{"data": %s}' % values) == ("error", msg)
+
+
+def test_unknown_api_name_is_404(served):
+    """Probe gen_unknown_bundle_api_name: Gradio's FnIndexInferError answered 500."""
+    import httpx
+
+    _, url, _ = served
+    r = httpx.post(f"{url}gradio_api/call/generate_no_such_bundle", json={"data": [1]}, timeout=30)
+    assert r.status_code == 404 and r.text.startswith("unknown API name"), (r.status_code, r.text)

@@ -460,3 +460,94 @@ def test_to_model_range():
     y = to_model_range(x)
     assert y.dtype == torch.float32
     assert y.flatten().tolist() == pytest.approx([-1.0, 1.0, 128 / 127.5 - 1.0], abs=1e-6)
+
+
+# ---- an uploaded NIfTI: the voxel budget and the memory it takes ---------------------------------------------
+def _gzip_nifti(shape, live: bool) -> bytes:
+    """A gzip NIfTI-1 uint8 volume of ``shape`` written slice by slice (never whole in memory): zeros, or with
+    ``live`` a bright strip in every slice (so each band slice is non-empty). Compresses ~1000x."""
+    import nibabel as nib
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(np.uint8)
+    hdr["vox_offset"] = 352
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: a gzip stream
+    per = shape[0] * shape[1]
+    sl = (b"\x01" * min(1000, per) + b"\0" * max(per - 1000, 0)) if live else b"\0" * per
+    return b"".join([c.compress(hdr.binaryblock + b"\0" * 4)] + [c.compress(sl) for _ in range(shape[2])] + [c.flush()])
+
+
+def test_upload_nifti_over_the_voxel_budget_is_refused_from_its_header(tmp_path, monkeypatch):
+    """A 260 KB gzip declaring 1024x1024x255 uint8 (255 MiB) raised the server's RSS by 1 GB under the old 256 MiB
+    budget. Now one line from the header, before any voxel is decompressed."""
+    import nibabel as nib
+
+    from core.bundles.data import UPLOAD_MAX_VOXEL_BYTES, read_upload
+
+    assert UPLOAD_MAX_VOXEL_BYTES == 64 * 2**20
+    f = tmp_path / "bomb.nii.gz"
+    f.write_bytes(_gzip_nifti((1024, 1024, 255), live=False))
+    assert f.stat().st_size < 300_000
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__getitem__",
+                        lambda *a: pytest.fail("voxels were read"))  # refused before decompression
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidImageError) as info:
+            read_upload(f, 32, 1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    msg = str(info.value)
+    assert msg == "bomb.nii.gz: header promises 255 MiB of voxels (limit 64 MiB)" and peak < 4 * 2**20, (msg, peak)
+
+
+def test_upload_nifti_memory_is_one_slice_not_the_volume(tmp_path):
+    """An allowed upload (512x512x64 uint8, 16 MiB declared, 16 KB of gzip) is decoded one band slice at a time:
+    the traced peak stays well under the volume's own size (reading it whole as float32 took 80 MiB), and the
+    slices are those of the band."""
+    from core.bundles.data import read_upload
+
+    f = tmp_path / "live.nii.gz"
+    f.write_bytes(_gzip_nifti((512, 512, 64), live=True))
+    tracemalloc.start()
+    try:
+        up = read_upload(f, 32, 1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert up.kind == "NIfTI" and [z for z, _ in up.slices] == list(range(25, 39))  # band (0.4, 0.6) of 64
+    assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB traced for a 16 MiB volume"
+
+
+def test_nifti_gzip_cut_after_the_band_is_still_refused(tmp_path):
+    """Only the band's slices are decoded, but the rest of the gzip stream is still read (and dropped): a file cut
+    after the band is refused as truncated, as when the whole volume was read."""
+    import gzip
+
+    import nibabel as nib
+
+    from core.bundles.data import load_nifti_slices
+
+    vol = np.random.default_rng(0).random((24, 24, 20)).astype(np.float32)
+    gz = gzip.compress(nib.Nifti1Image(vol, np.eye(4)).to_bytes())
+    assert len(load_nifti_slices("whole.nii.gz", 16, data=gz)) == 4  # z 8..11 of 20
+    with pytest.raises(InvalidImageError, match="cut.nii.gz: cannot read voxels"):
+        load_nifti_slices("cut.nii.gz", 16, data=gz[: len(gz) * 9 // 10])  # the band (40-60 %) is intact
+
+
+def test_nifti2_dims_whose_int64_product_wraps_to_zero_are_refused_by_size():
+    """Probe up_nifti2_dims_overflow: 2^32 x 2^32 x 2^32 voxels made the int64 size product 0, which passed the size
+    check (nibabel's OverflowError stopped it later). The size is now an exact integer."""
+    import nibabel as nib
+
+    from core.bundles.data import read_upload
+
+    hdr = nib.Nifti2Header()
+    hdr.set_data_dtype(np.uint8)
+    hdr["dim"][:4] = [3, 2**32, 2**32, 2**32]
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "wrap.nii"
+        f.write_bytes(hdr.binaryblock + bytes(104))
+        with pytest.raises(InvalidImageError, match=r"^wrap.nii: header promises [\d,]+ MiB of voxels \(limit 64 MiB\)$"):
+            read_upload(f, 32, 1)

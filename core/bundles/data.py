@@ -9,6 +9,7 @@ a square and resized with Lanczos (antialiased) to ``size``. Images cross this m
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -86,8 +87,9 @@ def load_nifti_slices(path: str | os.PathLike, size: int, band: tuple = DEFAULT_
     """Axial slices of a 3-D NIfTI volume from ``band`` (fractions of z), each min-max normalised to
     [0, 1] (Section C) and resized: [(z, uint8 (1, size, size))]. The format is read from the content
     (gzip or not, NIfTI-1 or -2 by the header size), never from the name; the header is validated before
-    any voxel is read; ``data``: the file's bytes already in memory (an upload), ``path`` then only names it.
-    Every failure is an InvalidImageError naming the file."""
+    any voxel is read; only the band's slices are decoded, one at a time (a gzip stream is still read to
+    its end, without keeping it, so a truncated file is refused); ``data``: the file's bytes already in
+    memory (an upload), ``path`` then only names it. Every failure is an InvalidImageError naming the file."""
     import gzip
 
     path = Path(path)
@@ -97,26 +99,26 @@ def load_nifti_slices(path: str | os.PathLike, size: int, band: tuple = DEFAULT_
         raw = io.BytesIO(data) if data is not None else open(path, "rb")
     except OSError as e:
         raise InvalidImageError(f"{path}: cannot open ({e.strerror or type(e).__name__})") from None
+    out = []
     with raw:
         compressed = raw.read(2) == b"\x1f\x8b"
         raw.seek(0)
         stream = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
-        vol = _read_nifti(stream, path, compressed, max_bytes, len(data) if data is not None else path.stat().st_size)
-    lo, hi = int(np.floor(band[0] * vol.shape[2])), int(np.ceil(band[1] * vol.shape[2]))
-    out = []
-    for z in range(lo, max(hi, lo + 1)):
-        sl = np.rot90(vol[:, :, min(z, vol.shape[2] - 1)])
-        a, b = float(sl.min()), float(sl.max())
-        if b <= a:
-            continue  # empty slice
-        out.append((z, _square_resize((sl - a) / (b - a), size)[None]))
+        file_bytes = len(data) if data is not None else path.stat().st_size
+        for z, sl in _nifti_band(stream, path, compressed, max_bytes, file_bytes, band):
+            sl = np.rot90(sl)
+            a, b = float(sl.min()), float(sl.max())
+            if b <= a:
+                continue  # empty slice
+            out.append((z, _square_resize((sl - a) / (b - a), size)[None]))
     if not out:
         raise InvalidImageError(f"{path}: no non-empty slice in band {band}")
     return out
 
 
-def _read_nifti(stream, path: Path, compressed: bool, max_bytes: int, file_bytes: int) -> np.ndarray:
-    """The float32 3-D volume of a NIfTI-1/2 stream, header checks first (type, ndim, size, truncation)."""
+def _nifti_band(stream, path: Path, compressed: bool, max_bytes: int, file_bytes: int, band: tuple):
+    """Yield (z, float32 (X, Y)) for each axial slice of ``band`` of a NIfTI-1/2 stream, header checks first
+    (type, ndim, size, truncation); NaN or infinite voxels in a band slice are refused. Memory: one slice."""
     import nibabel as nib
 
     try:
@@ -141,20 +143,31 @@ def _read_nifti(stream, path: Path, compressed: bool, max_bytes: int, file_bytes
         raise InvalidImageError(f"{path}: expected a 3-D volume, got shape {tuple(img.shape)}")
     if min(shape) < 1:
         raise InvalidImageError(f"{path}: empty volume {shape}")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * img.get_data_dtype().itemsize
+    nbytes = math.prod(shape) * img.get_data_dtype().itemsize  # Python ints: an int64 product could wrap to 0
     if nbytes > max_bytes:
         raise InvalidImageError(f"{path}: header promises {nbytes / 2**20:,.0f} MiB of voxels (limit {max_bytes / 2**20:,.0f} MiB)")
-    if not compressed:
-        offset = int(img.header.get("vox_offset", 0))
-        if file_bytes < offset + nbytes:
-            raise InvalidImageError(f"{path}: truncated ({file_bytes} bytes, header needs {offset + nbytes})")
-    try:
-        vol = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
-    except Exception as e:  # noqa: BLE001 - EOFError, zlib.error, OSError, ValueError from truncated data
-        raise InvalidImageError(f"{path}: cannot read voxels ({type(e).__name__}: {e})") from None
-    if not np.isfinite(vol).all():
-        raise InvalidImageError(f"{path}: contains NaN or infinite voxels")
-    return vol
+    offset = int(img.header.get("vox_offset", 0))
+    if not compressed and file_bytes < offset + nbytes:
+        raise InvalidImageError(f"{path}: truncated ({file_bytes} bytes, header needs {offset + nbytes})")
+    depth = shape[2]
+    lo, hi = int(np.floor(band[0] * depth)), int(np.ceil(band[1] * depth))
+    extra = (0,) * (len(img.shape) - 3)  # (X, Y, Z, 1) volumes
+    for z in range(lo, min(max(hi, lo + 1), depth)):
+        try:
+            sl = np.asarray(img.dataobj[(slice(None), slice(None), z) + extra], dtype=np.float32)
+        except Exception as e:  # noqa: BLE001 - EOFError, zlib.error, OSError, ValueError from truncated data
+            raise InvalidImageError(f"{path}: cannot read voxels ({type(e).__name__}: {e})") from None
+        if not np.isfinite(sl).all():
+            raise InvalidImageError(f"{path}: contains NaN or infinite voxels")
+        yield z, sl
+    if compressed:  # read the rest of the stream, keeping nothing: a truncated gzip is refused as before
+        try:
+            stream.seek(0, io.SEEK_END)
+            end = stream.tell()
+        except Exception as e:  # noqa: BLE001 - EOFError, zlib.error, OSError
+            raise InvalidImageError(f"{path}: cannot read voxels ({type(e).__name__}: {e})") from None
+        if end < offset + nbytes:
+            raise InvalidImageError(f"{path}: truncated ({end} bytes decompressed, header needs {offset + nbytes})")
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -245,7 +258,14 @@ def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # one uploaded file (the app's "Score an image" tab): size, then type from content, then the decoders' checks
 UPLOAD_MAX_BYTES = 20 * 2**20  # a public Space takes at most this much per upload
-UPLOAD_MAX_VOXEL_BYTES = 256 * 2**20  # an uploaded NIfTI's header may promise at most this much voxel data
+# An uploaded NIfTI's header may promise at most this much voxel data. 64 MiB holds a 1 mm brain MRI
+# (256^3 int16 = 32 MiB; as float32 64 MiB), about what a 20 MB .nii.gz of real scan data carries. The
+# decoder keeps one slice at a time (load_nifti_slices), so memory no longer grows with the volume, but a
+# small gzip can still declare a large volume of zeros and every declared byte is decompressed (to detect
+# truncation) while the upload holds the one sampling slot: at 255 MiB that was 3 s and 1 GB of RSS
+# (probe up_gzip_nifti_bomb_255MiB_zeros); at 64 MiB it is a fraction of a second and a server holds the
+# bytes of several such uploads over. Larger declarations are refused from the header, before decompression.
+UPLOAD_MAX_VOXEL_BYTES = 64 * 2**20
 UPLOAD_KINDS = ("PNG", "JPEG", "NIfTI")
 
 
