@@ -95,8 +95,8 @@ def test_the_classifier_reads_the_timestep(bundle):
 # Issue 24.4: the MRI effect, measured with the code at a fraction of the documented cost. RESULTS (256 samples,
 # 50 DDIM steps): at l = L-1, w = 2.5, 96.9 % of samples lie above the real 90th severity percentile (standard
 # 5.9 %) and the mean estimated severity rises by 0.83. Here 24 samples, 10 DDIM steps, same seeds for both
-# rows; the guard asks for 80 % of the claimed share and 60 % of the claimed gain. Measured when written:
-# share 0.97 (w = 2.5), 0.38 at w = 0.5 (the scale x 0.2), standard 0.09; gain 1.2.
+# rows; the guard asks for 80 % of the claimed share and 60 % of the claimed gain. Measured at this setting:
+# share 0.958 (w = 2.5), 0.375 at w = 0.5 (the scale x 0.2), standard 0.083; gain 1.28 (0.21 at w = 0.5).
 CLAIM_SHARE, CLAIM_GAIN = 0.969, 0.83
 
 
