@@ -73,6 +73,7 @@ def main():
     p.add_argument("--skip-diagnostics", action="store_true",
                    help="skip the score retest with fresh draws (17 min here) and keep the other numbers")
     p.add_argument("--skip-training-free", action="store_true", help="skip step 5 (self-guided, Boost-and-Skip)")
+    p.add_argument("--no-plots", action="store_true", help="write no figures (they need the default l and w sweeps)")
     p.add_argument("--save-npz", default=None, help="also write each set as SET.npz here (for `neighbours`)")
     p.add_argument("--out", default="docs/results")
     a = p.parse_args()
@@ -181,7 +182,8 @@ def main():
     if not a.skip_training_free:
         _training_free(a, b, sets, evaluate, res, out)
     (out / "validate_demo.json").write_text(json.dumps(res, indent=2) + "\n")
-    _plots(out, sets, real_est, thr, L, a.scale)
+    if not a.no_plots:
+        _plots(out, sets, real_est, thr, L, a.scale)
 
 
 def _score_diagnostics(b, res, split=0.25):
