@@ -119,6 +119,7 @@ def test_build_resumes_and_keeps_the_bundle_whole(faces, tmp_path, capsys):
     assert main(args) == 0
     first = json.loads((out / "manifest.json").read_text())
     assert first["sweep"] is None and first["score"]["distance"] == "unet-feat"  # the documented default
+    assert (first["schedule"], first["score"]["t"]) == ("linear", 600)  # the paper's t for a linear schedule
     capsys.readouterr()
     assert main(args) == 0  # a rerun resumes every stage: nothing trained or scored again
     err = capsys.readouterr().err

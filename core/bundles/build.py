@@ -32,10 +32,17 @@ from core.errors import DataError
 Log = Callable[[str], None]
 Progress = Callable[[str, int, int, dict], None]
 SWEEP_VERSION = 3  # 2: lpips-rand with uniform channel weights (issue 15); 3: tied to model and truth values
-# Without --truth the score cannot be chosen by a sweep. unet-feat at 0.6T measured best of the five distances
-# on the one data set with ground truth (MRI sweep, docs/RESULTS.md), needs no weights beyond the model's own,
-# and works offline; lpips (VGG, the paper's choice) needs torchvision weights a fresh machine may not have.
-DEFAULT_DISTANCE, DEFAULT_T_FRAC = "unet-feat", 0.6
+# Without --truth the score cannot be chosen by a sweep. unet-feat (at 0.6T of a linear schedule) measured best
+# of the five distances on the one data set with ground truth (MRI sweep, docs/RESULTS.md), needs no weights
+# beyond the model's own, and works offline; lpips (VGG, the paper's choice) needs torchvision weights a fresh
+# machine may not have. Its t is the paper's for the model's schedule (NoiseSchedule.default_score_t, Section C):
+# 0.9T cosine, 0.6T linear, where abar_t is about the same (0.024 and 0.026).
+DEFAULT_DISTANCE = "unet-feat"
+# The sweep's timesteps (fractions of T) per schedule: four points each, so the sweep costs what it did
+# (distances x timesteps x 2 draws on --sweep-n images). Linear keeps the grid the shipped bundles were swept
+# on: abar 0.66, 0.19, 0.026, 0.0015 (0.9T linear is abar 3e-4, noise only). Cosine spans the same noise
+# levels and ends at the paper's 0.9T: abar 0.65, 0.34, 0.093, 0.024 (0.2T cosine is abar 0.90, nearly clean).
+SWEEP_T = {"linear": (0.2, 0.4, 0.6, 0.8), "cosine": (0.4, 0.6, 0.8, 0.9)}
 MIN_PER_CLASS = 2
 RESERVED_COLUMNS = ("path", "score", "label", "x", "y")
 
@@ -51,10 +58,11 @@ class BuildConfig:
     truth: Optional[str] = None  # metadata.csv column with the ground-truth rarity / severity
     sweep_n: int = 600  # images in the distance / timestep sweep (with --truth)
     sweep_distances: tuple = ("l2", "l1", "ssim", "lpips-rand", "unet-feat")
-    sweep_t: tuple = (0.2, 0.4, 0.6, 0.8)  # fractions of T
+    sweep_t: Optional[tuple] = None  # fractions of T; None = SWEEP_T of the model's schedule
     draws: int = 20  # noise draws for the final score (5 draws gave a test-retest Spearman of only ~0.6)
     score_distance: Optional[str] = None  # None = the sweep's best (with --truth) or DEFAULT_DISTANCE
-    score_t: Optional[float] = None  # fraction of T in (0, 1) or an integer step; None = sweep's best or 0.6T
+    score_t: Optional[float] = None  # fraction of T in (0, 1) or an integer step; None = the sweep's best, or
+    # without --truth the paper's t for the model's schedule (0.9T cosine, 0.6T linear)
     classes: int = 50  # L
     clf_steps: int = 6000
     clf_base_channels: int = 16
@@ -64,7 +72,9 @@ class BuildConfig:
     slice_band: tuple = DEFAULT_BAND
     dataset: dict = field(default_factory=dict)  # extra manifest facts about the data (build-demo: its source)
     force: bool = False  # replace a different bundle already in the output folder
-    app_sampler: Optional[str] = None  # the sampler the app starts with for this bundle: ddim (default) or ddpm
+    app_sampler: Optional[str] = None  # the sampler the app (and ``sample --bundle``) starts with for this bundle:
+    # ddim or ddpm, recorded as the manifest's app.sampler; None records none (the app starts on DDIM, ``sample``
+    # on each method's own default, ancestral)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -272,11 +282,12 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
     stage_done("diffusion")
 
     sweep = None
+    sweep_t = tuple(cfg.sweep_t) if cfg.sweep_t is not None else SWEEP_T[model.schedule.name]
     if truth is not None:
         sweep_path = work / "sweep.json"
         made_from = {"model": model_id, "data": data_id, "truth_values": fingerprint(truth)}
         want = {"n": min(cfg.sweep_n, int(np.isfinite(truth).sum())), "distances": sorted(cfg.sweep_distances),
-                "t_fracs": sorted(float(f) for f in cfg.sweep_t), "truth": cfg.truth, "version": SWEEP_VERSION,
+                "t_fracs": sorted(float(f) for f in sweep_t), "truth": cfg.truth, "version": SWEEP_VERSION,
                 **made_from}
         if sweep_path.is_file():  # a sweep of other distances, timesteps, size or truth is redone, not reused
             old = json.loads(sweep_path.read_text())
@@ -289,7 +300,7 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
                 sweep_path.unlink()
         if not sweep_path.is_file():
             log(f"3/6 distance x timestep sweep on {want['n']} images against {cfg.truth}")
-            sub, rows = sweep_rows(model, data.images, truth, cfg.sweep_distances, cfg.sweep_t, cfg.sweep_n, cfg.seed,
+            sub, rows = sweep_rows(model, data.images, truth, cfg.sweep_distances, sweep_t, cfg.sweep_n, cfg.seed,
                                    log=log)
             atomic_write_json(sweep_path, {"n": int(len(sub)), "draws": 2, "rows": rows, "truth": cfg.truth,
                                            "version": SWEEP_VERSION, **made_from})
@@ -297,9 +308,11 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
         best = max(sweep["rows"], key=lambda r: -np.inf if r["spearman"] is None else r["spearman"])
         best_distance, best_t = best["distance"], int(best["t"])
     else:
-        best_distance, best_t = DEFAULT_DISTANCE, resolve_t(DEFAULT_T_FRAC, model.schedule.T)
-        log(f"3/6 no --truth: no sweep; the score uses {cfg.score_distance or best_distance} at "
-            f"t={best_t if cfg.score_t is None else cfg.score_t} (the documented default)")
+        best_distance, best_t = DEFAULT_DISTANCE, model.schedule.default_score_t()
+        why_d = "--score-distance" if cfg.score_distance else "the documented default"
+        why_t = "--score-t" if cfg.score_t is not None else f"the paper's for a {model.schedule.name} schedule"
+        log(f"3/6 no --truth: no sweep; the score uses {cfg.score_distance or best_distance} ({why_d}) at "
+            f"t={best_t if cfg.score_t is None else cfg.score_t} ({why_t})")
     stage_done("sweep")
 
     scores_path, scores_meta = work / "scores.npy", work / "scores.json"
@@ -399,9 +412,10 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
                          "classifier_steps": cfg.clf_steps, "classifier_base_channels": cfg.clf_base_channels,
                          "classifier_metrics": clf.info.get("metrics")},
             "map": map_method, "seeds": {"data": cfg.seed, "training": cfg.seed, "score": cfg.seed},
-            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()
+            "config": {k: list(v) if isinstance(v, tuple) else v
+                       for k, v in {**asdict(cfg), "sweep_t": sweep_t}.items()
                        if k not in ("dataset", "force", "app_sampler")},
-            "app": {"sampler": cfg.app_sampler or "ddim"},
+            **({"app": {"sampler": cfg.app_sampler}} if cfg.app_sampler else {}),
             "stage_seconds": timings, "versions": _versions(),
             "files": {name: sha256_file(folder / name) for name in BUNDLE_FILES},
         })

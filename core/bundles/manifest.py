@@ -33,6 +33,7 @@ LIMITS = {  # inclusive bounds of the manifest's numbers
     "score.draws": (1, 100),  # the shipped bundles use 12 and 20; each draw is one batch through the UNet
     "score.seed": (0, 2 ** 63 - 1),
     "dataset.n": (1, 10 ** 9),
+    "app.steps": (1, 1000),  # sampler steps ``sample --bundle`` defaults to (and at most T)
 }
 SCHEDULES = ("linear", "cosine")
 APP_SAMPLERS = ("ddim", "ddpm")
@@ -181,4 +182,6 @@ def validate_manifest(m: dict, source: str) -> dict:
             raise _fail(source, "app", "a JSON object", app)
         if app.get("sampler") is not None and app["sampler"] not in APP_SAMPLERS:
             raise _fail(source, "app.sampler", f"one of {', '.join(APP_SAMPLERS)}", app["sampler"])
+        lo, hi = LIMITS["app.steps"]
+        check_int(m, "app.steps", source, lo, min(hi, T), required=False)
     return m

@@ -56,10 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--score-distance", choices=list(DISTANCES), default=None,
                    help="distance of the score (default: the sweep's best with --truth, else unet-feat)")
     b.add_argument("--score-t", type=finite_float, default=None,
-                   help="timestep of the score, a fraction of T or an integer step (default: the sweep's best, else 0.6T)")
+                   help="timestep of the score, a fraction of T or an integer step (default: the sweep's best, else "
+                        "the paper's 0.9T for a cosine-schedule model, 0.6T for a linear one)")
     b.add_argument("--draws", type=int, default=20, help="noise draws per image for the score")
     b.add_argument("--truth", default=None, help="metadata.csv column of ground-truth rarity or severity: the "
-                                                 "distance x timestep sweep picks the score's settings by Spearman against it")
+                                                 "distance x timestep sweep picks the score's settings by Spearman "
+                                                 "against it (t at 0.2,0.4,0.6,0.8 T linear, 0.4,0.6,0.8,0.9 T cosine)")
     b.add_argument("--sweep-n", type=int, default=600, help="images in the sweep (with --truth)")
     b.add_argument("--name", default=None, help="bundle name shown in the app (default: the --out folder's name)")
     b.add_argument("--slice-band", default="0.4,0.6", help="NIfTI volumes: axial slices from this z fraction LO,HI")
@@ -67,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--work", default=None, help="intermediate files (default OUT.work); a rerun resumes from them")
     b.add_argument("--force", action="store_true", help="replace a different bundle already in --out")
     b.add_argument("--app-sampler", choices=["ddim", "ddpm"], default=None,
-                   help="the sampler the app starts with for this bundle (default ddim; the faces model needs ddpm)")
+                   help="the sampler the app and sample --bundle start with for this bundle (default: none recorded; "
+                        "the app starts on ddim, sample on each method's own; the faces model needs ddpm)")
     b.add_argument("--seed", type=seed_int, default=0)
     b.set_defaults(func=cmd_build)
 
@@ -162,14 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--classifier", default=None)
     m.add_argument("--method", default=None, help="standard | minority | mixture | self-guided | boost-skip "
                                                   "(default: minority with --classifier, else standard)")
-    m.add_argument("--minority-class", default="0", help="target class l in [0, L) (L-1 = rarest), or a range A-B: "
-                                                        "each sample's l drawn uniformly from A..B (seeded)")
+    m.add_argument("--minority-class", default=None, help="target class l in [0, L) (default L-1, the rarest); a "
+                                                         "range A-B: each sample's l drawn uniformly from A..B "
+                                                         "(seeded); or all: l drawn uniformly from 0..L-1")
     m.add_argument("--scale", type=finite_float, default=1.0, help="guidance scale w >= 0 (classifier or self-guided; 0 = standard sampler)")
     m.add_argument("--n", "--num-samples", dest="n", type=int, default=16,
                    help="number of images (write --num-samples under torchrun / accelerate launch, whose own "
                         "parsers take --n for an abbreviation of their flags)")
-    m.add_argument("--steps", type=int, default=50)
-    m.add_argument("--sampler", default="ddim", help="ddim | ddpm")
+    m.add_argument("--steps", type=int, default=None, help="respaced sampler steps (default: the bundle manifest's "
+                                                           "app.steps, else 250 ancestral, 50 DDIM; at most T)")
+    m.add_argument("--sampler", default=None, help="ddpm (ancestral) | ddim (default ddpm, the papers' and official "
+                                                   "code's sampler of every method; for standard, minority and "
+                                                   "mixture the bundle manifest's app.sampler if it records one)")
+    m.add_argument("--precision", default="auto", help="compute precision of the backbone and of the minority "
+                                                       "classifier: auto (bf16 on CUDA, fp32 elsewhere) | fp32 | "
+                                                       "bf16 | fp16")
     m.add_argument("--eta", type=finite_float, default=0.0, help="DDIM noise level in [0, 1]")
     m.add_argument("--seed", type=seed_int, default=0)
     m.add_argument("--batch-size", type=int, default=64)
@@ -219,13 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     ia = sub.add_parser("import-adm", help="an OpenAI ADM diffusion checkpoint (.pt) as a run folder")
     ia.add_argument("--checkpoint", default=None, help="the downloaded .pt (read weights-only, never unpickled)")
-    ia.add_argument("--preset", required=True, help="the release it comes from; 'list' prints them all")
+    ia.add_argument("--preset", default=None, help="the release it comes from; 'list' prints them all, each with "
+                                                   "its --flags equivalent")
+    ia.add_argument("--flags", default=None, help="instead of --preset: the MODEL_FLAGS (and DIFFUSION_FLAGS) "
+                                                  "string the checkpoint's README prints, in one quoted argument")
+    ia.add_argument("--codebase", choices=["guided", "improved"], default=None,
+                    help="whose defaults fill the flags not given: guided-diffusion (default) or improved-diffusion")
     ia.add_argument("--out", default=None, help="a new run folder")
     ia.set_defaults(func=cmd_import_adm)
     ic = sub.add_parser("import-adm-classifier", help="an OpenAI ADM classifier (.pt), optionally with the official "
                                                       "minority head on its trunk, as a classifier folder")
     ic.add_argument("--checkpoint", default=None, help="the classifier .pt (e.g. 256x256_classifier.pt)")
-    ic.add_argument("--preset", required=True, help="its release (gd-256-classifier for mc_lsun); 'list' prints them")
+    ic.add_argument("--preset", default=None, help="its release (gd-256-classifier for mc_lsun); 'list' prints "
+                                                   "them, each with its --flags equivalent")
+    ic.add_argument("--flags", default=None, help="instead of --preset: the CLASSIFIER_FLAGS string (guided-diffusion's "
+                                                  "defaults for the rest), in one quoted argument")
     ic.add_argument("--minority-head", default=None, help="mc_lsun.pt: guide with head(trunk(x_t, t), t)")
     ic.add_argument("--thresholds", default=None, help="the minority-score class thresholds (text or JSON), kept in "
                                                        "the folder for score --bundle style labelling")

@@ -63,14 +63,20 @@ class ClassifierGuidance:
         return self.scale * grad_log(log_p, x_t)
 
 
-def minority_targets(spec: str, n: int, seed: int, L: int) -> torch.Tensor:
-    """--minority-class: one integer l, or a range A-B from which each sample's class is drawn uniformly (the
-    paper's l ~ U{A..B}); seeded, so a sample's class does not depend on batch size or processes. (n,) int64."""
+def minority_targets(spec: Optional[str], n: int, seed: int, L: int) -> torch.Tensor:
+    """--minority-class: one integer l; a range A-B from which each sample's class is drawn uniformly (the
+    paper's l ~ U{A..B}); ``all``, the range 0-(L-1) (the official script's draw when no class is set); or
+    None, the rarest class L-1 (the default). Ranges are seeded, so a sample's class does not depend on batch
+    size or processes. (n,) int64."""
+    if spec is None:
+        return torch.full((n,), L - 1, dtype=torch.long)
+    if str(spec).strip().lower() == "all":
+        spec = f"0-{L - 1}"
     m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", str(spec))
     try:
         lo, hi = (int(m.group(1)), int(m.group(2))) if m else (int(spec), int(spec))
     except ValueError:
-        raise ValueError(f"--minority-class must be an integer l or a range A-B, got {spec!r}") from None
+        raise ValueError(f"--minority-class must be an integer l, a range A-B or all, got {spec!r}") from None
     if lo > hi:
         raise ValueError(f"--minority-class range {spec!r} runs backwards: A must be <= B (write {hi}-{lo})")
     if not 0 <= lo <= hi < L:

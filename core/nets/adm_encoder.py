@@ -231,17 +231,18 @@ def build_adm_classifier(cfg_json: dict) -> nn.Module:
 
 def import_classifier(checkpoint: str | os.PathLike, p: AdmPreset, out: str | os.PathLike,
                       minority_head: Optional[str] = None, thresholds: Optional[list] = None,
-                      log=lambda msg: None) -> Path:
+                      log=lambda msg: None, record: Optional[dict] = None) -> Path:
     """An ADM classifier (and, with ``minority_head``, the official minority head on its trunk) as a classifier
-    folder. Each file is checked against its preset before use; the folder is written beside ``out`` and
-    renamed, so a failure writes nothing."""
+    folder; ``record`` (e.g. the parsed ``--flags``) is kept in its config as ``adm_flags``. Each file is checked
+    against its preset before use; the folder is written beside ``out`` and renamed, so a failure writes
+    nothing."""
     from core.nets.checkpoint import SCHEMA_VERSION, save_weights_and_config
 
     if p.kind != "classifier":
         raise ValueError(f"--preset {p.name} is a {p.kind}: use import-adm")
     out = new_folder(out)
     if p.name == "mc-lsun-head":
-        raise ValueError("--preset mc-lsun-head is a minority head without its trunk: pass the 256x256 classifier as "
+        raise ValueError("mc-lsun-head is a minority head without its trunk: pass the 256x256 classifier as "
                          "--checkpoint with --preset gd-256-classifier and the head as --minority-head")
     hp = preset("mc-lsun-head") if minority_head is not None else None
     if hp is not None and (p.name != "gd-256-classifier" or int(p.channel_mult[-1] * p.model_channels) != hp.in_channels
@@ -270,6 +271,6 @@ def import_classifier(checkpoint: str | os.PathLike, p: AdmPreset, out: str | os
     log(f"{checkpoint}: {p.name}" + (f" + minority head {minority_head}" if minority_head else "") +
         f", {sum(v.numel() for v in net.state_dict().values()) / 1e6:.2f}M parameters")
     config = {"schema": SCHEMA_VERSION, "kind": "classifier", **cfg, "thresholds": thresholds, "num_outputs": outputs,
-              "source": str(checkpoint), "minority_head": minority_head}
+              "source": str(checkpoint), "minority_head": minority_head, **({"adm_flags": record} if record else {})}
     weights = {k: v.contiguous() for k, v in net.state_dict().items()}
     return commit_folder(out, lambda tmp: save_weights_and_config(tmp, "classifier", weights, config))

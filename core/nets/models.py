@@ -140,21 +140,31 @@ def predict_eps(model, x_t: torch.Tensor, t: torch.Tensor, class_labels: Optiona
     return ModelOutput(model(x_t, t, class_labels))
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def effective_precision(precision: str, device: torch.device | str) -> str:
+    """What ``precision`` computes in on ``device``: "auto" is bf16 on CUDA (fp16 where bf16 is missing) and
+    fp32 elsewhere; the others are themselves. ValueError naming the allowed values otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
 
 
 def autocast_for(x: torch.Tensor, precision: str = "auto"):
     """The backbone's compute precision for inputs like ``x``: "auto" = bf16 autocast on CUDA (fp16 where bf16
-    is missing) and fp32 elsewhere; "fp32" = no autocast; "bf16" = bf16 autocast on any device (how the CUDA
-    numerics are measured on a CPU, docs/RESULTS.md)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
-    if precision == "bf16":
-        return torch.autocast(x.device.type, dtype=torch.bfloat16)
-    if precision == "auto" and x.device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast(x.device.type if x.device.type in ("cpu", "cuda") else "cpu", enabled=False)
+    is missing) and fp32 elsewhere; "fp32" = no autocast; "bf16" / "fp16" = that autocast on any device (bf16
+    on a CPU is how the CUDA numerics are measured, docs/RESULTS.md; CPU autocast runs fp16 too)."""
+    kind = x.device.type if x.device.type in ("cpu", "cuda") else "cpu"
+    used = effective_precision(precision, x.device)
+    if used == "fp32":
+        return torch.autocast(kind, enabled=False)
+    return torch.autocast(x.device.type, dtype=_DTYPES[used])
 
 
 def schedule_config(schedule: NoiseSchedule, beta_start: float = 1e-4, beta_end: float = 0.02) -> dict:
@@ -452,6 +462,7 @@ class NoiseConditionedClassifier(nn.Module):
         heads = cfg.num_heads if ch % cfg.num_heads == 0 else 1
         self.pool = AttentionPool2d(side, ch, heads, cfg.num_outputs)
         self.feature_dim = ch
+        self.precision = "auto"  # compute precision, see autocast_for (``sample --precision`` sets it)
 
     def _trunk(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor]) -> torch.Tensor:
         if self.class_embed is not None and class_labels is None:
@@ -467,7 +478,7 @@ class NoiseConditionedClassifier(nn.Module):
         return self.out_norm(self.middle(h, emb))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        with autocast_for(x_t):
+        with autocast_for(x_t, self.precision):
             logits = self.pool(self._trunk(x_t, t, class_labels))
         return logits.float()
 
