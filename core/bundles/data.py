@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from core.maths.eps_model import to_model_range  # noqa: F401 (the data's side of the model's range)
 from core.errors import DataError, InvalidImageError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -248,11 +249,6 @@ def load_image_folder(root: str | os.PathLike, size: int, channels: int,
     images = torch.from_numpy(np.stack(arrays))
     class_ids = torch.tensor(kept_cls, dtype=torch.long) if classes is not None else None
     return ImageSet(str(root), kept, images, class_ids, names, skipped)
-
-
-def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, C, H, W) in [0, 255] -> float32 in [-1, 1]."""
-    return images_u8.float() / 127.5 - 1.0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from core.maths.guidance import Guidance
-from core.nets.models import predict_eps
+from core.maths.eps_model import predict_eps
 from core.maths.schedule import VARIANCE_TYPES, RespacedSchedule, respace
 
 SAMPLERS = ("ddim", "ddpm")

@@ -141,7 +141,7 @@ def unet_feature_distance(model, blocks: int = UNET_FEAT_BLOCKS, t_frac: float =
     t_f = t_frac * T, unit-normalised over channels at each position, squared difference summed over
     channels, averaged over positions and blocks (a class-conditional model's class embedding is left
     out: features of the image alone). x0, x0_hat (N, C, H, W) in [-1, 1] -> (N,)."""
-    from core.nets.models import autocast_for
+    from core.maths.eps_model import autocast_for
 
     net = getattr(model, "net", None)
     if net is None or not all(hasattr(net, a) for a in ("conv_in", "time_proj", "time_embedding", "down_blocks")) \
@@ -220,7 +220,7 @@ def sample_noise(indices: torch.Tensor, draws: int, shape: tuple, seed: int) -> 
 def minority_score_batch(model, x0: torch.Tensor, indices: torch.Tensor, settings: ScoreSettings,
                          distance: Distance, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Eq. 7 (Eq. 16 with ``class_labels``): x0 (N, C, H, W) in [-1, 1], indices (N,) int -> scores (N,) float32."""
-    from core.nets.models import predict_eps
+    from core.maths.eps_model import predict_eps
 
     noise = sample_noise(indices, settings.draws, tuple(x0.shape[1:]), settings.seed).to(x0.device, x0.dtype)
     t = torch.full((x0.shape[0],), settings.t, dtype=torch.long, device=x0.device)
@@ -237,7 +237,7 @@ def minority_scores(model, images: torch.Tensor, indices: torch.Tensor, settings
                     distance: Distance, class_ids: Optional[torch.Tensor] = None, batch_size: int = 64,
                     progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
     """Score uint8 images (N, C, H, W) whose dataset rows are ``indices`` (N,); returns float32 (N,)."""
-    from core.bundles.data import to_model_range
+    from core.maths.eps_model import to_model_range
 
     if not 0 <= settings.t < model.schedule.T:
         raise ValueError(f"t must be in [0, {model.schedule.T}), got {settings.t}")

@@ -18,6 +18,7 @@ from torch import nn
 
 from core.nets.checkpoint import SCHEMA_VERSION, check_schema, load_weights_for, read_json, save_weights_and_config
 from core.errors import CheckpointError, OfflineError
+from core.maths.eps_model import PRECISIONS, ModelOutput, autocast_for, effective_precision, predict_eps  # noqa: F401
 from core.maths.schedule import VARIANCE_TYPES, NoiseSchedule, make_schedule
 
 MODEL_FILES = ("model.json", "model.safetensors")
@@ -73,15 +74,6 @@ def build_unet(cfg: UNetConfig) -> nn.Module:
     return UNet2DModel(**cfg.diffusers_kwargs())
 
 
-@dataclass(frozen=True)
-class ModelOutput:
-    """What the backbone predicts: eps (N, C, H, W) and, for a learned variance, its raw variance output
-    (N, C, H, W): v in [-1, 1] for learned_range, log sigma^2 for learned; None for the fixed types."""
-
-    eps: torch.Tensor
-    variance_values: Optional[torch.Tensor] = None
-
-
 class DiffusionModel(nn.Module):
     """A diffusers UNet2DModel plus its schedule, called as ``eps = model(x_t, t, class_labels)``;
     ``model.predict`` also returns the variance output of learned-variance models (``variance_type``)."""
@@ -129,42 +121,6 @@ class DiffusionModel(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x_t (N, C, H, W) in roughly [-3, 3]; t (N,) int64 in [0, T); class_labels (N,) int64 or None -> eps (N, C, H, W)."""
         return self.predict(x_t, t, class_labels).eps
-
-
-def predict_eps(model, x_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
-                precision: Optional[str] = None) -> ModelOutput:
-    """Any eps-model of the protocol as a ModelOutput: models with ``predict`` (DiffusionModel) give their
-    variance output and honour ``precision``; a plain callable ``model(x_t, t, class_labels)`` gives eps alone."""
-    if hasattr(model, "predict"):
-        return model.predict(x_t, t, class_labels, precision=precision)
-    return ModelOutput(model(x_t, t, class_labels))
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def effective_precision(precision: str, device: torch.device | str) -> str:
-    """What ``precision`` computes in on ``device``: "auto" is bf16 on CUDA (fp16 where bf16 is missing) and
-    fp32 elsewhere; the others are themselves. ValueError naming the allowed values otherwise."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
-    if precision != "auto":
-        return precision
-    if torch.device(device).type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def autocast_for(x: torch.Tensor, precision: str = "auto"):
-    """The backbone's compute precision for inputs like ``x``: "auto" = bf16 autocast on CUDA (fp16 where bf16
-    is missing) and fp32 elsewhere; "fp32" = no autocast; "bf16" / "fp16" = that autocast on any device (bf16
-    on a CPU is how the CUDA numerics are measured, docs/RESULTS.md; CPU autocast runs fp16 too)."""
-    kind = x.device.type if x.device.type in ("cpu", "cuda") else "cpu"
-    used = effective_precision(precision, x.device)
-    if used == "fp32":
-        return torch.autocast(kind, enabled=False)
-    return torch.autocast(x.device.type, dtype=_DTYPES[used])
 
 
 def schedule_config(schedule: NoiseSchedule, beta_start: float = 1e-4, beta_end: float = 0.02) -> dict:
