@@ -346,3 +346,13 @@ def test_cli_evaluate_paper_protocol_uses_two_spaces(tmp_path, capsys, monkeypat
     assert p["sets"][0]["avgknn_mean"] == pytest.approx(s["sets"][0]["avgknn_mean"], rel=1e-4)
     assert p["sets"][0]["fid"] != pytest.approx(s["sets"][0]["fid"], rel=1e-2)
     assert "(the paper's protocol)" in (tmp_path / "p" / "report.md").read_text()
+
+
+def test_inception_spaces_refuse_inputs_below_75_pixels_in_one_line():
+    """Inception-v3 cannot take inputs under 75 px (its stem shrinks them to nothing): a ValueError naming the
+    flag, not a RuntimeError from inside the network."""
+    from core.evaluation.metrics import make_extractor
+
+    for name in ("inception-random", "inception", "inception-fid"):
+        with pytest.raises(ValueError, match="--image-size must be at least 75"):
+            make_extractor(name, image_size=64)

@@ -214,6 +214,8 @@ def make_extractor(name: str, device: str | torch.device = "cpu", seed: int = 0,
         raise ValueError(f"unknown --features {name!r}; allowed: {', '.join(FEATURES)}")
     if image_size is not None and not 32 <= image_size <= 1024:
         raise ValueError(f"--image-size must be in [32, 1024], got {image_size}")
+    if image_size is not None and name.startswith("inception") and image_size < 75:
+        raise ValueError(f"--image-size must be at least 75 for the Inception-v3 spaces ({name}), got {image_size}")
     if name == "classifier":
         if classifier is None:
             raise ValueError("--features classifier needs a classifier (--classifier PATH or a bundle as --real)")
