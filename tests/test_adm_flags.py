@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from core.cli import main
-from core.nets import adm
-from core.nets.adm import (FLAGS_NAME, PRESETS, count_parameters, layout, parse_flags, preset_flags, same_model,
-                           tiny)
+from core.nets import adm, adm_flags
+from core.nets.adm import FLAGS_NAME, PRESETS, count_parameters, layout, tiny
+from core.nets.adm_flags import parse_flags, preset_flags, same_model
 from test_adm import _state, adm_md_count
 
 GD = "--diffusion_steps 1000 --learn_sigma True --resblock_updown True --use_fp16 True --use_scale_shift_norm True"
@@ -167,7 +167,7 @@ def test_celeba64_parameter_count_is_exact():
     assert (n64 - CELEBA64_PARAMS, t64 - CELEBA64_TENSORS) == (1000 * 4 * 192, 1)  # less the label embedding
     parsed = parse_flags(CELEBA64)
     p = parsed.preset
-    assert p.name == FLAGS_NAME and not adm.matching_presets(p)
+    assert p.name == FLAGS_NAME and not adm_flags.matching_presets(p)
     assert count_parameters(p) == CELEBA64_PARAMS and len(layout(p)) == CELEBA64_TENSORS
     assert (p.new_attention_order, p.num_classes, p.schedule, p.T, p.rescale_timesteps, adm.variance_type(p)) == \
         (True, 0, "cosine", 1000, False, "learned_range")

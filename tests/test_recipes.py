@@ -20,7 +20,7 @@ What the test changes, and nothing else:
   offline, and a Fréchet distance over 2048 random-network features costs seconds per set on two cores;
 - every ``--flags`` string (MODEL_FLAGS, the classifier's flags) is the recipe's own with only the widths shrunk:
   ``--num_channels 32``, ``--num_head_channels 32`` where given, ``--classifier_width 32``; the checkpoint the
-  import reads is a random state dict of exactly the layout ``core.nets.adm.parse_flags`` / ``layout`` give
+  import reads is a random state dict of exactly the layout ``core.nets.adm_flags.parse_flags`` / ``layout`` give
   for that shrunk string, so image size, levels, attention, schedule, T, class conditioning and variance are
   the recipe's;
 - documented override: the official LSUN minority head (``mc_lsun.pt``) only fits the full 128-channel
@@ -54,7 +54,7 @@ import pytest
 import torch
 
 from core.cli import build_parser, main
-from core.nets import adm
+from core.nets import adm, adm_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE_DIR = ROOT / "docs" / "recipes"
@@ -216,11 +216,11 @@ def test_recipe_values_are_the_papers(name):
         by.setdefault(cmd, []).append(a)
     # the backbone: the release's layout (CelebA: the layout no preset has, pinned in tests/test_adm_flags.py)
     (imp,) = by["import-adm"]
-    parsed = adm.parse_flags(imp.flags, "diffusion", imp.codebase or "guided")
+    parsed = adm_flags.parse_flags(imp.flags, "diffusion", imp.codebase or "guided")
     if paper["preset"] is None:
         assert parsed.preset.name == adm.FLAGS_NAME and adm.count_parameters(parsed.preset) == 295_136_454
     else:  # the LSUN bedroom, cat and horse models share the 256x256 unconditional model's layout
-        assert paper["preset"] in [q.name for q in adm.matching_presets(parsed.preset)], parsed.preset.name
+        assert paper["preset"] in [q.name for q in adm_flags.matching_presets(parsed.preset)], parsed.preset.name
     want_t = 0.9 if parsed.preset.schedule == "cosine" else 0.6
     assert paper["t"] == want_t, "the paper: t = 0.9T for cosine models, 0.6T for linear ones"
     # the score of the real set
@@ -230,7 +230,7 @@ def test_recipe_values_are_the_papers(name):
     # the classifier
     if paper["clf"] is None:
         (ic,) = by["import-adm-classifier"]
-        assert ic.minority_head and adm.parse_flags(ic.flags, "classifier").preset.name == "gd-256-classifier"
+        assert ic.minority_head and adm_flags.parse_flags(ic.flags, "classifier").preset.name == "gd-256-classifier"
         L = adm.PRESETS["mc-lsun-head"].out_channels
     else:
         (tc,) = by["train-classifier"]
@@ -335,7 +335,7 @@ def fake_checkpoints(argv: list, seed: int) -> list:
     kind = "diffusion" if argv[0] == "import-adm" else "classifier"
     argv[i + 1] = shrink(argv[i + 1], kind)
     codebase = argv[argv.index("--codebase") + 1] if "--codebase" in argv else "guided"
-    p = adm.parse_flags(argv[i + 1], kind, codebase).preset
+    p = adm_flags.parse_flags(argv[i + 1], kind, codebase).preset
     ckpt = Path(argv[argv.index("--checkpoint") + 1])
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     torch.save(random_state(p, seed), ckpt)
@@ -399,7 +399,7 @@ def test_recipe_runs_on_tiny_random_checkpoints(name, tmp_path, capsys, small_ls
     own = recipe_env(stmts)
     (imp,) = [a for a in core_commands(stmts, own) if a[0] == "import-adm"]
     codebase = imp[imp.index("--codebase") + 1] if "--codebase" in imp else "guided"
-    model = adm.parse_flags(imp[imp.index("--flags") + 1], "diffusion", codebase).preset
+    model = adm_flags.parse_flags(imp[imp.index("--flags") + 1], "diffusion", codebase).preset
     classes = 2 if model.num_classes else 0
     # the files the user holds: checkpoints (written before each import from its flags), data, real images
     overrides = dict(SCALE_KNOBS, WORK=str(tmp_path / "work"))

@@ -11,7 +11,8 @@ def _log(message: str) -> None:
 
 def print_preset_list(kinds: tuple) -> None:
     """``--preset list``: each preset's line, then the command that imports the same model from flags."""
-    from core.nets.adm import PRESETS, describe, preset_flags
+    from core.nets.adm import PRESETS, describe
+    from core.nets.adm_flags import preset_flags
 
     for p in PRESETS.values():
         if p.kind not in kinds:
@@ -28,7 +29,8 @@ def resolve_preset(a, kind: str):
     """(preset, flags record or None, lines saying what the flags describe) from ``--preset NAME`` or ``--flags
     "..."`` (exactly one, with --checkpoint and --out); the flags are parsed, and refused on one line, before any
     file is read. The lines are for after the import, so that any error stays the only line."""
-    from core.nets.adm import FLAGS_NAME, count_parameters, matching_presets, parse_flags, preset
+    from core.nets.adm import FLAGS_NAME, count_parameters, preset
+    from core.nets.adm_flags import matching_presets, parse_flags
 
     if (a.preset is None) == (a.flags is None):
         raise ValueError('give --preset NAME (or list) or --flags "<the release\'s flags>", exactly one')
