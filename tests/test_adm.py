@@ -576,8 +576,8 @@ def test_minority_classifier_imports_and_guides_the_sampler(tmp_path, monkeypatc
     t0 = int(ts[-1])
     assert t0 == 999 and first["guided"][0].shape == (2, 3, 32, 32)
     x = x_T.double().requires_grad_(True)
-    logits = cascade_logits(SMALL_CLF, _double(torch.load(tmp_path / "clf.pt")), SMALL_HEAD,
-                            _double(torch.load(tmp_path / "head.pt")), x, torch.full((2,), t0))
+    logits = cascade_logits(SMALL_CLF, _double(torch.load(tmp_path / "clf.pt", weights_only=True)), SMALL_HEAD,
+                            _double(torch.load(tmp_path / "head.pt", weights_only=True)), x, torch.full((2,), t0))
     (grad,) = torch.autograd.grad(torch.log_softmax(logits, dim=-1)[:, 4].sum(), x)
     abar = float(model.schedule.abar[t0])
     want = (1 - abar) / abar ** 0.5 * 3.0 * grad

@@ -20,7 +20,17 @@ from core.nets.checkpoint import load_tensors, save_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 MRI = ROOT / "assets" / "mri-atrophy"
-PASSWD = Path("/etc/passwd")
+OUTSIDE_TEXT = "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
+
+
+@pytest.fixture
+def outside(tmp_path):
+    """A file outside the bundle, shaped like /etc/passwd (the probe's target), made here so no test depends on
+    the machine's own files."""
+    f = tmp_path / "outside" / "passwd"
+    f.parent.mkdir()
+    f.write_text(OUTSIDE_TEXT)
+    return f
 
 
 def _sha(path: Path) -> str:
@@ -63,11 +73,10 @@ def test_the_shipped_bundles_pass_every_check():
         assert load_real(b, m).images.shape[0] == m["dataset"]["n"]
 
 
-@pytest.mark.skipif(not PASSWD.is_file(), reason="needs /etc/passwd as the outside file")
 @pytest.mark.parametrize("name", ["real.csv", "model.json", "classifier.json"])
-def test_a_file_that_is_a_symlink_out_of_the_bundle_is_refused_even_with_its_sha(bundle, name):
+def test_a_file_that_is_a_symlink_out_of_the_bundle_is_refused_even_with_its_sha(bundle, name, outside):
     (bundle / name).unlink()
-    (bundle / name).symlink_to(PASSWD)
+    (bundle / name).symlink_to(outside)
     _fix_sha(bundle, name)
     _refused(bundle, name, "symlink")
 
@@ -223,11 +232,10 @@ def test_real_csv_text_is_checked_before_the_app_shows_it(bundle):
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-@pytest.mark.skipif(not PASSWD.is_file(), reason="needs /etc/passwd as the outside file")
 @pytest.mark.parametrize("command", ["sample", "score"])
-def test_the_command_line_refuses_a_tampered_bundle_in_one_line(bundle, tmp_path, capsys, command):
+def test_the_command_line_refuses_a_tampered_bundle_in_one_line(bundle, tmp_path, capsys, command, outside):
     (bundle / "real.csv").unlink()
-    (bundle / "real.csv").symlink_to(PASSWD)
+    (bundle / "real.csv").symlink_to(outside)
     _fix_sha(bundle, "real.csv")
     data = tmp_path / "d"
     data.mkdir()
@@ -251,8 +259,7 @@ def test_score_bundle_refuses_a_huge_draws_before_any_allocation(bundle, tmp_pat
     assert len(err) == 1 and "'score.draws' must be an integer in [1, 100]" in err[0], err
 
 
-@pytest.mark.skipif(not PASSWD.is_file(), reason="needs /etc/passwd as the outside file")
-def test_the_app_never_serves_a_bundle_that_reaches_outside(bundle, monkeypatch, capsys):
+def test_the_app_never_serves_a_bundle_that_reaches_outside(bundle, monkeypatch, capsys, outside):
     """app.py with the symlinked bundle alone: exit 2, no server; beside a good bundle: skipped, and the page
     (the /config every visitor gets) carries nothing of /etc/passwd."""
     import importlib.util
@@ -262,7 +269,7 @@ def test_the_app_never_serves_a_bundle_that_reaches_outside(bundle, monkeypatch,
     from app import handlers as h
 
     (bundle / "real.csv").unlink()
-    (bundle / "real.csv").symlink_to(PASSWD)
+    (bundle / "real.csv").symlink_to(outside)
     _fix_sha(bundle, "real.csv")
     spec = importlib.util.spec_from_file_location("app_entry", ROOT / "app.py")
     app_module = importlib.util.module_from_spec(spec)
@@ -274,7 +281,7 @@ def test_the_app_never_serves_a_bundle_that_reaches_outside(bundle, monkeypatch,
     assert "real.csv is a symlink" in capsys.readouterr().err and "demo" not in seen
     assert app_module.main(["--bundle", str(MRI), "--bundle", str(bundle)]) == 0
     assert "real.csv is a symlink" in capsys.readouterr().err
-    first_line = PASSWD.read_text().splitlines()[0]
+    first_line = OUTSIDE_TEXT.splitlines()[0]
     page = json.dumps(seen["demo"].config, default=str)
     assert first_line not in page and "root:x:0:0" not in page
     assert "was skipped" in page
