@@ -123,6 +123,25 @@ def test_scale_zero_equals_standard_sampler(pipeline, tmp_path, sampler):
     assert not np.array_equal(w, s), "a positive scale must change the samples"
 
 
+@pytest.mark.parametrize("sampler", ["dpmpp-2m", "dpmpp-2m-sde", "unipc", "euler-a", "diffusers-ddim", "diffusers-ddpm"])
+def test_diffusers_schedulers_sample_guided_and_unguided(pipeline, tmp_path, capsys, sampler):
+    """Issue 26: every listed scheduler from the command line, guided (minority, a class range) and standard;
+    the settings record it; self-guided and boost-skip with it are one line."""
+    _, _, run = pipeline
+    assert main(sample_args(run, tmp_path / "g.npz", sampler=sampler, minority_class="2-3")) == 0
+    assert main(sample_args(run, tmp_path / "s.npz", sampler=sampler, classifier=None, method="standard")) == 0
+    g, s = (np.load(tmp_path / f"{n}.npz") for n in "gs")
+    assert g["images"].shape == (5, 16, 16, 1) and not np.array_equal(g["images"], s["images"])
+    settings = json.loads(str(g["settings_json"]))
+    assert settings["sampler"] == sampler and settings["steps"] == 8
+    capsys.readouterr()
+    for method in ("self-guided", "boost-skip"):
+        assert main(sample_args(run, tmp_path / "x.npz", sampler=sampler, classifier=None, method=method)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--method {method} is defined for the samplers ddim, ddpm" in err[0], err
+    assert not (tmp_path / "x.npz").exists()
+
+
 def test_training_free_methods_from_the_cli(pipeline, tmp_path):
     _, _, run = pipeline
     std = sample_args(run, tmp_path / "s.npz", classifier=None, method="standard")

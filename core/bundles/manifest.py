@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from core.errors import CheckpointError
+from core.maths.sampling import SAMPLERS
 
 BUNDLE_FILES = ("model.json", "model.safetensors", "classifier.json", "classifier.safetensors",
                 "real.safetensors", "real.csv")
@@ -36,7 +37,7 @@ LIMITS = {  # inclusive bounds of the manifest's numbers
     "app.steps": (1, 1000),  # sampler steps ``sample --bundle`` defaults to (and at most T)
 }
 SCHEDULES = ("linear", "cosine")
-APP_SAMPLERS = ("ddim", "ddpm")
+APP_SAMPLERS = SAMPLERS  # ours (ddim, ddpm) and diffusers' schedulers (issue 26)
 TEXT_MAX = 120  # characters of a name the app shows
 COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_.%()-]{0,63}")  # a metadata column name (a Browse order, a filter key)
 SHA256 = re.compile(r"[0-9a-f]{64}")

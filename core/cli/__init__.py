@@ -11,6 +11,7 @@ import argparse
 from typing import Optional
 
 from core.errors import MinorityError
+from core.maths.sampling import SAMPLERS as SAMPLER_NAMES
 from core.maths.score import DISTANCES
 from core.cli.common import EXIT_USER_ERROR, _fail, _Parser, check_output, close_bars, finite_float, seed_int
 from core.cli.data import cmd_build, cmd_build_demo, cmd_data_faces, cmd_data_mri_phantom
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--map", choices=["umap", "pca"], default="umap", help="2-D map of the real data")
     b.add_argument("--work", default=None, help="intermediate files (default OUT.work); a rerun resumes from them")
     b.add_argument("--force", action="store_true", help="replace a different bundle already in --out")
-    b.add_argument("--app-sampler", choices=["ddim", "ddpm"], default=None,
+    b.add_argument("--app-sampler", choices=list(SAMPLER_NAMES), default=None,
                    help="the sampler the app and sample --bundle start with for this bundle (default: none recorded; "
                         "the app starts on ddim, sample on each method's own; the faces model needs ddpm)")
     b.add_argument("--seed", type=seed_int, default=0)
@@ -173,10 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of images (write --num-samples under torchrun / accelerate launch, whose own "
                         "parsers take --n for an abbreviation of their flags)")
     m.add_argument("--steps", type=int, default=None, help="respaced sampler steps (default: the bundle manifest's "
-                                                           "app.steps, else 250 ancestral, 50 DDIM; at most T)")
-    m.add_argument("--sampler", default=None, help="ddpm (ancestral) | ddim (default ddpm, the papers' and official "
-                                                   "code's sampler of every method; for standard, minority and "
-                                                   "mixture the bundle manifest's app.sampler if it records one)")
+                                                           "app.steps, else 250 ancestral, 50 DDIM, 20 for dpmpp-2m, "
+                                                           "dpmpp-2m-sde and unipc, 50 euler-a; at most T)")
+    m.add_argument("--sampler", default=None, help="ddpm (ancestral) | ddim: ours, ADM-exact (default ddpm, the papers' "
+                                                   "and official code's sampler of every method; for standard, "
+                                                   "minority and mixture the bundle manifest's app.sampler if it "
+                                                   "records one) | diffusers' schedulers with guidance folded into "
+                                                   "eps: dpmpp-2m | dpmpp-2m-sde | unipc | euler-a | diffusers-ddim "
+                                                   "| diffusers-ddpm (not for self-guided and boost-skip)")
     m.add_argument("--precision", default="auto", help="compute precision of the backbone and of the minority "
                                                        "classifier: auto (bf16 on CUDA, fp32 elsewhere) | fp32 | "
                                                        "bf16 | fp16")

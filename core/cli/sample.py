@@ -21,7 +21,10 @@ METHODS = ("standard", "minority", "mixture", "self-guided", "boost-skip")
 # Each method's default sampler is its paper's and official code's: ancestral (minority guidance: the paper's
 # Table 2, 250 respaced steps; sg-minority's and Boost-and-Skip's scripts too). DDIM is a flag.
 DEFAULT_SAMPLER = "ddpm"
-DEFAULT_STEPS = {"ddpm": 250, "ddim": 50}
+# diffusers' schedulers (issue 26): the solvers' own papers' step counts for guided sampling (DPM-Solver++ reports
+# 15-20 for classifier guidance); what each costs on our bundles is measured in docs/RESULTS.md
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpmpp-2m": 20, "dpmpp-2m-sde": 20, "unipc": 20, "euler-a": 50,
+                 "diffusers-ddim": 50, "diffusers-ddpm": 250}
 ANCESTRAL_METHODS = ("self-guided", "boost-skip")  # DDIM breaks them (docs/RESULTS.md): a bundle's app.sampler
 # does not apply to them, as the app switches them to ancestral
 METHOD_WORDS = {"standard": "standard sampling", "minority": "minority guidance", "mixture": "mixture guidance",
@@ -207,6 +210,12 @@ def cmd_sample(a) -> int:
     a.sampler, a.steps, how = sampler_and_steps(a, app, model.schedule.T)
     if a.steps > model.schedule.T:
         raise ValueError(f"--steps must be in [1, {model.schedule.T}] for this model, got {a.steps}")
+    from core.maths.sampling import REFERENCE_SAMPLERS
+    from core.maths.solvers import variance_note
+
+    if a.method in ANCESTRAL_METHODS and a.sampler not in REFERENCE_SAMPLERS:
+        raise ValueError(f"--method {a.method} is defined for the samplers {', '.join(REFERENCE_SAMPLERS)} (its paper's "
+                         f"loop), not for --sampler {a.sampler}")
     init = build_init(a)
     if model.num_classes:
         if a.class_label is None or not 0 <= a.class_label < model.num_classes:
@@ -228,6 +237,9 @@ def cmd_sample(a) -> int:
         warnings.append("the official self-guided sampler is ancestral (--sampler ddpm); with DDIM the guidance "
                         "moves x0_hat by (1 - abar_t) / sqrt(abar_t) times the scale, unclipped, at every guided "
                         "step and the images break at scales that work with ddpm (docs/RESULTS.md)")
+    note = variance_note(a.sampler, getattr(model, "variance_type", "fixed_small"))
+    if note is not None:
+        warnings.append(note)
     for m in warnings:
         print(f"warning: {m}", file=sys.stderr)
     chunks = [(k, s, min(a.batch_size, a.n - s)) for k, s in enumerate(range(0, a.n, a.batch_size))]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, ClassVar, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -119,6 +119,20 @@ class GuidanceSum:
         return total
 
 
+def defined_for(guidance) -> Optional[tuple]:
+    """The samplers a guidance is defined for (None: every sampler, as for the classifier terms); a sum is defined
+    where all of its terms are."""
+    if guidance is None:
+        return None
+    parts = guidance.terms if isinstance(guidance, GuidanceSum) else (guidance,)
+    allowed = None
+    for term in parts:
+        own = getattr(term, "SAMPLERS", None)
+        if own is not None:
+            allowed = tuple(s for s in (allowed or own) if s in own)
+    return allowed
+
+
 def combine(*terms) -> Optional[Guidance]:
     """Sum the given terms, dropping ``None`` and those with scale 0; ``None`` when nothing is left.
 
@@ -147,6 +161,10 @@ class SelfGuidance:
     draws come from a generator seeded by ``seed`` at each new trajectory (the index stops decreasing), so
     runs are reproducible.
     """
+
+    # the samplers it is defined for: it reads the respaced index and is scaled by the ancestral step's variance
+    # (DDIM: the eps form); a diffusers scheduler is refused (issue 26)
+    SAMPLERS: ClassVar[tuple] = ("ddpm", "ddim")
 
     model: nn.Module  # eps-model with .schedule
     scale: float  # >= 0

@@ -16,17 +16,22 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from core.maths.guidance import Guidance
+from core.maths.guidance import Guidance, defined_for
 from core.maths.eps_model import predict_eps
 from core.maths.schedule import VARIANCE_TYPES, RespacedSchedule, respace
+from core.maths.solvers import SOLVERS, sample_scheduler, solver_timesteps
 
-SAMPLERS = ("ddim", "ddpm")
+REFERENCE_SAMPLERS = ("ddim", "ddpm")  # ours, ADM-exact
+SAMPLERS = REFERENCE_SAMPLERS + SOLVERS  # and diffusers' schedulers through the guided-eps wrapper (issue 26)
 
 
 @dataclass(frozen=True)
 class BoostSkip:
     """Boost-and-Skip (Um & Ye, ICML 2025), an initialisation term: start from ``gamma`` * N(0, I) and skip
-    the first ``skip`` steps of the (respaced) sampling schedule. gamma = 1, skip = 0 is the standard start."""
+    the first ``skip`` steps of the (respaced) sampling schedule. gamma = 1, skip = 0 is the standard start.
+    Defined for our samplers (its paper's is ancestral); a diffusers scheduler keeps its own grid and is refused."""
+
+    SAMPLERS = REFERENCE_SAMPLERS
 
     gamma: float = 1.0  # > 0; the paper uses 2.5 .. 4.0
     skip: int = 0  # Delta_t >= 0 steps dropped from the noisy end
@@ -159,14 +164,21 @@ def sample_ddim(model, x_T: torch.Tensor, timesteps: torch.Tensor, *, guidance: 
 def sample(model, n: int, *, steps: int = 50, sampler: str = "ddim", eta: float = 0.0,
            guidance: Optional[Guidance] = None, class_labels: Optional[torch.Tensor] = None,
            generator: Optional[torch.Generator] = None, callback: Optional[StepCallback] = None,
-           clip_denoised: bool = True, init: Optional[BoostSkip] = None) -> torch.Tensor:
-    """Draw ``n`` images (n, C, H, W) in [-1, 1] from x_T ~ N(0, I) with the named sampler; ``init`` may
-    change the start (Boost-and-Skip) before the loop runs."""
+           clip_denoised: bool = True, init: Optional[BoostSkip] = None, notes: Optional[list] = None) -> torch.Tensor:
+    """Draw ``n`` images (n, C, H, W) in [-1, 1] from x_T ~ N(0, I) with the named sampler (ours: ddpm, ddim; or a
+    diffusers scheduler of ``solvers.SOLVERS``); ``init`` may change the start (Boost-and-Skip) before the loop
+    runs; ``notes`` (a list) collects what the caller should say once (a learned variance a scheduler drops)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
-    timesteps = model.schedule.timesteps(steps)
+    allowed = defined_for(guidance)
+    if allowed is not None and sampler not in allowed:
+        raise ValueError(f"self-guided minority sampling is defined for the samplers {', '.join(allowed)}, "
+                         f"not for {sampler}")
+    if init is not None and sampler not in BoostSkip.SAMPLERS:
+        raise ValueError(f"Boost-and-Skip is defined for the samplers {', '.join(BoostSkip.SAMPLERS)}, not for {sampler}")
+    timesteps = solver_timesteps(sampler, model.schedule, steps) if sampler in SOLVERS else model.schedule.timesteps(steps)
     device = model.device
     shape = (n, model.channels, model.image_size, model.image_size)
     x_T = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
@@ -176,6 +188,8 @@ def sample(model, n: int, *, steps: int = 50, sampler: str = "ddim", eta: float 
         class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).expand(n)
     kwargs = dict(guidance=guidance, class_labels=class_labels, generator=generator, callback=callback,
                   clip_denoised=clip_denoised)
+    if sampler in SOLVERS:
+        return sample_scheduler(model, x_T, timesteps, name=sampler, notes=notes, **kwargs)
     if sampler == "ddim":
         return sample_ddim(model, x_T, timesteps, eta=eta, **kwargs)
     return sample_ddpm(model, x_T, timesteps, **kwargs)
