@@ -27,7 +27,11 @@ if TYPE_CHECKING:
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "mri-atrophy"
 METHODS = ("minority guidance", "self-guided", "Boost-and-Skip", "standard")
-SAMPLERS = {"DDIM": "ddim", "ancestral (DDPM)": "ddpm"}
+# ours (ADM-exact) first, then diffusers' schedulers with guidance folded into eps (issue 26, core/maths/solvers.py)
+SAMPLERS = {"DDIM": "ddim", "ancestral (DDPM)": "ddpm", "DPM-Solver++ 2M": "dpmpp-2m",
+            "DPM-Solver++ 2M SDE": "dpmpp-2m-sde", "UniPC": "unipc", "Euler ancestral": "euler-a",
+            "DDIM (diffusers)": "diffusers-ddim", "DDPM (diffusers)": "diffusers-ddpm"}
+OWN_SAMPLERS = ("DDIM", "ancestral (DDPM)")  # the samplers self-guidance and Boost-and-Skip are defined for
 LIMITS = {"steps": (5, 100), "n": (1, 16), "scale": (0.0, 10.0), "seed": (0, 2 ** 31 - 1), "gamma": (1.0, 5.0),
           "skip": (0, 10), "interval": (1, 10), "spread": (0, 10)}
 DEFAULTS = {"steps": 25, "n": 16, "scale": 1.5, "seed": 0, "sampler": "DDIM", "method": "minority guidance",
@@ -82,6 +86,9 @@ class GenerateRequest:
             raise MinorityError(f"unknown method {clip_text(self.method)!r}; allowed: {', '.join(METHODS)}")
         if self.sampler not in SAMPLERS:
             raise MinorityError(f"unknown sampler {clip_text(self.sampler)!r}; allowed: {', '.join(SAMPLERS)}")
+        if self.method in ("self-guided", "Boost-and-Skip") and self.sampler not in OWN_SAMPLERS:
+            raise MinorityError(f"{self.method} is defined for the samplers {' and '.join(OWN_SAMPLERS)}, "
+                                f"not for {self.sampler}")
         l = number("minority class l", self.minority_class, 0, num_classes - 1, whole=True)  # noqa: E741
         steps = number("steps", self.steps, *LIMITS["steps"], whole=True)
         return GenerateRequest(
@@ -670,6 +677,21 @@ def method_summary(req: GenerateRequest, num_classes: int) -> str:
             if req.sampler == "DDIM" and req.gamma != 1 else ""
         return f"Boost-and-Skip, gamma = {req.gamma:g}, skip = {req.skip}{warn}"
     return "standard sampler"
+
+
+def app_defaults(manifest: dict) -> tuple:
+    """(sampler label, steps) the page starts with: the manifest's app.sampler / app.steps when recorded (steps
+    clamped to the slider's range), else DEFAULTS."""
+    app = manifest.get("app") or {}
+    label = {v: k for k, v in SAMPLERS.items()}.get(app.get("sampler"), DEFAULTS["sampler"])
+    steps = app.get("steps") if app.get("sampler") in (None, SAMPLERS[label]) else None
+    lo, hi = LIMITS["steps"]
+    return label, min(max(int(steps), lo), hi) if steps is not None else DEFAULTS["steps"]
+
+
+def next_live(count) -> int:
+    """A slider release: the live counter's next value (its change starts a run)."""
+    return int(count or 0) + 1
 
 
 def on_generate(studio: Studio, minority_class, scale, steps, n, seed, sampler, method, gamma, skip, interval,

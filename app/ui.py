@@ -207,6 +207,7 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
                 f"minority score: {DISTANCE_NAMES.get(sc['distance'], sc['distance'])} at t = {sc['t']}, "
                 f"{sc['draws']} noise draws" + (f" · ground truth: `{truth}`" if truth else ""))
     visit = gr.State(None)
+    live = gr.State(0)  # counts slider releases; its change starts a live run
     with gr.Tab("Generate"):
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
@@ -233,10 +234,11 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
                                          label="Self-guidance interval k",
                                          info="guide the steps whose index (counting down to 0) is a multiple "
                                               "of k, as the official sampler does")
-                start = {v: k for k, v in h.SAMPLERS.items()}.get((manifest.get("app") or {}).get("sampler"), d["sampler"])
-                sampler = gr.Radio(list(h.SAMPLERS), value=start, label="Sampler", elem_id=eid("sampler"),
-                                   info="the bundle's recommended sampler is selected" if start != d["sampler"] else None)
-                steps = gr.Slider(*h.LIMITS["steps"], value=d["steps"], step=1, label="Steps", elem_id=eid("steps"))
+                start, start_steps = h.app_defaults(manifest)
+                sampler = gr.Dropdown(list(h.SAMPLERS), value=start, label="Sampler", elem_id=eid("sampler"),
+                                      info="the bundle's recommended sampler is selected" if start != d["sampler"]
+                                      else "DDIM and ancestral are ADM-exact; the others are diffusers' schedulers")
+                steps = gr.Slider(*h.LIMITS["steps"], value=start_steps, step=1, label="Steps", elem_id=eid("steps"))
                 n = gr.Slider(*h.LIMITS["n"], value=d["n"], step=1, label="Number of images", elem_id=eid("n"))
                 # precision=None: Gradio's precision=0 rounds 1.5 to 2 before the handler sees it (an API call's
                 # seed 1.5 ran as seed 2); GenerateRequest.check refuses a fraction by name instead
@@ -300,15 +302,25 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
     class_fn = _readable(functools.partial(h.on_class, studio))
     l_slider.change(class_fn, l_slider, [l_words, l_examples], api_visibility="private")
     method.change(_method_controls, method, [boost_box, self_box, sampler], queue=False, api_visibility="private")
-    gen = run_btn.click(_readable(functools.partial(h.on_generate, studio)),
-                        [l_slider, w_slider, steps, n, seed, sampler, method, gamma, skip, interval, spread, visit],
-                        [guided, standard, status, download, visit],
+    gen_inputs = [l_slider, w_slider, steps, n, seed, sampler, method, gamma, skip, interval, spread, visit]
+    gen_outputs = [guided, standard, status, download, visit]
+    gen = run_btn.click(_readable(functools.partial(h.on_generate, studio)), gen_inputs, gen_outputs,
                         api_name=api("generate"), trigger_mode="always_last", concurrency_limit=1,
                         concurrency_id="sampling", show_progress="hidden")
+    # Live sliders (issue 26): releasing l, w or the range bumps a hidden counter after cancelling the run in
+    # flight (Generate's or an earlier release's); the counter's change starts the new grid. Cancelling inside
+    # the bump, before the counter changes, means a release can never cancel the run it starts itself.
+    live_runs = live.change(_readable(functools.partial(h.on_generate, studio)), gen_inputs, gen_outputs,
+                            api_visibility="private", trigger_mode="multiple", concurrency_limit=1,
+                            concurrency_id="sampling", show_progress="hidden")
+    gr.on([l_slider.release, w_slider.release, spread.release], h.next_live, live, live, cancels=[gen, live_runs],
+          concurrency_limit=None, show_progress="hidden", api_visibility="private")  # queued: a queue=False
+    # event carries no session, and Gradio tracks a State's change only within one
+    run_btn.click(None, None, None, cancels=[live_runs], queue=False, api_visibility="private")
     density_fn = _readable(functools.partial(h.on_density, studio))
     gen.success(density_fn, visit, [density_plot, map_plot], api_name=api("density"), concurrency_limit=1,
                 concurrency_id="sampling")
-    stop_btn.click(None, None, None, cancels=[gen], queue=False, api_visibility="private")
+    stop_btn.click(None, None, None, cancels=[gen, live_runs], queue=False, api_visibility="private")
     for grid, gallery in (("guided", guided), ("standard", standard)):
         gallery.select(_selected(studio, grid), visit, [nb_strip, nb_text], api_visibility="private",
                        concurrency_limit=1, concurrency_id="sampling")

@@ -35,6 +35,8 @@ def test_building_the_ui_loads_no_weights():
     ({"method": "Boost-and-Skip", "gamma": 0.5}, "gamma must be in"),
     ({"interval": 0}, "interval must be in"),
     ({"sampler": "euler"}, "allowed: DDIM"),
+    ({"method": "self-guided", "sampler": "UniPC"}, "self-guided is defined for the samplers DDIM and ancestral \\(DDPM\\), not for UniPC"),
+    ({"method": "Boost-and-Skip", "sampler": "Euler ancestral"}, "Boost-and-Skip is defined for the samplers"),
     ({"seed": "abc"}, "seed must be a number, got 'abc'"),
     ({"minority_class": float("nan")}, "minority class l must be in \\[0, 49\\], got nan"),
     ({"spread": float("nan")}, "range below l must be in \\[0, 10\\], got nan"),
@@ -95,6 +97,21 @@ def test_caption_scores_are_the_bundles_score_at_caption_draws(studio):
                            ScoreSettings(s["distance"], s["t"], h.CAPTION_DRAWS, s["seed"]),
                            make_distance(s["distance"], seed=s["seed"], model=b.model))
     np.testing.assert_allclose(studio.score(imgs, seed=7), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("label", list(h.SAMPLERS))
+def test_every_app_sampler_generates_guided_and_standard(studio, label):
+    """Issue 26: each sampler of the app's choice (ours and diffusers') runs the guided and the standard grid."""
+    run = studio.generate_all(h.GenerateRequest(49, 2.5, steps=5, n=2, seed=4, sampler=label))
+    assert run.guided.shape == run.standard.shape == (2, 32, 32, 1)
+    assert not np.array_equal(run.guided, run.standard)
+
+
+def test_the_page_starts_on_the_manifests_sampler_and_steps():
+    assert h.app_defaults({}) == (h.DEFAULTS["sampler"], h.DEFAULTS["steps"])
+    assert h.app_defaults({"app": {"sampler": "dpmpp-2m", "steps": 10}}) == ("DPM-Solver++ 2M", 10)
+    assert h.app_defaults({"app": {"sampler": "ddpm"}}) == ("ancestral (DDPM)", h.DEFAULTS["steps"])
+    assert h.app_defaults({"app": {"sampler": "unipc", "steps": 500}}) == ("UniPC", h.LIMITS["steps"][1])
 
 
 def test_scale_zero_is_the_standard_sampler(studio):
