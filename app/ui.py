@@ -37,6 +37,17 @@ Steer a diffusion model toward **rare** samples (Um, Lee & Ye, ICLR 2024). Pick 
 grid is guided; the right grid is the standard sampler from the same seed."""
 
 
+def gpu(fn):
+    """Hugging Face ZeroGPU's convention: when the ``spaces`` package is importable (a Space), the GPU work
+    (generate, score an image) is wrapped in ``@spaces.GPU``, which attaches a GPU for the call; elsewhere ``fn``
+    itself, unchanged."""
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    return spaces.GPU(fn)
+
+
 def _readable(fn):
     """Turn project errors into a gr.Error the user reads; other errors become one line, never a traceback."""
     def convert(e):
@@ -304,13 +315,14 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
     method.change(_method_controls, method, [boost_box, self_box, sampler], queue=False, api_visibility="private")
     gen_inputs = [l_slider, w_slider, steps, n, seed, sampler, method, gamma, skip, interval, spread, visit]
     gen_outputs = [guided, standard, status, download, visit]
-    gen = run_btn.click(_readable(functools.partial(h.on_generate, studio)), gen_inputs, gen_outputs,
+    generate_fn = gpu(_readable(functools.partial(h.on_generate, studio)))
+    gen = run_btn.click(generate_fn, gen_inputs, gen_outputs,
                         api_name=api("generate"), trigger_mode="always_last", concurrency_limit=1,
                         concurrency_id="sampling", show_progress="hidden")
     # Live sliders (issue 26): releasing l, w or the range bumps a hidden counter after cancelling the run in
     # flight (Generate's or an earlier release's); the counter's change starts the new grid. Cancelling inside
     # the bump, before the counter changes, means a release can never cancel the run it starts itself.
-    live_runs = live.change(_readable(functools.partial(h.on_generate, studio)), gen_inputs, gen_outputs,
+    live_runs = live.change(generate_fn, gen_inputs, gen_outputs,
                             api_visibility="private", trigger_mode="multiple", concurrency_limit=1,
                             concurrency_id="sampling", show_progress="hidden")
     gr.on([l_slider.release, w_slider.release, spread.release], h.next_live, live, live, cancels=[gen, live_runs],
@@ -326,10 +338,10 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
                        concurrency_limit=1, concurrency_id="sampling")
 
     upload_fn = _readable(functools.partial(v.on_upload, studio, owned=functools.partial(claims_upload, demo)))
-    upload.upload(lambda path: _with_slider(upload_fn(path)), upload,
+    upload.upload(gpu(lambda path: _with_slider(upload_fn(path))), upload,
                   [up_state, z_slider, seen, verdict_md, verdict_map, verdict_nb], api_name=api("score_image"),
                   concurrency_limit=1, concurrency_id="sampling")
-    z_slider.release(_readable(functools.partial(v.on_score, studio)), [up_state, z_slider],
+    z_slider.release(gpu(_readable(functools.partial(v.on_score, studio))), [up_state, z_slider],
                      [seen, verdict_md, verdict_map, verdict_nb], api_visibility="private",
                      concurrency_limit=1, concurrency_id="sampling")
 
