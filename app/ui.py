@@ -202,6 +202,7 @@ def build_ui(studios, delete_cache: tuple = DELETE_CACHE) -> gr.Blocks:
 
 def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
     """One bundle's tabs; returns (handlers, inputs, outputs) of what its page shows on load."""
+    from . import sweep as sw
     from . import verdicts as v
 
     manifest = studio.manifest_cached()
@@ -274,6 +275,15 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
                 nb_strip = gr.Image(label="Selected image and its nearest real images", height=110,
                                     interactive=False, elem_id=eid("neighbours"))
                 nb_text = gr.Markdown(elem_id=eid("neighbours-text"))
+                with gr.Accordion("Sweep one seed across levels (the paper's Figures 15, 16)", open=False,
+                                  elem_id=eid("sweep-box")):
+                    with gr.Row():
+                        sweep_kind = gr.Radio(list(sw.SWEEP_KINDS), value=sw.SWEEP_KINDS[0], show_label=False,
+                                              elem_id=eid("sweep-kind"))
+                        sweep_btn = gr.Button("Sweep", elem_id=eid("sweep"))
+                    sweep_text = gr.Markdown(elem_id=eid("sweep-text"))
+                    sweep_grid = gr.Gallery(show_label=False, columns=5, height=200, object_fit="contain",
+                                            elem_id=eid("sweep-grid"), allow_preview=False)
     with gr.Tab("Score an image", elem_id=eid("score-tab")):
         gr.Markdown("Upload a PNG or JPEG, or a NIfTI volume (.nii / .nii.gz; then choose the axial slice), at most "
                     "20 MB. It is converted, cropped and resized as the bundle's data were, scored with the bundle's "
@@ -333,6 +343,9 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
     gen.success(density_fn, visit, [density_plot, map_plot], api_name=api("density"), concurrency_limit=1,
                 concurrency_id="sampling")
     stop_btn.click(None, None, None, cancels=[gen, live_runs], queue=False, api_visibility="private")
+    sweep_btn.click(gpu(_readable(functools.partial(sw.on_sweep, studio))),
+                    [sweep_kind, l_slider, w_slider, steps, seed, sampler], [sweep_grid, sweep_text],
+                    api_name=api("sweep"), concurrency_limit=1, concurrency_id="sampling")
     for grid, gallery in (("guided", guided), ("standard", standard)):
         gallery.select(_selected(studio, grid), visit, [nb_strip, nb_text], api_visibility="private",
                        concurrency_limit=1, concurrency_id="sampling")

@@ -301,3 +301,26 @@ def test_claims_upload_takes_only_the_upload_routes_files_once(tmp_path):
     assert not claims_upload(demo, str(tmp_path / "h1" / ".." / "h2" / "a.png"))
     assert claims_upload(demo, str(tmp_path / "h1" / "x" / ".." / "a.png"))  # the same file, spelled otherwise
     assert demo.upload_file_set == set() and not claims_upload(demo, up)  # a replay is refused
+
+
+def test_the_level_sweep_shows_one_seed_at_five_classes_and_five_scales(studio):
+    """Issue 26.3's sweep view: l = 0, L/4, L/2, 3L/4, L-1 at w (or w = 0..4 at l) from one seed; the captions
+    carry each level, score and atrophy; on the MRI bundle the estimated atrophy at l = L-1 is above l = 0's and
+    w = 4's above w = 0's (same noise: only the level changed)."""
+    from app import sweep as sw
+
+    L = studio.bundle.num_classes
+    assert sw.levels(sw.SWEEP_KINDS[0], L) == [0, 12, 25, 37, 49]
+    imgs, reqs, scores, atrophy = sw.sweep(studio, sw.SWEEP_KINDS[0], 49, 2.5, 10, 3, "DPM-Solver++ 2M")
+    assert imgs.shape == (5, 32, 32, 1) and [r.minority_class for r in reqs] == [0, 12, 25, 37, 49]
+    assert atrophy[-1] > atrophy[0] + 0.2, atrophy
+    imgs_w, reqs_w, _, atrophy_w = sw.sweep(studio, sw.SWEEP_KINDS[1], 49, 2.5, 10, 3, "DPM-Solver++ 2M")
+    assert [r.scale for r in reqs_w] == [0, 1, 2, 3, 4] and atrophy_w[-1] > atrophy_w[0] + 0.2, atrophy_w
+    # w = 0 is the standard sampler from that seed, whatever l
+    plain = studio.generate_all(h.GenerateRequest(0, 0.0, steps=10, n=1, seed=3, sampler="DPM-Solver++ 2M"))
+    assert np.array_equal(imgs_w[0], plain.standard[0])
+    items, text = sw.on_sweep(studio, sw.SWEEP_KINDS[0], 49, 2.5, 10, 3, "DPM-Solver++ 2M")
+    assert len(items) == 5 and items[-1][1].startswith("l = 49 · score ") and "atrophy" in items[-1][1]
+    assert "same noise" in text
+    with pytest.raises(MinorityError, match="allowed: class l"):
+        sw.levels("diagonal", L)
