@@ -38,15 +38,14 @@ def on_sweep(studio: h.Studio, kind, minority_class, scale, steps, seed, sampler
     images, reqs, scores, atrophy = sweep(studio, kind, minority_class, scale, steps, seed, sampler)
     by_class = kind == SWEEP_KINDS[0]
 
-    def caption(i):
+    def caption(i):  # short enough for a fifth of the grid: "l 49 · 0.216 · 0.74"
         r = reqs[i]
-        text = f"l = {r.minority_class}" if by_class else f"w = {r.scale:g}"
-        text += f" · score {scores[i]:.3f}"
-        return text + (f" · atrophy {atrophy[i]:.2f}" if atrophy is not None else "")
+        text = f"l {r.minority_class}" if by_class else f"w {r.scale:g}"
+        return text + f" · {scores[i]:.3f}" + (f" · {atrophy[i]:.2f}" if atrophy is not None else "")
 
     r0 = reqs[0]
     fixed = f"w = {r0.scale:g}" if by_class else f"l = {r0.minority_class}"
     return ([(h.display(im), caption(i)) for i, im in enumerate(images)],
             f"Seed {r0.seed}, {r0.steps} {r0.sampler} steps, minority guidance at {fixed}: the same noise at every "
-            "level; captions give the level, the minority score" + (" and the estimated atrophy (0 … 1)."
-                                                                    if atrophy is not None else "."))
+            "level. Captions: " + ("l" if by_class else "w") + " · minority score" + (" · estimated atrophy (0 … 1)."
+                                                                                  if atrophy is not None else "."))

@@ -320,7 +320,8 @@ def test_the_level_sweep_shows_one_seed_at_five_classes_and_five_scales(studio):
     plain = studio.generate_all(h.GenerateRequest(0, 0.0, steps=10, n=1, seed=3, sampler="DPM-Solver++ 2M"))
     assert np.array_equal(imgs_w[0], plain.standard[0])
     items, text = sw.on_sweep(studio, sw.SWEEP_KINDS[0], 49, 2.5, 10, 3, "DPM-Solver++ 2M")
-    assert len(items) == 5 and items[-1][1].startswith("l = 49 · score ") and "atrophy" in items[-1][1]
+    assert len(items) == 5 and items[-1][1].startswith("l 49 · ") and len(items[-1][1].split(" · ")) == 3
+    assert "estimated atrophy" in text
     assert "same noise" in text
     with pytest.raises(MinorityError, match="allowed: class l"):
         sw.levels("diagonal", L)
