@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
@@ -42,6 +43,11 @@ UNCHANGED = object()  # an output a handler leaves as it is (the UI turns it int
 KEEP_EXPORTS = 64  # download zips kept in the Studio's temp folder
 CAPTION_DRAWS = 5  # noise draws of a generated image's caption score: same expectation as the bundle's
 # (20-draw) score, a quarter of its cost; 20 draws made a finished 4x4 pair 4 s slower (session 5)
+# Every sampling run executes on this one long-lived thread, not on a new thread per run: torch's OpenMP pool
+# belongs to the thread that starts a parallel region, so a fresh thread per run built a new team each time while
+# the previous teams' threads still spun (measured in docs/RESULTS.md, issue 26.3). One worker also runs the runs
+# one after another, as the queue's concurrency limit already does.
+TORCH_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-worker")
 _LOAD_LOCK = threading.Lock()  # two bundles loading at once in Gradio's workers raced in diffusers' lazy import
 
 
@@ -390,8 +396,7 @@ class Studio:
             except Exception as e:  # noqa: BLE001 - handed to the UI thread as a readable message
                 q.put(e)
 
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
+        TORCH_WORKER.submit(work)
         try:
             while True:
                 item = q.get()

@@ -29,7 +29,10 @@ def sweep(studio: h.Studio, kind: str, minority_class, scale, steps, seed, sampl
     reqs = [h.GenerateRequest(v if kind == SWEEP_KINDS[0] else base.minority_class,
                               base.scale if kind == SWEEP_KINDS[0] else v, base.steps, 1, base.seed, base.sampler).check(L)
             for v in levels(kind, L)]
-    images = np.concatenate([studio._sample(r, studio.guidance(r), lambda step: None, None) for r in reqs])
+    def work():  # on the sampling thread (handlers.TORCH_WORKER), as the grids are
+        return np.concatenate([studio._sample(r, studio.guidance(r), lambda step: None, None) for r in reqs])
+
+    images = h.TORCH_WORKER.submit(work).result()
     return images, reqs, studio.score(images, base.seed), studio.atrophy(images)
 
 
