@@ -191,3 +191,39 @@ def test_a_class_conditional_model_needs_its_labels():
         with pytest.raises(ValueError, match=r"class-conditional: pass class_labels \(1,\)"):
             rarity_map(Conditional(), torch.zeros(1, 1, 16, 16), torch.arange(1), ScoreSettings("l2", 600, 1),
                        class_labels=labels)
+
+
+def test_explain_writes_maps_that_are_the_bundles_stored_scores(tmp_path, capsys):
+    """Issue 27: `explain --bundle B --data B --top 2` maps the two most unique real slices with their own noise
+    rows: scores.csv's scores are the stored ones (1e-6) and each saved map's pixel mean is its score; a .npz of
+    images works too; bad input is one line and writes nothing."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from core.bundles.bundle import load_real
+    from core.cli import main
+
+    out = tmp_path / "x"
+    assert main(["explain", "--bundle", str(MRI), "--data", str(MRI), "--top", "2", "--out", str(out)]) == 0
+    real = load_real(MRI)
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert [int(r["row"]) for r in rows] == list(np.argsort(-real.score, kind="stable")[:2])
+    for r in rows:
+        assert abs(float(r["score"]) - real.score[int(r["row"])]) <= 1e-6
+        m = np.load(out / "maps" / f"{r['file']}.npy")
+        assert m.shape == (32, 32) and m.min() >= 0 and abs(m.mean() - float(r["score"])) <= 1e-6
+        assert Image.open(out / "overlays" / f"{r['file']}.png").size == (128, 128)
+    assert Image.open(out / "sheet.png").size[0] > 300
+    np.savez(tmp_path / "two.npz", images=real.images[:2])
+    assert main(["explain", "--bundle", str(MRI), "--data", str(tmp_path / "two.npz"), "--out", str(tmp_path / "y")]) == 0
+    assert len(list(csv.DictReader(open(tmp_path / "y" / "scores.csv")))) == 2
+    capsys.readouterr()
+    for args, msg in ((["--data", str(MRI), "--out", str(out)], "exists and is not empty"),
+                      (["--data", str(tmp_path / "none.npz"), "--out", str(tmp_path / "z")], "no such file"),
+                      (["--data", str(MRI), "--top", "0", "--out", str(tmp_path / "z")], "--top must be >= 1")):
+        assert main(["explain", "--bundle", str(MRI), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+    assert not (tmp_path / "z").exists()

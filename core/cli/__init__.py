@@ -1,7 +1,7 @@
 """``python -m core <command>``: the pipeline from the command line, with progress bars.
 
 Commands (names and flags are a contract): train-diffusion, score, categorize, train-classifier,
-sample, evaluate, neighbours, data, build, build-demo, import-adm, import-adm-classifier. Every run also works under ``accelerate launch`` / ``torchrun``: work is split with
+sample, evaluate, neighbours, explain, data, build, build-demo, import-adm, import-adm-classifier. Every run also works under ``accelerate launch`` / ``torchrun``: work is split with
 accelerate's ``split_between_processes`` and gathered with ``gather_object``; only the main
 process writes. Errors in the user's input end the command with one line on stderr and exit 2.
 """
@@ -18,6 +18,7 @@ from core.cli.data import cmd_build, cmd_build_demo, cmd_data_faces, cmd_data_mr
 from core.cli.importers import cmd_import_adm, cmd_import_adm_classifier
 from core.cli.evaluate import cmd_evaluate, cmd_neighbours
 from core.cli.sample import cmd_sample
+from core.cli.explain import cmd_explain
 from core.cli.scores import cmd_score
 from core.cli.train import cmd_categorize, cmd_train_classifier, cmd_train_diffusion
 
@@ -133,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--thresholds", default=None, help="label with the thresholds of an earlier scores.csv/.json")
     s.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1]")
     s.set_defaults(func=cmd_score)
+
+    x = sub.add_parser("explain", help="where each image's minority score comes from: its rarity map (issue 27)")
+    x.add_argument("--bundle", required=True, help="the bundle whose model and score settings map the images")
+    x.add_argument("--data", required=True, help="a folder of images / NIfTI, a .npz of images (as sample writes) or "
+                                                 "a bundle folder (its real images, with their own noise rows)")
+    x.add_argument("--out", required=True, help="a new folder: maps/*.npy, overlays/*.png, scores.csv, sheet.png")
+    x.add_argument("--top", type=int, default=None, help="only the K most unique images (a bundle's real data: by "
+                                                        "its stored scores, mapping only those)")
+    x.add_argument("--batch-size", type=int, default=32)
+    x.set_defaults(func=cmd_explain)
 
     c = sub.add_parser("categorize", help="quantile classes for a score table (labels written back)")
     c.add_argument("--scores", required=True)
