@@ -348,6 +348,18 @@ class Studio:
         idx = torch.arange(len(images)) + seed * 1000
         return minority_scores(self.bundle.model, x, idx, settings, self.distance())
 
+    def explain(self, images: np.ndarray, seed: int = 0, draws: Optional[int] = None):
+        """Rarity maps (issue 27) of uint8 images (N, H, W, C) with the same draws as ``score`` (so the map's pixel
+        mean is that score), on the sampling thread: core.evaluation.explain.Explained."""
+        from dataclasses import replace
+
+        from core.evaluation.explain import explain_images, score_settings
+
+        settings = replace(score_settings(self.bundle.manifest), draws=draws or caption_draws(self.bundle.manifest["score"]))
+        idx = np.arange(len(images)) + seed * 1000
+        return TORCH_WORKER.submit(explain_images, self.bundle.model, np.ascontiguousarray(images), idx, settings,
+                                   distance=self.distance()).result()
+
     def distance(self):
         """The bundle's score distance, with its seed (lpips-rand's random trunk depends on it); built once."""
         from core.maths.score import make_distance

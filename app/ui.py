@@ -276,6 +276,9 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
                 nb_strip = gr.Image(label="Selected image and its nearest real images", height=110,
                                     interactive=False, elem_id=eid("neighbours"))
                 nb_text = gr.Markdown(elem_id=eid("neighbours-text"))
+                nb_why = gr.Image(label="Why is it rare? x0 · x_t · x0_hat · rarity map", height=150,
+                                  interactive=False, elem_id=eid("why"))
+                nb_why_text = gr.Markdown(elem_id=eid("why-text"))
                 with gr.Accordion("Sweep one seed across levels (the paper's Figures 15, 16)", open=False,
                                   elem_id=eid("sweep-box")):
                     with gr.Row():
@@ -300,6 +303,9 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
                 verdict_md = gr.Markdown(elem_id=eid("verdict"))
                 verdict_nb = gr.Image(label="Nearest real images", height=110, interactive=False,
                                       elem_id=eid("verdict-neighbours"))
+                verdict_why = gr.Image(label="Why is it rare? x0 · x_t · x0_hat · rarity map", height=150,
+                                       interactive=False, elem_id=eid("verdict-why"))
+                verdict_why_text = gr.Markdown(elem_id=eid("verdict-why-text"))
                 verdict_map = gr.Plot(label="Where it lies on the 2-D map")
     with gr.Tab("Density", elem_id=eid("density-tab")):
         gr.Markdown("AvgkNN and LOF of the real data, and of every sample you generated in this visit "
@@ -348,15 +354,16 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
                     [sweep_kind, l_slider, w_slider, steps, seed, sampler], [sweep_grid, sweep_text],
                     api_name=api("sweep"), concurrency_limit=1, concurrency_id="sampling")
     for grid, gallery in (("guided", guided), ("standard", standard)):
-        gallery.select(_selected(studio, grid), visit, [nb_strip, nb_text], api_visibility="private",
+        gallery.select(_selected(studio, grid), visit, [nb_strip, nb_text, nb_why, nb_why_text], api_visibility="private",
                        concurrency_limit=1, concurrency_id="sampling")
 
     upload_fn = _readable(functools.partial(v.on_upload, studio, owned=functools.partial(claims_upload, demo)))
     upload.upload(gpu(lambda path: _with_slider(upload_fn(path))), upload,
-                  [up_state, z_slider, seen, verdict_md, verdict_map, verdict_nb], api_name=api("score_image"),
+                  [up_state, z_slider, seen, verdict_md, verdict_map, verdict_nb, verdict_why, verdict_why_text],
+                  api_name=api("score_image"),
                   concurrency_limit=1, concurrency_id="sampling")
     z_slider.release(gpu(_readable(functools.partial(v.on_score, studio))), [up_state, z_slider],
-                     [seen, verdict_md, verdict_map, verdict_nb], api_visibility="private",
+                     [seen, verdict_md, verdict_map, verdict_nb, verdict_why, verdict_why_text], api_visibility="private",
                      concurrency_limit=1, concurrency_id="sampling")
 
     browse_fn = _readable(functools.partial(h.on_browse, studio))

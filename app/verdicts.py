@@ -31,6 +31,12 @@ class Verdict:
     percentile: float
     coords: np.ndarray
     neighbours: object
+    why: np.ndarray  # the Figure-1 strip (x0 | x_t | x0_hat | rarity map over x0), uint8 RGB
+
+
+WHY_TEXT = ("Why is it rare? Left to right: the image, one noised version x_t at the score's timestep, the "
+            "model's reconstruction x0_hat from it, and where the two differ (the rarity map over the image; "
+            "brighter = more of the score). The map's mean over the pixels is the minority score.")
 
 
 def strip(images: list, gap: int = 4) -> np.ndarray:
@@ -71,8 +77,18 @@ def on_select(studio: Studio, visit: Optional[Visit], grid: str, index) -> tuple
         raise MinorityError(f"image {i} is not in the last {grid} grid of {len(images)} images")
     nb = studio.neighbours_of(images[i:i + 1], NEIGHBOURS_K)
     real = studio.bundle.real
+    ex = studio.explain(images[i:i + 1])
     head = f"**{'Chosen method' if grid == 'guided' else 'Standard sampler'}, image {i + 1}** (left), then its nearest real images. "
-    return query_strip(images[i], [real.images[j] for j in nb.indices[0]]), head + neighbours_text(studio, nb)
+    why = f"{WHY_TEXT} Here: score {float(ex.score[0]):.4f} over {ex_draws(studio)} noise draws."
+    return (query_strip(images[i], [real.images[j] for j in nb.indices[0]]), head + neighbours_text(studio, nb),
+            why_strip(images[i], ex), why)
+
+
+def ex_draws(studio: Studio) -> int:
+    """Noise draws of a clicked image's map: the captions' (handlers.caption_draws), so it sums to its caption."""
+    from .handlers import caption_draws
+
+    return caption_draws(studio.bundle.manifest["score"])
 
 
 def verdict(studio: Studio, image: np.ndarray) -> Verdict:
@@ -83,11 +99,19 @@ def verdict(studio: Studio, image: np.ndarray) -> Verdict:
 
     b = studio.bundle
     draws = int(b.manifest["score"]["draws"])
-    score = float(studio.score(image[None], draws=draws)[0])
+    ex = studio.explain(image[None], draws=draws)  # the score and its map from the same draws
+    score = float(ex.score[0])
     label = int(categorize(np.array([score]), np.asarray(b.manifest["thresholds"]))[0])
     pct = float((b.real.score <= score).mean() * 100)
     return Verdict(image, score, draws, label, pct, project(b.real, image[None])[0],
-                   studio.neighbours_of(image[None], NEIGHBOURS_K))
+                   studio.neighbours_of(image[None], NEIGHBOURS_K), why_strip(image, ex))
+
+
+def why_strip(image: np.ndarray, ex) -> np.ndarray:
+    """The Figure-1 strip of one image (H, W, C) and its Explained (core.evaluation.explain)."""
+    from core.evaluation.explain import figure1_strip
+
+    return figure1_strip(image, ex.x_t[0], ex.x0_hat[0], ex.map[0])
 
 
 def read_upload(studio: Studio, path: Optional[str], owned: Optional[Callable[[str], bool]] = None):
@@ -151,8 +175,8 @@ def on_upload(studio: Studio, path: Optional[str], owned: Optional[Callable[[str
 
 
 def on_score(studio: Studio, upload, z=None) -> tuple:
-    """(model-view image uint8 (DISPLAY, DISPLAY, 3), markdown, map figure, neighbours strip) for the upload's
-    image or its slice ``z``."""
+    """(model-view image uint8 (DISPLAY, DISPLAY, 3), markdown, map figure, neighbours strip, Figure-1 strip, its
+    caption) for the upload's image or its slice ``z``."""
     from .plots import map_figure
 
     if upload is None:
@@ -177,4 +201,4 @@ def on_score(studio: Studio, upload, z=None) -> tuple:
     fig = map_figure({"real": (real.coords, real.score), "your image": v.coords[None]},
                      title="Real data (2-D map) and your image, placed by its nearest real images")
     nb_strip = strip([real.images[j] for j in v.neighbours.indices[0]])
-    return display(image), text, fig, nb_strip
+    return display(image), text, fig, nb_strip, v.why, f"{WHY_TEXT} Here: score {v.score:.4f} over {v.draws} draws."

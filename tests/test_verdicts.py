@@ -60,7 +60,10 @@ def test_clicked_exact_copy_is_at_distance_zero_and_flagged(studio):
     copy = real.images[i]
     gen.guided = np.stack([gen.guided[0], copy, gen.guided[2]])
     visit = h.Visit().add(gen)
-    strip, text = v.on_select(studio, visit, "guided", 1)
+    strip, text, why, why_text = v.on_select(studio, visit, "guided", 1)
+    # issue 27: the clicked image's Figure-1 strip (x0 | x_t | x0_hat | map) sums to its caption's score
+    assert why.shape == (128, 4 * 128 + 3 * 4, 3) and why.dtype == np.uint8
+    assert f"score {float(studio.score(copy[None])[0]):.4f} over 5 noise draws" in why_text
     nb = studio.neighbours_of(copy[None])
     # distance 0 up to float32 batch rounding of the features (a thousandth of the near-copy threshold)
     assert nb.indices[0, 0] == i and nb.distances[0, 0] < 1e-3 * nb.threshold and nb.near_copy[0]
@@ -69,7 +72,7 @@ def test_clicked_exact_copy_is_at_distance_zero_and_flagged(studio):
     # (a one-pixel shift of an MRI phantom slice is farther from its source than from other, near-identical
     # slices: 0 of 200 found at rank 1, docs/RESULTS.md; shifted copies are tested on distinct images in
     # test_neighbours.py)
-    _, text = v.on_select(studio, visit, "standard", 0)
+    _, text, _, _ = v.on_select(studio, visit, "standard", 0)
     nb0 = studio.neighbours_of(gen.standard[:1])
     d0 = nb0.distances[0, 0]
     assert nb0.near_copy[0] == (d0 < nb0.threshold)  # the verdict is the rule applied to this image's distance
@@ -88,8 +91,10 @@ def test_severe_slice_scores_in_a_higher_class_than_a_mild_one(studio, tmp_path)
     for name, sev in (("mild", 0.02), ("severe", 0.95)):
         f = tmp_path / f"{name}.png"
         f.write_bytes(_png(_phantom_slice(sev)))
-        state, ctl, seen, text, fig, strip = v.on_upload(studio, str(f))
+        state, ctl, seen, text, fig, strip, why, why_text = v.on_upload(studio, str(f))
         assert not f.exists()  # read into memory, then deleted from the upload folder
+        assert why.shape == (128, 524, 3) and "The map's mean over the pixels is the minority score" in why_text
+        assert why_text.endswith(f"score {float(text.split('score **')[1].split('**')[0]):.4f} over 20 draws.")
         assert ctl == {"visible": False} and seen.shape == (h.DISPLAY, h.DISPLAY, 3) and fig is not None
         assert "20 noise draws" in text and strip.shape[0] == h.DISPLAY
         out[name] = (int(text.split("class **")[1].split("**")[0]), float(text.split("than **")[1].split(" %")[0]))
@@ -101,11 +106,11 @@ def test_nifti_upload_offers_the_band_and_scores_the_chosen_slice(studio, tmp_pa
     vol = np.random.default_rng(0).random((40, 40, 20)).astype(np.float32)
     f = tmp_path / "scan.nii.gz"
     f.write_bytes(_nifti_bytes(vol, gz=True))
-    state, ctl, seen, text, _, _ = v.on_upload(studio, str(f))
+    state, ctl, seen, text, *_ = v.on_upload(studio, str(f))
     assert not f.exists() and state.kind == "NIfTI"
     assert ctl["visible"] and (ctl["minimum"], ctl["maximum"], ctl["value"]) == (8, 11, 10)  # z 8..11 of 20
     assert "(slice z = 10)" in text
-    seen2, text2, _, _ = v.on_score(studio, state, 8)
+    seen2, text2, *_ = v.on_score(studio, state, 8)
     assert "(slice z = 8)" in text2 and not np.array_equal(seen, seen2)
     with pytest.raises(MinorityError, match="slice z must be one of 8..11"):
         v.on_score(studio, state, 3)
