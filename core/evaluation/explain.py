@@ -52,7 +52,7 @@ def explain_images(model, images: np.ndarray, indices: np.ndarray, settings: Sco
     distance = distance or make_distance(settings.distance, device, seed=settings.seed, model=model)
     parts = []
     for s in range(0, len(images), batch_size):
-        x0 = to_model_range(torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).permute(0, 3, 1, 2)).to(device)
+        x0 = to_model_range(torch.from_numpy(np.array(images[s:s + batch_size])).permute(0, 3, 1, 2)).to(device)  # a copy: uploads are read-only
         r = rarity_map(model, x0, torch.as_tensor(indices[s:s + batch_size], dtype=torch.long), settings, distance)
         parts.append((r.map.cpu().numpy(), r.score.cpu().numpy(), _u8(r.x_t), _u8(r.x0_hat)))
         if progress is not None:
