@@ -227,3 +227,33 @@ def test_explain_writes_maps_that_are_the_bundles_stored_scores(tmp_path, capsys
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
     assert not (tmp_path / "z").exists()
+
+
+def test_phantom_masks_leave_the_images_unchanged_and_follow_the_atrophy(tmp_path, capsys):
+    """Issue 27: `data mri-phantom --masks M` writes each slice's changed-tissue and brain masks beside the very
+    same images; the changed area grows with severity and lies in the brain; --masks inside --out is refused."""
+    import csv
+    import filecmp
+
+    import numpy as np
+    from PIL import Image
+
+    from core.cli import main
+
+    assert main(["data", "mri-phantom", "--out", str(tmp_path / "a"), "--n", "6", "--seed", "3"]) == 0
+    assert main(["data", "mri-phantom", "--out", str(tmp_path / "b"), "--n", "6", "--seed", "3",
+                 "--masks", str(tmp_path / "m")]) == 0
+    assert all(filecmp.cmp(tmp_path / "a" / "images" / f"{i:05d}.png", tmp_path / "b" / "images" / f"{i:05d}.png",
+                           shallow=False) for i in range(6))
+    sev = [float(r["severity"]) for r in csv.DictReader(open(tmp_path / "b" / "metadata.csv"))]
+    changed = [np.array(Image.open(tmp_path / "m" / "changed" / f"{i:05d}.png")) > 0 for i in range(6)]
+    brain = [np.array(Image.open(tmp_path / "m" / "brain" / f"{i:05d}.png")) > 0 for i in range(6)]
+    area = [c.sum() / b.sum() for c, b in zip(changed, brain)]
+    assert all((c & ~b).sum() <= 0.02 * c.sum() + 2 for c, b in zip(changed, brain))  # resampling edges only
+    order = np.argsort(sev)
+    assert area[order[-1]] > 3 * area[order[0]], (sev, area)
+    capsys.readouterr()
+    assert main(["data", "mri-phantom", "--out", str(tmp_path / "c"), "--n", "2",
+                 "--masks", str(tmp_path / "c" / "masks")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "must lie outside --out" in err[0]

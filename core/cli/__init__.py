@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
         dp.add_argument("--n", type=int, default=n)
         dp.add_argument("--size", type=int, default=32)
         dp.add_argument("--seed", type=seed_int, default=0)
+        if name == "mri-phantom":
+            dp.add_argument("--masks", default=None, help="also write each slice's masks here, outside --out: "
+                                                          "changed/NNNNN.png (the tissue the atrophy changed) and "
+                                                          "brain/NNNNN.png (issue 27's measurements)")
         dp.set_defaults(func=func)
 
     b = sub.add_parser("build", help="any image or NIfTI folder to a bundle: model, score, classes, classifier, map")

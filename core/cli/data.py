@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
 from core.maths.score import make_distance, resolve_t
@@ -27,10 +28,13 @@ def cmd_data_mri_phantom(a) -> int:
     from core.demos.phantom import build_mri_phantom
 
     _positive("n", a.n)
+    if a.masks is not None and Path(a.masks).resolve().is_relative_to(Path(a.out).resolve()):
+        raise ValueError(f"--masks {a.masks} must lie outside --out {a.out} (a build of --out would read them as images)")
     bar, progress = _count_bar(a.n, "mri-phantom")
-    out = build_mri_phantom(a.out, n=a.n, size=a.size, seed=a.seed, progress=progress)
+    out = build_mri_phantom(a.out, n=a.n, size=a.size, seed=a.seed, progress=progress, masks=a.masks)
     bar.close()
-    print(f"{a.n} slices {a.size}x{a.size} -> {out}/images, ground truth in {out}/metadata.csv", file=sys.stderr)
+    print(f"{a.n} slices {a.size}x{a.size} -> {out}/images, ground truth in {out}/metadata.csv"
+          + (f", masks in {a.masks}" if a.masks else ""), file=sys.stderr)
     return 0
 
 

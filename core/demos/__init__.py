@@ -6,15 +6,15 @@ from pathlib import Path
 import numpy as np
 
 
-def write_image(out: Path, index: int, image: np.ndarray) -> str:
-    """Save uint8 (H, W) or (H, W, 3) as OUT/images/NNNNN.png atomically; returns the relative path."""
+def write_image(out: Path, index: int, image: np.ndarray, folder: str = "images") -> str:
+    """Save uint8 (H, W) or (H, W, 3) as OUT/FOLDER/NNNNN.png atomically; returns the relative path."""
     import io
 
     from PIL import Image
 
     from core.nets.checkpoint import atomic_write_bytes
 
-    rel = f"images/{index:05d}.png"
+    rel = f"{folder}/{index:05d}.png" if folder else f"{index:05d}.png"
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     atomic_write_bytes(out / rel, buf.getvalue())

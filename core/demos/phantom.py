@@ -83,13 +83,21 @@ def slice_maps(tpl: dict, z: int) -> SliceMaps:
     )
 
 
-def render_atrophy(m: SliceMaps, severity: float) -> np.ndarray:
-    """The slice with tissue turned to CSF by ``severity`` in [0, 1]; float (H, W), background 0."""
+def atrophy_fields(m: SliceMaps, severity: float) -> dict:
+    """What ``severity`` changes, float (H, W) in [0, 1] each: "ventricles" (deep tissue the growing ventricles
+    turn to CSF), "sulci" (tissue the widening sulci turn to CSF) and "cortex" (the outer cortex removed)."""
     soft = lambda r, d: np.clip(r - d + 0.5, 0.0, 1.0) if r > 0 else np.zeros_like(d)  # noqa: E731
     r_v, r_s, r_c = severity * MAX_VENTRICLE_MM, severity * MAX_SULCUS_MM, severity * MAX_THINNING_MM
     inner = m.d_outside > 6  # ventricles grow into deep tissue only
-    to_csf = np.maximum(soft(r_v, m.d_ventricle) * inner, soft(r_s, m.d_sulcus) * (m.d_outside < 14))
-    shrink = soft(r_c, m.d_outside)  # outer cortex lost: CSF, then background at the very edge
+    return {"ventricles": soft(r_v, m.d_ventricle) * inner * m.brain,
+            "sulci": soft(r_s, m.d_sulcus) * (m.d_outside < 14) * m.brain,
+            "cortex": soft(r_c, m.d_outside) * m.brain}  # outer cortex lost: CSF, then background at the very edge
+
+
+def render_atrophy(m: SliceMaps, severity: float) -> np.ndarray:
+    """The slice with tissue turned to CSF by ``severity`` in [0, 1]; float (H, W), background 0."""
+    f = atrophy_fields(m, severity)
+    to_csf, shrink = np.maximum(f["ventricles"], f["sulci"]), f["cortex"]
     csf = min(m.csf_level, CSF_LEVEL * 2)
     img = m.t1 * (1 - to_csf) + csf * to_csf
     img = img * (1 - shrink) + 0.5 * csf * shrink
@@ -110,14 +118,29 @@ def _bias_field(rng: np.random.Generator, h: int, w: int, strength: float) -> np
     return (1 + strength * field).astype(np.float32)
 
 
-def make_sample(maps: SliceMaps, severity: float, rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict]:
-    """One uint8 (size, size) image and its nuisance parameters."""
+def make_sample(maps: SliceMaps, severity: float, rng: np.random.Generator, size: int,
+                masks: Optional[dict] = None) -> tuple[np.ndarray, dict]:
+    """One uint8 (size, size) image and its nuisance parameters. ``masks`` (a dict, filled when given; the same
+    random draws either way) receives bool (size, size) masks moved and resized as the image is (> 0.5 after
+    resizing): "ventricles", "sulci", "cortex" (atrophy_fields), "changed" (their union) and "brain"."""
     from PIL import Image
     from scipy import ndimage as ndi
 
     img = render_atrophy(maps, severity)
     angle = float(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG))
     shift = rng.uniform(-MAX_SHIFT_MM, MAX_SHIFT_MM, 2)
+    if masks is not None:
+        fields = atrophy_fields(maps, severity)
+        fields["changed"] = np.maximum.reduce(list(fields.values()))
+        fields["brain"] = maps.brain.astype(np.float32)
+        for name, field in fields.items():
+            f = ndi.shift(ndi.rotate(field, angle, reshape=False, order=1, mode="constant"), shift, order=1,
+                          mode="constant")
+            side = max(f.shape)
+            canvas = np.zeros((side, side), np.float32)
+            canvas[(side - f.shape[0]) // 2:(side - f.shape[0]) // 2 + f.shape[0],
+                   (side - f.shape[1]) // 2:(side - f.shape[1]) // 2 + f.shape[1]] = f
+            masks[name] = np.asarray(Image.fromarray(canvas, mode="F").resize((size, size), Image.Resampling.BILINEAR)) > 0.5
     img = ndi.rotate(img, angle, reshape=False, order=1, mode="constant")
     img = ndi.shift(img, shift, order=1, mode="constant")
     h, w = img.shape
@@ -137,8 +160,11 @@ def make_sample(maps: SliceMaps, severity: float, rng: np.random.Generator, size
 
 
 def build_mri_phantom(out: str | os.PathLike, n: int = 6000, size: int = 32, seed: int = 0,
-                      progress: Optional[Callable[[int, int], None]] = None) -> Path:
-    """Write ``n`` PNGs and ``metadata.csv`` (path, severity, z, nuisance parameters) to ``out``."""
+                      progress: Optional[Callable[[int, int], None]] = None,
+                      masks: Optional[str | os.PathLike] = None) -> Path:
+    """Write ``n`` PNGs and ``metadata.csv`` (path, severity, z, nuisance parameters) to ``out``; with ``masks``,
+    also each slice's "changed" and "brain" masks (make_sample) as MASKS/changed/NNNNN.png, MASKS/brain/NNNNN.png
+    (0 / 255; the same images either way)."""
     from core.demos import write_image, write_metadata
 
     if n < 1:
@@ -154,8 +180,12 @@ def build_mri_phantom(out: str | os.PathLike, n: int = 6000, size: int = 32, see
     zs = rng.integers(Z_BAND[0], Z_BAND[1] + 1, n)
     rows = []
     for i in range(n):
-        img, nuisance = make_sample(maps[int(zs[i])], float(severity[i]), rng, size)
+        m = {} if masks is not None else None
+        img, nuisance = make_sample(maps[int(zs[i])], float(severity[i]), rng, size, masks=m)
         rel = write_image(out, i, img)
+        if m is not None:
+            for kind in ("changed", "brain"):
+                write_image(Path(masks) / kind, i, (m[kind] * 255).astype(np.uint8), folder="")
         rows.append({"path": rel, "severity": round(float(severity[i]), 5), "z": int(zs[i]), **nuisance})
         if progress is not None:
             progress(i + 1, n)
