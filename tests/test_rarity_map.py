@@ -257,3 +257,24 @@ def test_phantom_masks_leave_the_images_unchanged_and_follow_the_atrophy(tmp_pat
                  "--masks", str(tmp_path / "c" / "masks")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "must lie outside --out" in err[0]
+
+
+def test_face_region_masks_cover_what_the_renderer_drew():
+    """Issue 27's faces regions: the hat's pixels lie in the upper half, the glasses' around the eyes' row, the
+    background's around the face; toggling them is the only difference; an unknown region is a ValueError."""
+    import numpy as np
+    import pytest
+
+    from core.demos.faces import ATTRIBUTES, region_mask
+
+    v = {a: vals[0][0] for a, vals in ATTRIBUTES.items()}
+    hat = region_mask({**v, "hat": "yes"}, 32, (0.0, 0.0, 1.0), "hat")
+    glasses = region_mask({**v, "eyeglasses": "yes"}, 32, (0.0, 0.0, 1.0), "eyeglasses")
+    bg = region_mask(v, 32, (0.0, 0.0, 1.0), "background")
+    rows = lambda m: np.nonzero(m.any(1))[0]  # noqa: E731
+    assert 0.05 < hat.mean() < 0.3 and rows(hat).max() < 16
+    assert 0.01 < glasses.mean() < 0.15 and 8 <= rows(glasses).mean() <= 18
+    assert 0.3 < bg.mean() < 0.8 and bg[0, 0] and not bg[16, 16]
+    assert not region_mask(v, 32, (0.0, 0.0, 1.0), "hat").any()  # no hat on: nothing to take off
+    with pytest.raises(ValueError, match="allowed: hat, eyeglasses, background"):
+        region_mask(v, 32, (0.0, 0.0, 1.0), "nose")

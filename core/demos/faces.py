@@ -115,6 +115,21 @@ def render_face(values: dict[str, str], size: int, jitter: tuple[float, float, f
     return np.asarray(small, dtype=np.uint8)
 
 
+REGION_OFF = {"hat": "no", "eyeglasses": "no", "background": None}  # what a region's mask toggles it to
+
+
+def region_mask(values: dict[str, str], size: int, jitter: tuple[float, float, float], attribute: str) -> np.ndarray:
+    """bool (size, size): where ``attribute`` shows in this face (issue 27): the pixels that change when the hat or
+    the glasses are taken off (the same face otherwise), or, for "background", when the background colour changes.
+    A pixel counts when its colour moves by more than 24 of 255 in some channel after the resize."""
+    if attribute not in REGION_OFF:
+        raise ValueError(f"unknown region {attribute!r}; allowed: {', '.join(REGION_OFF)}")
+    off = REGION_OFF[attribute] or next(v for v in BACKGROUND if v != values["background"])
+    a = render_face(values, size, jitter).astype(np.int16)
+    b = render_face({**values, attribute: off}, size, jitter).astype(np.int16)
+    return np.abs(a - b).max(2) > 24
+
+
 def build_faces(out: str | os.PathLike, n: int = 8000, size: int = 32, seed: int = 0,
                 progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """Write ``n`` colour PNGs under ``out/images`` and ``out/metadata.csv`` (path, attribute codes,
