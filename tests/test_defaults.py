@@ -186,3 +186,24 @@ def test_precision_is_recorded_and_changes_only_what_it_should(tiny, tmp_path, c
     assert main(["sample", "--model", str(run), "--n", "1", "--precision", "fp8", "--out", str(tmp_path / "z.npz")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown --precision 'fp8'; allowed: auto, fp32, bf16, fp16" in err[0], err
+
+
+def test_build_records_a_scheduler_and_its_steps_for_the_app(tiny, tmp_path, capsys):
+    """Issue 26.3: `build --app-sampler dpmpp-2m --app-steps 10` records both in the manifest; sample --bundle and
+    the app start from them; --app-steps without --app-sampler is one line."""
+    _, data, _, cos = tiny
+    out = tmp_path / "b"
+    assert main(["build", "--data", str(data), "--out", str(out), "--model", str(cos), "--classes", str(L),
+                 "--clf-steps", "2", "--clf-base-channels", "8", "--draws", "1", "--map", "pca",
+                 "--app-sampler", "dpmpp-2m", "--app-steps", "10"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["app"] == {"sampler": "dpmpp-2m", "steps": 10}
+    s, _, first = _sample(capsys, tmp_path / "x.npz", "--bundle", out, "--n", 1)
+    assert (s["sampler"], s["steps"]) == ("dpmpp-2m", 10), first
+    from app.handlers import app_defaults
+
+    assert app_defaults(m) == ("DPM-Solver++ 2M", 10)
+    capsys.readouterr()
+    assert main(["build", "--data", str(data), "--out", str(tmp_path / "c"), "--model", str(cos), "--app-steps", "10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--app-steps needs --app-sampler" in err[0]

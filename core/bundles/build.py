@@ -74,8 +74,9 @@ class BuildConfig:
     dataset: dict = field(default_factory=dict)  # extra manifest facts about the data (build-demo: its source)
     force: bool = False  # replace a different bundle already in the output folder
     app_sampler: Optional[str] = None  # the sampler the app (and ``sample --bundle``) starts with for this bundle:
-    # ddim or ddpm, recorded as the manifest's app.sampler; None records none (the app starts on DDIM, ``sample``
-    # on each method's own default, ancestral)
+    # one of sampling.SAMPLERS, recorded as the manifest's app.sampler; None records none (the app starts on DDIM,
+    # ``sample`` on each method's own default, ancestral)
+    app_steps: Optional[int] = None  # its steps (the manifest's app.steps; needs app_sampler)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -415,8 +416,9 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
             "map": map_method, "seeds": {"data": cfg.seed, "training": cfg.seed, "score": cfg.seed},
             "config": {k: list(v) if isinstance(v, tuple) else v
                        for k, v in {**asdict(cfg), "sweep_t": sweep_t}.items()
-                       if k not in ("dataset", "force", "app_sampler")},
-            **({"app": {"sampler": cfg.app_sampler}} if cfg.app_sampler else {}),
+                       if k not in ("dataset", "force", "app_sampler", "app_steps")},
+            **({"app": {"sampler": cfg.app_sampler, **({"steps": cfg.app_steps} if cfg.app_steps else {})}}
+               if cfg.app_sampler else {}),
             "stage_seconds": timings, "versions": _versions(),
             "files": {name: sha256_file(folder / name) for name in BUNDLE_FILES},
         })

@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--app-sampler", choices=list(SAMPLER_NAMES), default=None,
                    help="the sampler the app and sample --bundle start with for this bundle (default: none recorded; "
                         "the app starts on ddim, sample on each method's own; the faces model needs ddpm)")
+    b.add_argument("--app-steps", type=int, default=None, help="the steps recorded with --app-sampler (app.steps)")
     b.add_argument("--seed", type=seed_int, default=0)
     b.set_defaults(func=cmd_build)
 

@@ -96,7 +96,10 @@ def cmd_build(a) -> int:
                       widths=_widths(a.widths), truth=a.truth, sweep_n=a.sweep_n, draws=a.draws, classes=a.classes,
                       score_distance=a.score_distance, score_t=a.score_t, clf_steps=a.clf_steps,
                       clf_base_channels=a.clf_base_channels, map_method=a.map, name=a.name,
-                      slice_band=_band(a.slice_band), force=a.force, app_sampler=a.app_sampler)
+                      slice_band=_band(a.slice_band), force=a.force, app_sampler=a.app_sampler,
+                      app_steps=a.app_steps)
+    if a.app_steps is not None and (a.app_sampler is None or a.app_steps < 1):
+        raise ValueError("--app-steps needs --app-sampler and must be >= 1")
     if a.model is None:
         from core.nets.train import DiffusionTrainConfig
 
