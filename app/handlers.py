@@ -348,15 +348,17 @@ class Studio:
         idx = torch.arange(len(images)) + seed * 1000
         return minority_scores(self.bundle.model, x, idx, settings, self.distance())
 
-    def explain(self, images: np.ndarray, seed: int = 0, draws: Optional[int] = None):
+    def explain(self, images: np.ndarray, seed: int = 0, draws: Optional[int] = None,
+                rows: Optional[np.ndarray] = None):
         """Rarity maps (issue 27) of uint8 images (N, H, W, C) with the same draws as ``score`` (so the map's pixel
-        mean is that score), on the sampling thread: core.evaluation.explain.Explained."""
+        mean is that score), or, for real images, their own noise ``rows`` (then the map averages to the stored
+        score at the bundle's draws), on the sampling thread: core.evaluation.explain.Explained."""
         from dataclasses import replace
 
         from core.evaluation.explain import explain_images, score_settings
 
         settings = replace(score_settings(self.bundle.manifest), draws=draws or caption_draws(self.bundle.manifest["score"]))
-        idx = np.arange(len(images)) + seed * 1000
+        idx = np.arange(len(images)) + seed * 1000 if rows is None else np.asarray(rows)
         return TORCH_WORKER.submit(explain_images, self.bundle.model, np.ascontiguousarray(images), idx, settings,
                                    distance=self.distance()).result()
 
@@ -507,6 +509,18 @@ class Studio:
         "hat = 1, rarity > 8"): ([(image uint8 HWC, caption)], page, pages). Captions: score, class, then every
         numeric metadata column."""
         real = self.bundle.real
+        idx, page, pages = self.browse_rows(order, class_filter, page, per_page, where)
+        items = []
+        for i in idx:
+            cap = f"{real.score[i]:.4f} · c{int(real.label[i])}"
+            cap += "".join(f" · {c} {v[i]:.3g}" for c, v in real.metadata.items() if np.isfinite(v[i]))
+            items.append((display(real.images[i]), cap))
+        return items, page, pages
+
+    def browse_rows(self, order: str = "most unique first", class_filter: str = "all", page: int = 1,
+                    per_page: int = 24, where: str = "") -> tuple[np.ndarray, int, int]:
+        """The real rows (int array) on a Browse page, the page and the page count (see ``browse``)."""
+        real = self.bundle.real
         orders = browse_orders(real.metadata)
         if order not in orders:
             raise MinorityError(f"order must be one of: {', '.join(orders)}")
@@ -526,12 +540,7 @@ class Studio:
         idx = idx[row_filter(real.metadata, where, len(real.score))[idx]]
         pages = max(1, -(-len(idx) // per_page))
         page = int(min(max(1, int(page)), pages))
-        items = []
-        for i in idx[(page - 1) * per_page: page * per_page]:
-            cap = f"{real.score[i]:.4f} · c{int(real.label[i])}"
-            cap += "".join(f" · {c} {v[i]:.3g}" for c, v in real.metadata.items() if np.isfinite(v[i]))
-            items.append((display(real.images[i]), cap))
-        return items, page, pages
+        return idx[(page - 1) * per_page: page * per_page], page, pages
 
     def class_summary(self, minority_class: int) -> "ClassSummary":
         """What class l is in the real data: its share, score range, the ground truth's median and range

@@ -323,7 +323,11 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
             prev_btn = gr.Button("◀ Previous")
             next_btn = gr.Button("Next ▶")
         page_info = gr.Markdown()
-        browse = gr.Gallery(label="Real images", columns=6, height=520, object_fit="contain", elem_id=eid("browse"))
+        browse = gr.Gallery(label="Real images (click one: why is it rare?)", columns=6, height=520,
+                            object_fit="contain", elem_id=eid("browse"), allow_preview=False)
+        browse_why = gr.Image(label="Why is it rare? x0 · x_t · x0_hat · rarity map", height=150, interactive=False,
+                              elem_id=eid("browse-why"))
+        browse_why_text = gr.Markdown(elem_id=eid("browse-why-text"))
         map_plot = gr.Plot(label="2-D map of the real data")
 
     # ---- wiring -----------------------------------------------------------------------------
@@ -368,6 +372,12 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
 
     browse_fn = _readable(functools.partial(h.on_browse, studio))
     browse_io = ([order, class_filter, page, where], [browse, page, page_info])
+
+    def browse_select(o, c, p, w, evt: gr.SelectData):
+        return v.on_browse_select(studio, o, c, p, w, evt.index)
+
+    browse.select(gpu(_readable(browse_select)), browse_io[0], [browse_why, browse_why_text], api_visibility="private",
+                  concurrency_limit=1, concurrency_id="sampling")
     for ev in (order.change, class_filter.change, page.submit, where.submit):
         ev(browse_fn, *browse_io, api_visibility="private")
     prev_btn.click(lambda p: max(1, int(p or 1) - 1), page, page, queue=False, api_visibility="private").then(

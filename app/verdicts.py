@@ -202,3 +202,18 @@ def on_score(studio: Studio, upload, z=None) -> tuple:
                      title="Real data (2-D map) and your image, placed by its nearest real images")
     nb_strip = strip([real.images[j] for j in v.neighbours.indices[0]])
     return display(image), text, fig, nb_strip, v.why, f"{WHY_TEXT} Here: score {v.score:.4f} over {v.draws} draws."
+
+
+def on_browse_select(studio: Studio, order, class_filter, page, where, index) -> tuple:
+    """(Figure-1 strip, markdown) for a real image clicked on the Browse tab: its map with its own noise row and
+    the bundle's draws, so the map averages to the image's stored score."""
+    rows, _, _ = studio.browse_rows(order, class_filter, int(page or 1), where=where or "")
+    i = int(index)
+    if not 0 <= i < len(rows):
+        raise MinorityError(f"image {i} is not on this page of {len(rows)} images")
+    row = int(rows[i])
+    real = studio.bundle.real
+    ex = studio.explain(real.images[row:row + 1], draws=int(studio.bundle.manifest["score"]["draws"]), rows=[row])
+    return why_strip(real.images[row], ex), (
+        f"Real image `{real.paths[row]}` (class {int(real.label[row])}): stored minority score "
+        f"{real.score[row]:.4f}; the map below averages to {float(ex.score[0]):.4f} (the same noise draws). {WHY_TEXT}")

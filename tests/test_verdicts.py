@@ -310,3 +310,15 @@ def test_bundles_load_one_at_a_time_and_a_failing_partial_is_one_line(tmp_path, 
 
     with pytest.raises(gr.Error, match="Unexpected error \\(RuntimeError\\)"):
         _readable(functools.partial(boom, None))(1)
+
+
+def test_a_clicked_real_image_shows_a_map_that_averages_to_its_stored_score(studio):
+    """Issue 27: on the Browse tab, the most unique real slice's map uses its own noise row and the bundle's draws,
+    so it averages to its stored score; an index off the page is one line."""
+    strip, text = v.on_browse_select(studio, "most unique first", "all", 1, "", 0)
+    real = studio.bundle.real
+    top = int(np.argmax(real.score))
+    assert strip.shape == (128, 524, 3) and real.paths[top] in text
+    assert f"stored minority score {real.score[top]:.4f}; the map below averages to {real.score[top]:.4f}" in text
+    with pytest.raises(MinorityError, match="not on this page of 24 images"):
+        v.on_browse_select(studio, "most unique first", "all", 1, "", 30)
