@@ -5,14 +5,10 @@ no weights) and the per-process caches; per-visitor history lives in ``Visit`` o
 """
 from __future__ import annotations
 
-import csv
-import io
-import numbers
 import queue
 import tempfile
 import threading
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,20 +23,13 @@ if TYPE_CHECKING:
     from app.library import Pool
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "mri-atrophy"
-METHODS = ("minority guidance", "self-guided", "Boost-and-Skip", "standard")
-# ours (ADM-exact) first, then diffusers' schedulers with guidance folded into eps (issue 26, core/maths/solvers.py)
-SAMPLERS = {"DDIM": "ddim", "ancestral (DDPM)": "ddpm", "DPM-Solver++ 2M": "dpmpp-2m",
-            "DPM-Solver++ 2M SDE": "dpmpp-2m-sde", "UniPC": "unipc", "Euler ancestral": "euler-a",
-            "DDIM (diffusers)": "diffusers-ddim", "DDPM (diffusers)": "diffusers-ddpm"}
-OWN_SAMPLERS = ("DDIM", "ancestral (DDPM)")  # the samplers self-guidance and Boost-and-Skip are defined for
-LIMITS = {"steps": (5, 100), "n": (1, 16), "scale": (0.0, 10.0), "seed": (0, 2 ** 31 - 1), "gamma": (1.0, 5.0),
-          "skip": (0, 10), "interval": (1, 10), "spread": (0, 10)}
-DEFAULTS = {"steps": 25, "n": 16, "scale": 1.5, "seed": 0, "sampler": "DDIM", "method": "minority guidance",
-            "gamma": 3.0, "skip": 3, "interval": 5, "spread": 0}
+from .request import (  # noqa: F401 - re-exported: the handlers' vocabulary
+    DEFAULTS, ECHO_CHARS, FILTER_OPS, LIMITS, METHODS, OWN_SAMPLERS, SAMPLERS, GenerateRequest, browse_orders,
+    clip_text, number, row_filter)
+from .export import KEEP_EXPORTS, export_run  # noqa: E402,F401 - re-exported
 PREVIEW_SECONDS = 1.0  # at most one grid preview per this many seconds (the first comes after step 1)
 DISPLAY = 64  # gallery thumbnails are upscaled to this side (the browser scales them further)
 UNCHANGED = object()  # an output a handler leaves as it is (the UI turns it into gr.skip())
-KEEP_EXPORTS = 64  # download zips kept in the Studio's temp folder
 CAPTION_DRAWS = 5  # noise draws of a generated image's caption score: same expectation as the bundle's
 # (20-draw) score, a quarter of its cost; 20 draws made a finished 4x4 pair 4 s slower (session 5)
 # Every sampling run executes on this one long-lived thread, not on a new thread per run: torch's OpenMP pool
@@ -54,85 +43,6 @@ _LOAD_LOCK = threading.Lock()  # two bundles loading at once in Gradio's workers
 def caption_draws(score_settings: dict) -> int:
     """Noise draws of a generated image's caption score: the bundle's (manifest["score"]), at most CAPTION_DRAWS."""
     return min(int(score_settings["draws"]), CAPTION_DRAWS)
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    """One press of Generate: target class l in [0, L), scale w in [0, 10], and the sampler settings."""
-
-    minority_class: int
-    scale: float
-    steps: int = DEFAULTS["steps"]
-    n: int = DEFAULTS["n"]
-    seed: int = DEFAULTS["seed"]
-    sampler: str = DEFAULTS["sampler"]
-    method: str = DEFAULTS["method"]
-    gamma: float = DEFAULTS["gamma"]  # Boost-and-Skip: initial noise scale
-    skip: int = DEFAULTS["skip"]  # Boost-and-Skip: steps skipped at the noisy end
-    interval: int = DEFAULTS["interval"]  # self-guided: guide steps whose index is a multiple of k (scale w)
-    spread: int = DEFAULTS["spread"]  # minority guidance: each image's l drawn uniformly from l - spread .. l
-
-    def targets(self) -> torch.Tensor:
-        """Each image's target class (n,) int64: l, or l ~ U{l - spread .. l} seeded by the request's seed
-        (the paper's l ~ U{90..99}); the same draws as ``python -m core sample --minority-class A-B``."""
-        from core.maths.guidance import minority_targets
-
-        lo = self.minority_class - self.spread
-        spec = f"{lo}-{self.minority_class}" if self.spread else str(self.minority_class)
-        return minority_targets(spec, self.n, self.seed, self.minority_class + 1)
-
-    def class_text(self) -> str:
-        return f"{self.minority_class - self.spread}-{self.minority_class}" if self.spread else str(self.minority_class)
-
-    def check(self, num_classes: int) -> "GenerateRequest":
-        """The request with numbers coerced, or a MinorityError naming the field and the allowed values.
-        Values arrive from the HTTP API as JSON, so the bounds Gradio checks are not enough: JSON ``true``
-        passes them as 1, NaN passes every comparison, and 1.5 is not a seed. See ``number``."""
-        if self.method not in METHODS:
-            raise MinorityError(f"unknown method {clip_text(self.method)!r}; allowed: {', '.join(METHODS)}")
-        if self.sampler not in SAMPLERS:
-            raise MinorityError(f"unknown sampler {clip_text(self.sampler)!r}; allowed: {', '.join(SAMPLERS)}")
-        if self.method in ("self-guided", "Boost-and-Skip") and self.sampler not in OWN_SAMPLERS:
-            raise MinorityError(f"{self.method} is defined for the samplers {' and '.join(OWN_SAMPLERS)}, "
-                                f"not for {self.sampler}")
-        l = number("minority class l", self.minority_class, 0, num_classes - 1, whole=True)  # noqa: E741
-        steps = number("steps", self.steps, *LIMITS["steps"], whole=True)
-        return GenerateRequest(
-            minority_class=l, scale=number("scale w", self.scale, *LIMITS["scale"]), steps=steps,
-            n=number("number of images", self.n, *LIMITS["n"], whole=True),
-            seed=number("seed", self.seed, *LIMITS["seed"], whole=True),
-            sampler=self.sampler, method=self.method,
-            gamma=number("gamma", self.gamma, *LIMITS["gamma"]),
-            skip=number("skip", self.skip, 0, min(LIMITS["skip"][1], steps - 1), whole=True),
-            interval=number("interval", self.interval, *LIMITS["interval"], whole=True),
-            spread=number("range below l", self.spread, 0, min(LIMITS["spread"][1], l), whole=True))
-
-
-def number(name: str, v, lo, hi, whole: bool = False):
-    """``v`` as a float in [lo, hi] (an int when ``whole``), or a MinorityError naming the field ``name``:
-    bools (JSON true) and non-numbers are refused, NaN and infinities fail the range, and a whole-number
-    field takes integers or integral floats (7.0) only: 1.5 is refused, never rounded or truncated."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise MinorityError(f"{name} must be a number, got {clip_text(repr(v))}")
-    try:
-        x = float(v)
-    except OverflowError:  # an int too large for a float
-        x = float("inf")
-    if not lo <= x <= hi:
-        raise MinorityError(f"{name} must be in [{lo}, {hi}], got {clip_text(v)}")
-    if whole and not x.is_integer():
-        raise MinorityError(f"{name} must be a whole number in [{lo}, {hi}], got {v}")
-    return int(x) if whole else x
-
-
-ECHO_CHARS = 80  # user text quoted back in a message is cut to this many characters
-
-
-def clip_text(text, limit: int = ECHO_CHARS) -> str:
-    """``text`` (any value, as str) cut to ``limit`` characters with an ellipsis: a message never echoes a
-    visitor's 100 KB string whole."""
-    text = str(text)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -590,39 +500,6 @@ def captions(images: np.ndarray, scores: Optional[np.ndarray], severity: Optiona
     return [(display(im), caption(i)) for i, im in enumerate(images)]
 
 
-def browse_orders(columns) -> list:
-    """The Browse tab's orders: by minority score, then high / low first by each numeric metadata column."""
-    return ["most unique first", "most common first"] + [f"{c}: {d} first" for c in columns for d in ("high", "low")]
-
-
-FILTER_OPS = ("<=", ">=", "!=", "=", "<", ">")
-
-
-def row_filter(metadata: dict, where: str, n: int) -> np.ndarray:
-    """Rows (n,) bool matching every comma-separated condition ``column op number`` of ``where`` (ops: =, !=,
-    <, <=, >, >=); an empty ``where`` matches all. MinorityError naming the columns for anything else."""
-    keep = np.ones(n, bool)
-    for part in (where or "").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        op = next((o for o in FILTER_OPS if o in part), None)
-        col, _, value = part.partition(op) if op else (part, "", "")
-        col, value = col.strip(), value.strip()
-        if op is None or col not in metadata:
-            cols = ", ".join(metadata) or "none in this bundle"
-            raise MinorityError(f"filter {clip_text(part)!r}: write column op number, e.g. "
-                                f"{next(iter(metadata), 'x')} > 0; columns: {cols}")
-        try:
-            x = float(value)
-        except ValueError:
-            raise MinorityError(f"filter {clip_text(part)!r}: {clip_text(value)!r} is not a number") from None
-        v = metadata[col]
-        with np.errstate(invalid="ignore"):
-            keep &= {"=": v == x, "!=": v != x, "<": v < x, "<=": v <= x, ">": v > x, ">=": v >= x}[op]
-    return keep
-
-
 def on_class(studio: Studio, minority_class) -> tuple:
     """(markdown, uint8 strip (H, 3 W, 3)) describing class l in the real data, for the panel under the l slider:
     the text and its three real examples side by side."""
@@ -634,42 +511,6 @@ def on_class(studio: Studio, minority_class) -> tuple:
     gap = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
     strip = np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], axis=1)
     return c.text(studio.bundle.num_classes), strip
-
-
-def export_run(run: Run, folder: Optional[str | Path] = None) -> Path:
-    """A zip of the guided and standard PNGs plus samples.csv (seed, l, w, steps, method, sampler, score)."""
-    from PIL import Image
-
-    folder = Path(folder or tempfile.mkdtemp(prefix="minority-"))
-    old = sorted(folder.glob("*.zip"), key=lambda f: f.stat().st_mtime)
-    for f in old[:-(KEEP_EXPORTS - 1)] if len(old) >= KEEP_EXPORTS else []:
-        f.unlink(missing_ok=True)  # a long-lived Space keeps only the newest downloads
-    r = run.request
-    name = f"{r.method.replace(' ', '-')}_l{r.class_text()}_w{r.scale:g}_seed{r.seed}_{time.time_ns() % 10**9}.zip"
-    targets = r.targets().tolist()
-    rows = io.StringIO()
-    w = csv.writer(rows, lineterminator="\n")
-    w.writerow(["file", "grid", "index", "seed", "minority_class", "scale", "steps", "method", "sampler", "gamma",
-                "skip", "interval", "score"])
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for grid, images, scores, method, scale in (("guided", run.guided, run.guided_score, r.method, r.scale),
-                                                    ("standard", run.standard, run.standard_score, "standard", 0.0)):
-            for i, im in enumerate(images):
-                png = io.BytesIO()
-                Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(png, format="PNG")
-                file = f"{grid}/{i:03d}.png"
-                z.writestr(file, png.getvalue())
-                boost = grid == "guided" and r.method == "Boost-and-Skip"
-                l_i = targets[i] if grid == "guided" and r.method == "minority guidance" else r.minority_class
-                w.writerow([file, grid, i, r.seed, l_i, scale, r.steps, method, r.sampler,
-                            r.gamma if boost else 1.0, r.skip if boost else 0,
-                            r.interval if grid == "guided" and r.method == "self-guided" else "", f"{scores[i]:.6f}"])
-        z.writestr("samples.csv", rows.getvalue())
-    from core.nets.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(folder / name, buf.getvalue())
-    return folder / name
 
 
 # ----------------------------------------------------------------------------------------------
