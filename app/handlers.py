@@ -9,7 +9,6 @@ import queue
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
@@ -32,11 +31,9 @@ DISPLAY = 64  # gallery thumbnails are upscaled to this side (the browser scales
 UNCHANGED = object()  # an output a handler leaves as it is (the UI turns it into gr.skip())
 CAPTION_DRAWS = 5  # noise draws of a generated image's caption score: same expectation as the bundle's
 # (20-draw) score, a quarter of its cost; 20 draws made a finished 4x4 pair 4 s slower (session 5)
-# Every sampling run executes on this one long-lived thread, not on a new thread per run: torch's OpenMP pool
-# belongs to the thread that starts a parallel region, so a fresh thread per run built a new team each time while
-# the previous teams' threads still spun (measured in docs/RESULTS.md, issue 26.3). One worker also runs the runs
-# one after another, as the queue's concurrency limit already does.
-TORCH_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-worker")
+# Each sampling run executes on a thread of its own (``run_in_thread``). Session 11 tried one long-lived worker for
+# every run: no faster in-process (benchmarks/results/app_thread_cost.json), and in the browser test suite a later
+# run on it could wait forever after an earlier server's session; it was reverted.
 _LOAD_LOCK = threading.Lock()  # two bundles loading at once in Gradio's workers raced in diffusers' lazy import
 
 
@@ -269,8 +266,7 @@ class Studio:
 
         settings = replace(score_settings(self.bundle.manifest), draws=draws or caption_draws(self.bundle.manifest["score"]))
         idx = np.arange(len(images)) + seed * 1000 if rows is None else np.asarray(rows)
-        return TORCH_WORKER.submit(explain_images, self.bundle.model, np.ascontiguousarray(images), idx, settings,
-                                   distance=self.distance()).result()
+        return explain_images(self.bundle.model, np.ascontiguousarray(images), idx, settings, distance=self.distance())
 
     def distance(self):
         """The bundle's score distance, with its seed (lpips-rand's random trunk depends on it); built once."""
@@ -320,7 +316,7 @@ class Studio:
             except Exception as e:  # noqa: BLE001 - handed to the UI thread as a readable message
                 q.put(e)
 
-        TORCH_WORKER.submit(work)
+        threading.Thread(target=work, daemon=True).start()
         try:
             while True:
                 item = q.get()
@@ -554,11 +550,6 @@ def app_defaults(manifest: dict) -> tuple:
     steps = app.get("steps") if app.get("sampler") in (None, SAMPLERS[label]) else None
     lo, hi = LIMITS["steps"]
     return label, min(max(int(steps), lo), hi) if steps is not None else DEFAULTS["steps"]
-
-
-def next_live(count) -> int:
-    """A slider release: the live counter's next value (its change starts a run)."""
-    return int(count or 0) + 1
 
 
 def on_generate(studio: Studio, minority_class, scale, steps, n, seed, sampler, method, gamma, skip, interval,

@@ -29,10 +29,7 @@ def sweep(studio: h.Studio, kind: str, minority_class, scale, steps, seed, sampl
     reqs = [h.GenerateRequest(v if kind == SWEEP_KINDS[0] else base.minority_class,
                               base.scale if kind == SWEEP_KINDS[0] else v, base.steps, 1, base.seed, base.sampler).check(L)
             for v in levels(kind, L)]
-    def work():  # on the sampling thread (handlers.TORCH_WORKER), as the grids are
-        return np.concatenate([studio._sample(r, studio.guidance(r), lambda step: None, None) for r in reqs])
-
-    images = h.TORCH_WORKER.submit(work).result()
+    images = np.concatenate([studio._sample(r, studio.guidance(r), lambda step: None, None) for r in reqs])
     return images, reqs, studio.score(images, base.seed), studio.atrophy(images)
 
 

@@ -33,9 +33,8 @@ DISTANCE_NAMES = {"l2": "L2 (mean squared error)", "l1": "L1 (mean absolute erro
 
 INTRO = """# Minority guidance studio
 Steer a diffusion model toward **rare** samples (Um, Lee & Ye, ICLR 2024). Pick the target rarity class
-**l** (0 = most common, L-1 = rarest) and the classifier scale **w**: releasing a slider starts a new grid
-(**Generate** runs the other settings). The left grid is guided; the right grid is the standard sampler from
-the same seed."""
+**l** (0 = most common, L-1 = rarest) and the classifier scale **w**, then press **Generate**. The left
+grid is guided; the right grid is the standard sampler from the same seed."""
 
 
 def gpu(fn):
@@ -220,7 +219,6 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
                 f"minority score: {DISTANCE_NAMES.get(sc['distance'], sc['distance'])} at t = {sc['t']}, "
                 f"{sc['draws']} noise draws" + (f" · ground truth: `{truth}`" if truth else ""))
     visit = gr.State(None)
-    live = gr.State(0)  # counts slider releases; its change starts a live run
     with gr.Tab("Generate"):
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
@@ -340,20 +338,10 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
     gen = run_btn.click(generate_fn, gen_inputs, gen_outputs,
                         api_name=api("generate"), trigger_mode="always_last", concurrency_limit=1,
                         concurrency_id="sampling", show_progress="hidden")
-    # Live sliders (issue 26): releasing l, w or the range bumps a hidden counter after cancelling the run in
-    # flight (Generate's or an earlier release's); the counter's change starts the new grid. Cancelling inside
-    # the bump, before the counter changes, means a release can never cancel the run it starts itself.
-    live_runs = live.change(generate_fn, gen_inputs, gen_outputs,
-                            api_visibility="private", trigger_mode="multiple", concurrency_limit=1,
-                            concurrency_id="sampling", show_progress="hidden")
-    gr.on([l_slider.release, w_slider.release, spread.release], h.next_live, live, live, cancels=[gen, live_runs],
-          concurrency_limit=None, show_progress="hidden", api_visibility="private")  # queued: a queue=False
-    # event carries no session, and Gradio tracks a State's change only within one
-    run_btn.click(None, None, None, cancels=[live_runs], queue=False, api_visibility="private")
     density_fn = _readable(functools.partial(h.on_density, studio))
     gen.success(density_fn, visit, [density_plot, map_plot], api_name=api("density"), concurrency_limit=1,
                 concurrency_id="sampling")
-    stop_btn.click(None, None, None, cancels=[gen, live_runs], queue=False, api_visibility="private")
+    stop_btn.click(None, None, None, cancels=[gen], queue=False, api_visibility="private")
     sweep_btn.click(gpu(_readable(functools.partial(sw.on_sweep, studio))),
                     [sweep_kind, l_slider, w_slider, steps, seed, sampler], [sweep_grid, sweep_text],
                     api_name=api("sweep"), concurrency_limit=1, concurrency_id="sampling")

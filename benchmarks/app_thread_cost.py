@@ -2,8 +2,8 @@
 
 Rows (medians of --repeats, after one warm-up each):
 - sync: the guided sampling and the captions' scores called directly on the calling thread;
-- new thread per run: ``Studio.generate_all`` with each run on a fresh ``threading.Thread`` (before session 11);
-- one worker: ``Studio.generate_all`` as it is now (every run on ``handlers.TORCH_WORKER``);
+- app: ``Studio.generate_all`` as the app runs it (a fresh thread per run). Session 11's stored results also have a
+  one-long-lived-worker row, measured while the app had that worker (reverted since);
 and the parts of one run: sampling, caption scores, estimated atrophy, gallery items (upscaled PNG-ready arrays).
 
     python benchmarks/app_thread_cost.py --settings "DDIM:25,DPM-Solver++ 2M:10" --out benchmarks/results/app_thread_cost.json
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,19 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write  # noqa: E402
 from app import handlers as h  # noqa: E402
-
-
-class NewThreadEach:
-    """The old behaviour: ``submit`` starts a fresh thread per run."""
-
-    def submit(self, fn, *a, **kw):
-        t = threading.Thread(target=fn, args=a, kwargs=kw, daemon=True)
-        t.start()
-
-        class Done:
-            def result(self_inner):
-                t.join()
-        return Done()
 
 
 def median_time(fn, repeats):
@@ -99,17 +85,11 @@ def main():
         parts["atrophy"] = median_time(lambda: studio.atrophy(images), a.repeats)
         parts["gallery_items"] = median_time(lambda: h.captions(images, np.zeros(16), np.zeros(16)), a.repeats)
         sync = median_time(lambda: (studio.score(studio._sample(req, g, lambda s: None, None), req.seed)), a.repeats)
-        worker = median_time(lambda: studio.generate_all(req), a.repeats)
-        real = h.TORCH_WORKER
-        h.TORCH_WORKER = NewThreadEach()
-        try:
-            fresh = median_time(lambda: studio.generate_all(req), a.repeats)
-        finally:
-            h.TORCH_WORKER = real
-        row = {"sync_s": sync, "one_worker_s": worker, "new_thread_per_run_s": fresh, "parts_s": parts,
+        app_run = median_time(lambda: studio.generate_all(req), a.repeats)
+        row = {"sync_s": sync, "app_s": app_run, "parts_s": parts,
                "trials_sampling_s": trials(studio, req, g, a.repeats) if a.trials else None}
         res["rows"][item] = row
-        print(f"{item}: sync {sync:.2f} s, one worker {worker:.2f} s, new thread per run {fresh:.2f} s; parts: "
+        print(f"{item}: sync {sync:.2f} s, app (thread per run) {app_run:.2f} s; parts: "
               + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()), flush=True)
     write(Path(a.out), res)
 
