@@ -246,11 +246,9 @@ class Studio:
     def score(self, images: np.ndarray, seed: int = 0, draws: Optional[int] = None) -> np.ndarray:
         """Minority score (Eq. 7) of uint8 images (N, H, W, C) with the bundle's distance and t; ``draws`` noise
         draws (default: at most CAPTION_DRAWS, the captions' cost): float32 (N,)."""
-        from core.maths.score import ScoreSettings, minority_scores
+        from core.maths.score import minority_scores
 
-        s = self.bundle.manifest["score"]
-        settings = ScoreSettings(distance=s["distance"], t=int(s["t"]), draws=draws or caption_draws(s),
-                                 seed=int(s["seed"]), clip=bool(s.get("clip", True)))
+        settings = self.score_settings(draws)
         x = torch.from_numpy(np.array(images.transpose(0, 3, 1, 2)))  # a writable copy (uploads are read-only)
         idx = torch.arange(len(images)) + seed * 1000
         return minority_scores(self.bundle.model, x, idx, settings, self.distance())
@@ -259,14 +257,18 @@ class Studio:
                 rows: Optional[np.ndarray] = None):
         """Rarity maps (issue 27) of uint8 images (N, H, W, C) with the same draws as ``score`` (so the map's pixel
         mean is that score), or, for real images, their own noise ``rows`` (then the map averages to the stored
-        score at the bundle's draws), on the sampling thread: core.evaluation.explain.Explained."""
-        from dataclasses import replace
+        score at the bundle's draws): core.evaluation.explain.Explained."""
+        from core.evaluation.explain import explain_images
 
-        from core.evaluation.explain import explain_images, score_settings
-
-        settings = replace(score_settings(self.bundle.manifest), draws=draws or caption_draws(self.bundle.manifest["score"]))
         idx = np.arange(len(images)) + seed * 1000 if rows is None else np.asarray(rows)
-        return explain_images(self.bundle.model, np.ascontiguousarray(images), idx, settings, distance=self.distance())
+        return explain_images(self.bundle.model, np.ascontiguousarray(images), idx, self.score_settings(draws),
+                              distance=self.distance())
+
+    def score_settings(self, draws: Optional[int] = None):
+        """The bundle's score settings with ``draws`` noise draws (default: the captions', at most CAPTION_DRAWS)."""
+        from core.bundles.bundle import score_settings
+
+        return score_settings(self.bundle.manifest, draws or caption_draws(self.bundle.manifest["score"]))
 
     def distance(self):
         """The bundle's score distance, with its seed (lpips-rand's random trunk depends on it); built once."""

@@ -18,28 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core.bundles.bundle import load_bundle  # noqa: E402
 from core.evaluation.metrics import extract_features, make_extractor, precision_recall  # noqa: E402
 from core.maths.guidance import ClassifierGuidance, combine  # noqa: E402
-from core.maths.sampling import sample, to_uint8  # noqa: E402
+from core.maths.sampling import sample  # noqa: E402
 from core.maths.solvers import SOLVERS  # noqa: E402
-
-
-def run(model, n, steps, sampler, guidance, seed, batch=64):
-    """validate_demo.py's run_sampler: batch k of 64 draws from generator seed * 1_000_003 + k."""
-    out, t0 = [], time.perf_counter()
-    for k, s in enumerate(range(0, n, batch)):
-        g = torch.Generator().manual_seed((seed * 1_000_003 + k) % (2 ** 63))
-        out.append(to_uint8(sample(model, min(batch, n - s), steps=steps, sampler=sampler, guidance=guidance, generator=g)))
-    return np.concatenate(out), (time.perf_counter() - t0) / n
+from validate_demo import run_sampler  # noqa: E402  (the same per-batch seeds as the reference rows)
 
 
 def rare_reader(b, seed: int):
@@ -105,7 +95,7 @@ def main():
             for name in a.solvers.split(","):
                 if (name, steps, w) in done:
                     continue
-                images, sec = run(b.model, a.n, steps, name, guidance, a.seed)
+                images, sec = run_sampler(b.model, a.n, steps, name, guidance, a.seed)
                 prec, rec = precision_recall(real_f, extract_features(extractor, images).pooled)
                 row = {"sampler": name, "steps": steps, "w": w, "rare_share": float(is_rare(images).mean()),
                        "precision": prec, "recall": rec, "s_per_image": sec, "n": a.n, "seed": a.seed}

@@ -159,6 +159,16 @@ def truth_column(manifest: dict) -> Optional[str]:
     return "severity" if dataset.get("ground_truth") else None
 
 
+def score_settings(manifest: dict, draws: Optional[int] = None):
+    """The manifest's score settings (distance, t, draws, seed, clip) as a ScoreSettings; ``draws`` replaces its
+    number of noise draws (the app's captions use fewer)."""
+    from core.maths.score import ScoreSettings
+
+    s = manifest["score"]
+    return ScoreSettings(distance=s["distance"], t=int(s["t"]), draws=int(draws or s["draws"]), seed=int(s["seed"]),
+                         clip=bool(s.get("clip", True)))
+
+
 def load_real(root: Path, manifest: Optional[dict] = None) -> RealData:
     """The real data of a bundle folder, every array checked against the manifest (shapes, dtypes, labels in
     [0, L), finite scores and map) and real.csv's text against its shapes (column names, relative paths);

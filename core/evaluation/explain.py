@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from core.bundles.bundle import score_settings  # noqa: F401 - re-exported for the explain command
 from core.maths.score import ScoreSettings, make_distance, rarity_map
 
 UPSCALE = 4  # 32-pixel images are drawn 4x (nearest) so a map's positions stay visible
@@ -32,13 +33,6 @@ class Explained:
 
 def _u8(x: torch.Tensor) -> np.ndarray:
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def score_settings(manifest: dict) -> ScoreSettings:
-    """A bundle manifest's score settings."""
-    s = manifest["score"]
-    return ScoreSettings(distance=s["distance"], t=int(s["t"]), draws=int(s["draws"]), seed=int(s["seed"]),
-                         clip=bool(s.get("clip", True)))
 
 
 def explain_images(model, images: np.ndarray, indices: np.ndarray, settings: ScoreSettings, batch_size: int = 32,

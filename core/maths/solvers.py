@@ -23,8 +23,9 @@ from typing import Callable, Optional
 import torch
 
 from core.maths.eps_model import predict_eps
+from core.maths.schedule import VARIANCE_TYPES
 
-# name -> (diffusers class, its extra config, whether it draws noise, can it use a learned variance, in words)
+# name -> (diffusers class, its extra config, whether its step draws noise (takes the generator), in words)
 _SOLVERS = {
     "dpmpp-2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2), False,
                  "DPM-Solver++ 2M (Lu et al. 2022)"),
@@ -49,11 +50,6 @@ def variance_note(name: str, variance_type: str) -> Optional[str]:
             f"fixed variance (only {', '.join(LEARNED_VARIANCE_SOLVERS)} and our ancestral sampler ddpm read it)")
 
 
-def solver_words(name: str) -> str:
-    """A solver's name in words (for the run's first line)."""
-    return _SOLVERS[name][3]
-
-
 def make_scheduler(name: str, schedule, steps: int, *, clip_denoised: bool = True, variance_type: str = "fixed_small"):
     """The diffusers scheduler ``name`` on ``schedule``'s own betas, ``set_timesteps(steps)`` done.
     ValueError naming the allowed values for an unknown name or steps outside [1, T]."""
@@ -72,9 +68,7 @@ def make_scheduler(name: str, schedule, steps: int, *, clip_denoised: bool = Tru
     elif clip == "threshold":  # dynamic thresholding capped at 1 = a static clip of x0 to [-1, 1]
         cfg.update(thresholding=bool(clip_denoised), sample_max_value=1.0)
     if name == "diffusers-ddpm":
-        cfg["variance_type"] = variance_type if variance_type in ("learned_range", "learned") else \
-            {"fixed_small_log": "fixed_small_log", "fixed_large": "fixed_large",
-             "fixed_large_log": "fixed_large_log"}.get(variance_type, "fixed_small")
+        cfg["variance_type"] = variance_type if variance_type in VARIANCE_TYPES else "fixed_small"  # diffusers' names
     sched = getattr(diffusers, cls_name)(**cfg)
     # diffusers takes the cumulative product of the betas in float32; our samplers use the schedule's float64 abar
     # (it matters near t = T - 1 of a cosine schedule, where abar is ~1e-9); a float32 sample stays float32
