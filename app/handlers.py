@@ -5,6 +5,7 @@ no weights) and the per-process caches; per-visitor history lives in ``Visit`` o
 """
 from __future__ import annotations
 
+import numbers
 import queue
 import tempfile
 import threading
@@ -26,6 +27,7 @@ from .request import (  # noqa: F401 - re-exported: the handlers' vocabulary
     DEFAULTS, ECHO_CHARS, FILTER_OPS, LIMITS, METHODS, OWN_SAMPLERS, SAMPLERS, GenerateRequest, browse_orders,
     clip_text, number, row_filter)
 from .export import KEEP_EXPORTS, export_run  # noqa: E402,F401 - re-exported
+from .live import RunSlots, acquire  # noqa: E402
 PREVIEW_SECONDS = 1.0  # at most one grid preview per this many seconds (the first comes after step 1)
 DISPLAY = 64  # gallery thumbnails are upscaled to this side (the browser scales them further)
 UNCHANGED = object()  # an output a handler leaves as it is (the UI turns it into gr.skip())
@@ -35,6 +37,7 @@ CAPTION_DRAWS = 5  # noise draws of a generated image's caption score: same expe
 # every run: no faster in-process (benchmarks/results/app_thread_cost.json), and in the browser test suite a later
 # run on it could wait forever after an earlier server's session; it was reverted.
 _LOAD_LOCK = threading.Lock()  # two bundles loading at once in Gradio's workers raced in diffusers' lazy import
+_SAMPLING_LOCK = threading.Lock()  # one grid samples at a time, whichever studio, button or slider started it
 
 
 def caption_draws(score_settings: dict) -> int:
@@ -136,6 +139,7 @@ class Studio:
         self.export_dir = Path(tempfile.mkdtemp(prefix="minority-studio-"))
         self.warm_seconds: Optional[float] = None
         self.steps_done = 0  # sampler steps run by this process (a Stop must freeze it)
+        self.runs = RunSlots()  # each visitor's newest run (live sliders: a new run stops the previous one)
 
     def _clear(self) -> None:
         """Drop the loaded bundle and everything computed from it."""
@@ -300,18 +304,23 @@ class Studio:
                             q.put(Update(stage, step.index + 1, step.total, **{stage: _u8(step.x0_hat)}))
                     return f
 
-                guided = self._sample(req, self.guidance(req), on_step("guided"), stop, self.init(req))
-                kept = req.steps - (req.skip if req.method == "Boost-and-Skip" else 0)
-                q.put(Update("guided", kept, kept, guided=guided))
-                with self._lock:
-                    cached = self._standard_cache.get(key)
-                if cached is None:
-                    std = self._sample(req, None, on_step("standard"), stop)
-                    cached = (std, self.score(std, req.seed))
-                    with self._lock:  # keep the 8 newest grids
-                        self._standard_cache = {**dict(list(self._standard_cache.items())[-7:]), key: cached}
-                std, std_score = cached
-                run = Run(req, guided, self.score(guided, req.seed), std, std_score, time.perf_counter() - t0)
+                if not acquire(_SAMPLING_LOCK, stop):  # one grid at a time; superseded while it waited
+                    raise Stopped
+                try:
+                    guided = self._sample(req, self.guidance(req), on_step("guided"), stop, self.init(req))
+                    kept = req.steps - (req.skip if req.method == "Boost-and-Skip" else 0)
+                    q.put(Update("guided", kept, kept, guided=guided))
+                    with self._lock:
+                        cached = self._standard_cache.get(key)
+                    if cached is None:
+                        std = self._sample(req, None, on_step("standard"), stop)
+                        cached = (std, self.score(std, req.seed))
+                        with self._lock:  # keep the 8 newest grids
+                            self._standard_cache = {**dict(list(self._standard_cache.items())[-7:]), key: cached}
+                    std, std_score = cached
+                    run = Run(req, guided, self.score(guided, req.seed), std, std_score, time.perf_counter() - t0)
+                finally:
+                    _SAMPLING_LOCK.release()
                 q.put(Update("done", req.steps, req.steps, guided=guided, standard=std, run=run))
             except Stopped:
                 q.put(Update("stopped", 0, req.steps))
@@ -555,36 +564,47 @@ def app_defaults(manifest: dict) -> tuple:
 
 
 def on_generate(studio: Studio, minority_class, scale, steps, n, seed, sampler, method, gamma, skip, interval,
-                spread, visit: Optional[Visit], stop: Optional[threading.Event] = None):
-    """Generator for the Generate button: yields (guided items, standard items, status markdown,
-    download path or None, visit) while sampling runs; the last yield carries the finished run."""
+                spread, visit: Optional[Visit], issued=None, visitor=None):
+    """Generator for Generate and the live sliders: yields (guided items, standard items, status markdown,
+    download path or None, visit) while sampling runs; the last yield carries the finished run. ``visitor`` (the
+    session) and ``issued`` (the browser's clock at the click or release, ms): the newest run of a visitor stops
+    the older ones (app.live), and a run stopped that way shows nothing, as the newer one draws the page."""
     visit = visit or Visit()
     req = GenerateRequest(minority_class, scale, steps, n, seed, sampler, method, gamma, skip, interval,
                           spread).check(studio.bundle.num_classes)
     L = studio.bundle.num_classes
+    ok = isinstance(issued, numbers.Real) and np.isfinite(issued) and issued > 0  # from the API: untrusted
+    issued = float(issued) if ok else None
+    slot, own = studio.runs.claim(visitor, issued)
     first = True
-    for u in studio.generate(req, stop):
-        if u.stage == "stopped":
-            yield UNCHANGED, UNCHANGED, f"Stopped after {u.elapsed:.1f} s.", None, visit
-            return
-        # only the grid that changed is sent; the first update also clears the other grid
-        atrophy = studio.atrophy if u.run else (lambda images: None)  # finished grids: score and atrophy
-        guided_items = captions(u.guided, u.run.guided_score if u.run else None, atrophy(u.guided)) \
-            if u.guided is not None else UNCHANGED
-        standard_items = captions(u.standard, u.run.standard_score if u.run else None, atrophy(u.standard)) \
-            if u.standard is not None else ([] if first else UNCHANGED)
-        first = False
-        if u.stage == "done":
-            visit.add(u.run)
-            path = str(export_run(u.run, studio.export_dir))
-            g, s = u.run.guided_score.mean(), u.run.standard_score.mean()
-            status = (f"Done in {u.elapsed:.1f} s: {req.n} images, {req.steps} {req.sampler} steps, "
-                      f"{method_summary(req, L)}. Mean minority score: {req.method} {g:.4f}, standard {s:.4f}.")
-            yield guided_items, standard_items, status, path, visit
-            return
-        label = req.method if u.stage == "guided" else "standard sampler (same seed)"
-        yield (guided_items, standard_items, f"Sampling {label}: step {u.step}/{u.total} ({u.elapsed:.1f} s)",
-               None, visit)
+    try:
+        for u in studio.generate(req, own):
+            if u.stage == "stopped":
+                if studio.runs.superseded(slot, own):  # a newer run of this visitor draws the page
+                    yield UNCHANGED, UNCHANGED, UNCHANGED, UNCHANGED, UNCHANGED
+                else:
+                    yield UNCHANGED, UNCHANGED, f"Stopped after {u.elapsed:.1f} s.", None, visit
+                return
+            # only the grid that changed is sent; the first update also clears the other grid
+            atrophy = studio.atrophy if u.run else (lambda images: None)  # finished grids: score and atrophy
+            guided_items = captions(u.guided, u.run.guided_score if u.run else None, atrophy(u.guided)) \
+                if u.guided is not None else UNCHANGED
+            standard_items = captions(u.standard, u.run.standard_score if u.run else None, atrophy(u.standard)) \
+                if u.standard is not None else ([] if first else UNCHANGED)
+            first = False
+            if u.stage == "done":
+                visit.add(u.run)
+                path = str(export_run(u.run, studio.export_dir))
+                g, s = u.run.guided_score.mean(), u.run.standard_score.mean()
+                status = (f"Done in {u.elapsed:.1f} s: {req.n} images, {req.steps} {req.sampler} steps, "
+                          f"{method_summary(req, L)}. Mean minority score: {req.method} {g:.4f}, standard {s:.4f}.")
+                yield guided_items, standard_items, status, path, visit
+                return
+            label = req.method if u.stage == "guided" else "standard sampler (same seed)"
+            yield (guided_items, standard_items, f"Sampling {label}: step {u.step}/{u.total} ({u.elapsed:.1f} s)",
+                   None, visit)
+    finally:
+        studio.runs.release(slot, own)
 
 
 def on_browse(studio: Studio, order: str, class_filter: str, page, where: str = "") -> tuple:

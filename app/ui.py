@@ -48,6 +48,19 @@ def gpu(fn):
     return spaces.GPU(fn)
 
 
+# Run in the browser before a run's request is sent: its last input becomes the browser's clock (ms), which
+# orders a visitor's runs as they were asked for, whatever order their requests arrive in (app.live).
+STAMP_JS = "(...inputs) => [...inputs.slice(0, -1), performance.timeOrigin + performance.now()]"
+
+
+def _per_visitor(fn):
+    """fn(*inputs, visitor=the Gradio session's hash): Gradio hands its request to a parameter typed gr.Request.
+    With the clock STAMP_JS puts last in the inputs, the visitor's newest run stops the older ones (app.live)."""
+    def with_visitor(request: gr.Request, *inputs):
+        yield from fn(*inputs, visitor=getattr(request, "session_hash", None))
+    return with_visitor
+
+
 def _readable(fn):
     """Turn project errors into a gr.Error the user reads; other errors become one line, never a traceback."""
     def convert(e):
@@ -66,9 +79,9 @@ def _readable(fn):
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
-        def gen(*a):
+        def gen(*a, **kw):
             try:
-                for out in fn(*a):
+                for out in fn(*a, **kw):
                     yield skip_unchanged(out)
             except Exception as e:  # noqa: BLE001
                 raise convert(e) from None
@@ -83,6 +96,9 @@ def _readable(fn):
     return plain
 
 
+OPTIONAL = "studio_optional_input"  # an input an API call may leave out (its value is then the component's)
+
+
 class StudioBlocks(gr.Blocks):
     """gr.Blocks whose wrong-number-of-inputs answer is one readable line naming the expected inputs (Gradio's
     own message lists Python object addresses, and Gradio ignores extra values silently).
@@ -91,16 +107,26 @@ class StudioBlocks(gr.Blocks):
     them (the browser's format), so a call with exactly len(inputs) values, one more than the API lists for
     /generate, cannot be told from the browser's and is accepted (the State slot's value is never read: the
     visitor's state comes from the session). More values than that are refused. Events that cancel others
-    (Stop) receive the session hash as their one value and are left alone."""
+    (Stop) receive the session hash as their one value and are left alone. An input marked OPTIONAL (the
+    browser's clock, last among /generate's) may be left out: it then gets its component's value (0, no clock),
+    so API calls written before it existed still work."""
 
     def validate_inputs(self, block_fn, inputs):
-        wanted = [b for b in block_fn.inputs if not isinstance(b, gr.State)]  # a visitor's state is not sent
+        optional = [b for b in block_fn.inputs if getattr(b, OPTIONAL, False)]  # the browser's clock
+        sent = [b for b in block_fn.inputs if not getattr(b, OPTIONAL, False)]
+        if optional and len(inputs) in (len(sent), len([b for b in sent if not isinstance(b, gr.State)])):
+            values = iter(inputs)  # without the optional inputs, with or without the State slots
+            with_slots = len(inputs) == len(sent)
+            inputs[:] = [b.value if getattr(b, OPTIONAL, False) else None if isinstance(b, gr.State)
+                         and not with_slots else next(values) for b in block_fn.inputs]  # Gradio reads this list on
+        wanted = [b for b in block_fn.inputs if not isinstance(b, gr.State) and not getattr(b, OPTIONAL, False)]
         too_many = len(inputs) > len(block_fn.inputs) and not block_fn.cancels and block_fn.fn is not None
         if len(inputs) < len(block_fn.inputs) or too_many:
             names = ", ".join(str(getattr(b, "label", None) or type(b).__name__) for b in wanted)
             api = f"/{block_fn.api_name}" if getattr(block_fn, "api_name", None) else "this event"
             got = len(inputs) if too_many else min(len(inputs), len(wanted))
-            raise gr.Error(f"{api} needs {len(wanted)} values ({names}); got {got}")
+            extra = "".join(f" and optionally {b.label}" for b in optional)
+            raise gr.Error(f"{api} needs {len(wanted)} values ({names}){extra}; got {got}")
         return super().validate_inputs(block_fn, inputs)
 
 
@@ -332,16 +358,28 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
     class_fn = _readable(functools.partial(h.on_class, studio))
     l_slider.change(class_fn, l_slider, [l_words, l_examples], api_visibility="private")
     method.change(_method_controls, method, [boost_box, self_box, sampler], queue=False, api_visibility="private")
-    gen_inputs = [l_slider, w_slider, steps, n, seed, sampler, method, gamma, skip, interval, spread, visit]
+    # the browser's clock at each click or release (STAMP_JS); the API's optional last input, 0 = no clock
+    issued = gr.Number(0, visible=False, label="the browser's clock (ms; 0: none)")
+    setattr(issued, OPTIONAL, True)
+    gen_inputs = [l_slider, w_slider, steps, n, seed, sampler, method, gamma, skip, interval, spread, visit, issued]
     gen_outputs = [guided, standard, status, download, visit]
-    generate_fn = gpu(_readable(functools.partial(h.on_generate, studio)))
-    gen = run_btn.click(generate_fn, gen_inputs, gen_outputs,
+    generate_fn = gpu(_per_visitor(_readable(functools.partial(h.on_generate, studio))))
+    gen = run_btn.click(generate_fn, gen_inputs, gen_outputs, js=STAMP_JS,
                         api_name=api("generate"), trigger_mode="always_last", concurrency_limit=1,
                         concurrency_id="sampling", show_progress="hidden")
+    # Live sliders (issue 26.3): releasing l, w or the range (its number box's blur counts too: Gradio's slider
+    # sends release then) runs Generate's handler. The newest run of the visitor stops the older ones at their
+    # next step and every run waits for the sampling lock (app.live); so this event has no concurrency limit and
+    # no Gradio cancels, which both hung in session 11's try. The Generate button keeps the queue's limit of 1.
+    live = gr.on([l_slider.release, w_slider.release, spread.release], generate_fn, gen_inputs, gen_outputs,
+                 js=STAMP_JS, api_visibility="private", trigger_mode="multiple", concurrency_limit=None,
+                 concurrency_id="live", show_progress="hidden")
     density_fn = _readable(functools.partial(h.on_density, studio))
-    gen.success(density_fn, visit, [density_plot, map_plot], api_name=api("density"), concurrency_limit=1,
-                concurrency_id="sampling")
-    stop_btn.click(None, None, None, cancels=[gen], queue=False, api_visibility="private")
+    for run in (gen, live):
+        run.success(density_fn, visit, [density_plot, map_plot], api_name=api("density") if run is gen else None,
+                    api_visibility="public" if run is gen else "private", concurrency_limit=1,
+                    concurrency_id="sampling")
+    stop_btn.click(None, None, None, cancels=[gen, live], queue=False, api_visibility="private")
     sweep_btn.click(gpu(_readable(functools.partial(sw.on_sweep, studio))),
                     [sweep_kind, l_slider, w_slider, steps, seed, sampler], [sweep_grid, sweep_text],
                     api_name=api("sweep"), concurrency_limit=1, concurrency_id="sampling")

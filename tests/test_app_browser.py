@@ -68,6 +68,46 @@ def test_sliders_generate_and_browse_in_chromium(url, tmp_path):
         browser.close()
 
 
+def _release(page, elem_id, fraction):
+    """Click the slider's track at ``fraction`` of its width: one pointer down and up, i.e. a release. Scrolled
+    into view first: the box is in viewport coordinates, and filling a number lower down scrolls the page (a
+    click above the viewport was session 11's 'release that started no run')."""
+    track = page.locator(f"#{elem_id} input[type=range]")
+    track.scroll_into_view_if_needed()
+    box = track.bounding_box()
+    page.mouse.click(box["x"] + fraction * box["width"], box["y"] + box["height"] / 2)
+
+
+def test_a_slider_release_starts_a_run_and_the_next_release_stops_it(url, tmp_path):
+    """Issue 26.3: releasing l (or w, or the range) starts a guided grid with no button press; a second release
+    while it runs stops it. The sampler steps the server ran tell: 16 images at 60 steps, the first run stopped
+    after a few steps, then the second in full (guided and standard: 120) is < 200; without the stop the first
+    run alone is 120 and both >= 240."""
+    studio = SERVED["studio"]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url, wait_until="domcontentloaded")
+        page.wait_for_selector("#generate", timeout=60_000)
+        _set_number(page, "n", 16)
+        _set_number(page, "steps", 60)
+        _set_number(page, "seed", 11)  # a seed no other test caches a standard grid for
+        before = studio.steps_done
+        _release(page, "minority-class", 0.5)
+        page.wait_for_function("document.querySelector('#status').innerText.includes('Sampling')", timeout=60_000)
+        _release(page, "scale", 0.3)  # the second release: w changes, the first run stops
+        page.wait_for_function("document.querySelector('#status').innerText.startsWith('Done')", timeout=180_000)
+        status = page.inner_text("#status")
+        ran = studio.steps_done - before
+        l_value = int(page.input_value("#minority-class input[type=number]"))
+        w = float(page.input_value("#scale input[type=number]"))
+        page.screenshot(path=str(tmp_path / "live.png"), full_page=True)
+        browser.close()
+    assert f"l = {l_value}" in status and f"w = {w:g}" in status and "16 images, 60" in status, status
+    assert 120 <= ran < 200, ran  # the second run in full (120) plus the stopped few of the first
+    assert studio.runs.running() == 0  # both runs have ended
+
+
 @pytest.fixture(scope="module")
 def library_url(tmp_path_factory):
     """The app as ``python app.py`` opens it: every shipped bundle (MRI first, then faces)."""

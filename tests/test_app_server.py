@@ -179,6 +179,7 @@ def test_too_few_inputs_get_one_readable_line(served):
     assert "event: error" in body and "object at 0x" not in body, body
     msg = json.loads(body.split("data:", 1)[1].strip().splitlines()[0])["error"]
     assert msg.startswith("/generate needs 11 values (Minority class l, Guidance scale w") and msg.endswith("got 2")
+    assert "optionally the browser's clock" in msg
 
 
 def test_the_real_app_has_its_queue_bound_and_stop_wiring(monkeypatch):
@@ -304,7 +305,7 @@ def test_uploads_never_scored_are_deleted_on_schedule(short_cache):
      "seed must be a whole number in [0, 2147483647], got 1.5"),
     ('[49, 2.5, 5, 1, 1, "DDIM", "minority guidance", 3.0, 3, 5, 0, 1, 2, 3]', "/generate needs 11 values (Minority "
      "class l, Guidance scale w, Steps, Number of images, Seed, Sampler, Method, Boost gamma, Skip Δt, Self-guidance "
-     "interval k, Range below l); got 14"),
+     "interval k, Range below l) and optionally the browser's clock (ms; 0: none); got 14"),
 ])
 def test_generate_refuses_raw_json_values_by_name(served, values, msg):
     """Probes gen_l_nan, gen_spread_nan, gen_w_True, badapi seed=1.5, gen_too_many_values: refused (not coerced,
