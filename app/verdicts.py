@@ -213,7 +213,7 @@ def on_browse_select(studio: Studio, order, class_filter, page, where, index) ->
         raise MinorityError(f"image {i} is not on this page of {len(rows)} images")
     row = int(rows[i])
     real = studio.bundle.real
-    ex = studio.explain(real.images[row:row + 1], draws=int(studio.bundle.manifest["score"]["draws"]), rows=[row])
+    ex = studio.explain(real.images[row:row + 1], draws=int(studio.bundle.manifest["score"]["draws"]), rows=[int(real.row[row])])
     return why_strip(real.images[row], ex), (
         f"Real image `{real.paths[row]}` (class {int(real.label[row])}): stored minority score "
         f"{real.score[row]:.4f}; the map below averages to {float(ex.score[0]):.4f} (the same noise draws). {WHY_TEXT}")

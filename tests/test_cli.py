@@ -93,7 +93,7 @@ def test_score_with_unet_feat_from_the_cli(pipeline, tmp_path):
     assert json.loads((tmp_path / "s.json").read_text())["settings"]["distance"] == "unet-feat"
     model = load_diffusion(run)
     imgs = load_image_folder(data, 16, 1)
-    want = minority_scores(model, imgs.images, torch.arange(len(imgs)), ScoreSettings("unet-feat", 500, 2, 0),
+    want = minority_scores(model, imgs.images, imgs.rows, ScoreSettings("unet-feat", 500, 2, 0),
                            make_distance("unet-feat", model=model))
     np.testing.assert_allclose([got[p] for p in imgs.paths], want, rtol=1e-5)
     assert np.all(want > 0)

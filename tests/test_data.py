@@ -378,7 +378,7 @@ def test_folder_with_one_corrupt_file(tmp_path):
     assert ds.paths == sorted(ds.paths)
     assert ds.paths == sorted(f"img_{i:02d}{('.png', '.jpg', '.bmp', '.webp')[i % 4]}" for i in range(20) if i != 5)
     assert ds.class_ids is None and ds.class_names == []
-    assert calls == [(i, 20) for i in range(1, 21)]
+    assert calls[-1] == (20, 20) and all(a[0] <= b[0] and a[1] == 20 for a, b in zip(calls, calls[1:]))
     # each row is the image at paths[i]
     for k in (0, 9, 18):
         assert np.array_equal(ds.images[k].numpy(), load_image(tmp_path / ds.paths[k], 16, 3))

@@ -330,7 +330,7 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
         est = ESTIMATES["score"] * len(data) * settings.draws * (size / 32) ** 2 / 60
         log(f"4/6 minority score of {len(data)} images: {settings.distance}, t={settings.t}, {settings.draws} draws; "
             f"about {est:.0f} min on 2 CPU cores")
-        scores = minority_scores(model, data.images, torch.arange(len(data)), settings,
+        scores = minority_scores(model, data.images, data.rows, settings,
                                  make_distance(settings.distance, seed=cfg.seed, model=model), batch_size=128,
                                  progress=report("score"))
         buf = io.BytesIO()
@@ -398,7 +398,7 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
             **pack_images(images_nhwc), "score": torch.from_numpy(scores.astype(np.float32)),
             "label": torch.from_numpy(labels), "severity": torch.from_numpy(truth_values.astype(np.float32)),
             "coords": torch.from_numpy(coords), "pca_mean": torch.from_numpy(pca_mean),
-            "pca_components": torch.from_numpy(pca_comps)})
+            "pca_components": torch.from_numpy(pca_comps), "row": data.rows.clone()})
         atomic_write_text(folder / "real.csv", table.getvalue())
         stage_done("map and bundle")
         manifest.update({

@@ -92,6 +92,11 @@ class RealData:
     pca_components: np.ndarray
     truth_name: Optional[str] = None
     metadata: dict = field(default_factory=dict)
+    row: Optional[np.ndarray] = None  # int64 (N,): each image's noise slot (its folder listing's; default 0..N-1)
+
+    def __post_init__(self):
+        if self.row is None:
+            object.__setattr__(self, "row", np.arange(len(self.score)))
 
     @property
     def has_truth(self) -> bool:
@@ -222,9 +227,16 @@ def load_real(root: Path, manifest: Optional[dict] = None) -> RealData:
         except (TypeError, ValueError):
             continue  # a non-numeric column is for people only
     truth_name = truth_column(manifest)
+    row = None
+    if "row" in t:  # bundles built since issue 28: the noise slot of each image (older ones: 0..N-1)
+        row = t["row"]
+        if row.is_floating_point() or tuple(row.shape) != (n,) or (n and (int(row.min()) < 0 or
+                                                                         len(torch.unique(row)) != n)):
+            raise CheckpointError(f"{source}: 'row' must hold {n} distinct integers >= 0")
+        row = row.long().numpy()
     return RealData(paths, images, t["score"].float().numpy(), t["label"].long().numpy(), t["severity"].float().numpy(),
                     t["coords"].float().numpy(), t["pca_mean"].float().numpy(), t["pca_components"].float().numpy(),
-                    truth_name, metadata)
+                    truth_name, metadata, row)
 
 
 def load_bundle(root: str | os.PathLike, device: str | torch.device = "cpu", load_models: bool = True) -> Bundle:

@@ -33,7 +33,9 @@ HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 @dataclass(frozen=True)
 class ImageSet:
-    """A loaded folder: ``images`` uint8 (N, C, H, W); ``class_ids`` int64 (N,) or None."""
+    """A loaded folder: ``images`` uint8 (N, C, H, W); ``class_ids`` int64 (N,) or None; ``rows`` int64 (N,):
+    each image's slot in the folder's listing (core.bundles.stream), the index its per-image noise is keyed by:
+    an unreadable file keeps its slot, so rows equal 0..N-1 only where nothing was skipped."""
 
     root: str
     paths: list  # relative POSIX paths, sorted; row i of images is paths[i]
@@ -41,6 +43,11 @@ class ImageSet:
     class_ids: Optional[torch.Tensor] = None
     class_names: list = field(default_factory=list)
     skipped: list = field(default_factory=list)  # [(relative path, reason)]
+    rows: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if self.rows is None:
+            object.__setattr__(self, "rows", torch.arange(len(self.paths)))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -221,34 +228,32 @@ def load_image(path: str | os.PathLike, size: int, channels: int, data: Optional
 
 def load_image_folder(root: str | os.PathLike, size: int, channels: int,
                       progress: Optional[Callable[[int, int], None]] = None, slice_band: tuple = DEFAULT_BAND) -> ImageSet:
-    """Load every readable image under ``root``; unreadable ones are skipped and listed, never fatal alone.
+    """Load every readable image under ``root`` into memory; unreadable ones are skipped and listed, never fatal
+    alone. The stream of core.bundles.stream read whole (for data that fits; the streaming commands read it
+    chunk by chunk). NIfTI volumes contribute their axial slices in ``slice_band``, named ``FILE#zNNN``."""
+    from core.bundles.stream import iterate, open_source
 
-    NIfTI volumes contribute their axial slices in ``slice_band``, named ``FILE#zNNN``."""
-    if size < 8 or size > 1024:
-        raise ValueError(f"size must be in [8, 1024], got {size}")
-    paths, classes, names = list_images(root)
-    arrays, kept, kept_cls, skipped = [], [], [], []
-    for i, rel in enumerate(paths):
-        try:
-            if is_nifti(rel):
-                items = [(f"{rel}#z{z:03d}", a if channels == 1 else np.repeat(a, 3, 0))
-                         for z, a in load_nifti_slices(Path(root) / rel, size, slice_band)]
-            else:
-                items = [(rel, load_image(Path(root) / rel, size, channels))]
-            for name, arr in items:
-                arrays.append(arr)
-                kept.append(name)
-                if classes is not None:
-                    kept_cls.append(classes[i])
-        except InvalidImageError as e:
-            skipped.append((rel, str(e).split(": ", 1)[-1]))
-        if progress is not None:
-            progress(i + 1, len(paths))
-    if not arrays:
-        raise DataError(f"--data {root}: none of the {len(paths)} images could be read (first problem: {skipped[0][0]}: {skipped[0][1]})")
-    images = torch.from_numpy(np.stack(arrays))
-    class_ids = torch.tensor(kept_cls, dtype=torch.long) if classes is not None else None
-    return ImageSet(str(root), kept, images, class_ids, names, skipped)
+    src = open_source(str(root), size, channels, slice_band)
+    files = sum(len(c.ref) for c in src.chunks)
+    pieces, done = [], 0
+    for piece in iterate(src, src.chunks):
+        if len(piece.slots) or piece.skipped:
+            pieces.append(piece)
+        if progress is not None:  # slots handled of all slots (a NIfTI volume is its band's slices)
+            done += len(piece.slots) + len(piece.skipped)
+            progress(min(done, src.slots), src.slots)
+    if progress is not None:
+        progress(src.slots, src.slots)
+    skipped = [s for p in pieces for s in p.skipped]
+    kept = [p for p in pieces if len(p.slots)]
+    if not kept:
+        raise DataError(f"--data {root}: none of the {files} images could be read (first problem: {skipped[0][0]}: "
+                        f"{skipped[0][1]})")
+    images = torch.from_numpy(np.concatenate([p.images for p in kept]))
+    class_ids = torch.from_numpy(np.concatenate([p.class_ids for p in kept])) if src.class_names else None
+    rows = torch.from_numpy(np.concatenate([p.slots for p in kept]))
+    return ImageSet(str(root), [n for p in kept for n in p.names], images, class_ids, list(src.class_names), skipped,
+                    rows)
 
 
 # ----------------------------------------------------------------------------------------------

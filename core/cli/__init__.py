@@ -13,7 +13,8 @@ from typing import Optional
 from core.errors import MinorityError
 from core.maths.sampling import SAMPLERS as SAMPLER_NAMES
 from core.maths.score import DISTANCES
-from core.cli.common import EXIT_USER_ERROR, _fail, _Parser, check_output, close_bars, finite_float, seed_int
+from core.cli.common import (EXIT_USER_ERROR, _fail, _Parser, add_stream_flags, check_output, close_bars, finite_float,
+                             seed_int)
 from core.cli.data import cmd_build, cmd_build_demo, cmd_data_faces, cmd_data_mri_phantom
 from core.cli.importers import cmd_import_adm, cmd_import_adm_classifier
 from core.cli.evaluate import cmd_evaluate, cmd_neighbours
@@ -126,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help="run folder, diffusers UNet2DModel folder, or hub id")
     s.add_argument("--bundle", default=None, help="score new data as a bundle scores its own: its model, distance, "
                                                   "t, draws, seed and thresholds (class and percentile columns)")
-    s.add_argument("--data", required=True)
+    s.add_argument("--data", required=True, help="a folder, a datasets folder (save_to_disk), Parquet files or tar "
+                                                 "shards ('shards/part-{000..099}.tar', or a glob)")
     s.add_argument("--slice-band", default="0.4,0.6", help="NIfTI volumes: axial slices from this z fraction LO,HI")
     s.add_argument("--out", required=True, help="scores.csv (a .json sidecar is written beside it)")
     s.add_argument("--distance", choices=list(DISTANCES), default=None, help="default lpips")
@@ -138,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-class", action="store_true", help="thresholds within each data class (B.3)")
     s.add_argument("--thresholds", default=None, help="label with the thresholds of an earlier scores.csv/.json")
     s.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1]")
+    add_stream_flags(s)
+    s.add_argument("--resume", action="store_true", help="keep the chunks OUT.parts/ already holds from a run with "
+                                                         "the same data and settings, score the rest")
     s.set_defaults(func=cmd_score)
 
     x = sub.add_parser("explain", help="where each image's minority score comes from: its rarity map (issue 27)")

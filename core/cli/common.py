@@ -141,3 +141,18 @@ def _load_data(root: str, size: int, channels: int, quiet: bool = False, band: s
         for rel, why in data.skipped[:10]:
             print(f"  {rel}: {why}", file=sys.stderr)
     return data
+
+
+def add_stream_flags(p) -> None:
+    """The flags of every command that streams --data (issue 28): workers, chunking and dataset columns."""
+    from core.bundles.stream import CHUNK
+
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes that decode images (default 0: "
+                                                          "this process)")
+    p.add_argument("--chunk", type=int, default=CHUNK, help=f"images per chunk of a folder or dataset: the unit "
+                                                            f"written, resumed and shared out (default {CHUNK}; a "
+                                                            f"tar shard or Parquet row group is one chunk)")
+    p.add_argument("--image-column", default=None, help="datasets / Parquet: the image column (default: the one "
+                                                        "Image column, else 'image')")
+    p.add_argument("--label-column", default=None, help="datasets / Parquet: the class column (default 'label' "
+                                                        "when present)")

@@ -34,10 +34,13 @@ def cmd_explain(a) -> int:
     if images.shape[1:] != (b.model.image_size, b.model.image_size, b.model.channels):
         raise ValueError(f"--data images are {images.shape[1:]} but the bundle's model takes "
                          f"{(b.model.image_size, b.model.image_size, b.model.channels)}")
-    rows = np.arange(len(images))  # each image's noise row: a bundle's real images keep their dataset rows
-    if desc["kind"] == "bundle" and a.top is not None:  # the stored scores choose the most unique, no mapping first
-        rows = np.argsort(-load_real(Path(a.data)).score, kind="stable")[:a.top]
-        images = images[rows]
+    rows = desc.get("rows", np.arange(len(images)))  # each image's noise row (a folder's slots)
+    if desc["kind"] == "bundle":  # a bundle's real images keep their stored rows
+        real = load_real(Path(a.data))
+        rows = real.row
+        if a.top is not None:  # the stored scores choose the most unique, no mapping first
+            order = np.argsort(-real.score, kind="stable")[:a.top]
+            images, rows = images[order], real.row[order]
     settings = score_settings(manifest)
     print(f"explain: {len(images)} image(s) of {a.data} with {a.bundle}'s score ({settings.distance}, t = {settings.t}, "
           f"{settings.draws} draws)", file=sys.stderr)

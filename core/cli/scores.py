@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 from core.errors import DataError
 from core.maths.score import make_distance, resolve_t
-from core.cli.common import _accelerator, _band, _bar, _load_data, _positive
+from core.cli.common import _accelerator, _band, _bar, _positive
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,41 +117,51 @@ def cmd_score(a) -> int:
     settings = ScoreSettings(distance=a.distance, t=_resolve_t(a.t, model.schedule), draws=a.draws, seed=a.seed,
                              clip=not a.no_clip)
     distance = make_distance(a.distance, acc.device, seed=a.seed, model=model)  # fails now, not mid-run
-    data = _load_data(a.data, model.image_size, model.channels, quiet=not acc.is_main_process, band=a.slice_band)
-    if model.num_classes and data.class_ids is None:
-        raise DataError(f"the model is class-conditional ({model.num_classes} classes): --data needs one sub-folder per class")
-    if model.num_classes and model.class_names and data.class_names != model.class_names:
-        raise DataError(f"--data classes {data.class_names} differ from the model's {model.class_names}")
-    # whole batches go to each process, so every image is scored in the same batch as in a single process
-    batches = [list(range(s, min(s + a.batch_size, len(data)))) for s in range(0, len(data), a.batch_size)]
-    bar = _bar(len(data), "score", enabled=acc.is_main_process)
-    with acc.split_between_processes(batches) as my_batches:
-        mine = [i for b in my_batches for i in b]
-        mine_t = torch.tensor(mine, dtype=torch.long)
-        done = 0
+    from core.bundles.score_parts import merge, prepare, score_source
+    from core.bundles.stream import open_source
 
-        def progress(k, total):
-            nonlocal done
-            bar.update((k - done) * acc.num_processes)
-            done = k
+    _positive("workers", a.workers, 0)
+    _positive("chunk", a.chunk)
+    source = open_source(a.data, model.image_size, model.channels, _band(a.slice_band), a.image_column,
+                         a.label_column, chunk=a.chunk)
+    if model.num_classes and not source.columns[1] and not source.class_names:
+        raise DataError(f"the model is class-conditional ({model.num_classes} classes): --data needs one sub-folder "
+                        f"per class (or a label column)")
+    if model.num_classes and model.class_names and source.class_names and source.class_names != model.class_names:
+        raise DataError(f"--data classes {source.class_names} differ from the model's {model.class_names}")
+    parts = Path(str(a.out) + ".parts")
+    run = {"source": source.fingerprint(), "settings": settings.to_dict(), "model": str(a.model),
+           "batch_size": a.batch_size}
+    if acc.is_main_process:
+        done = prepare(parts, run, a.resume)
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        from core.bundles.score_parts import done_chunks
 
-        scores = minority_scores(model, data.images[mine_t], mine_t, settings, distance,
-                                 data.class_ids[mine_t] if data.class_ids is not None else None,
-                                 batch_size=a.batch_size, progress=progress)
-    pairs = gather_object(list(zip(mine, scores.tolist())))
+        done = done_chunks(parts) if a.resume else set()
+    left = sum(c.size for c in source.chunks if c.index not in done)
+    if done and acc.is_main_process:
+        print(f"resuming: {len(done)} of {len(source.chunks)} chunks already scored in {parts}", file=sys.stderr)
+    bar = _bar(left, "score", enabled=acc.is_main_process)
+    score_source(model, source, settings, distance, parts, done, acc.process_index, acc.num_processes,
+                 a.batch_size, a.workers, progress=lambda k: bar.update(k * acc.num_processes))
+    acc.wait_for_everyone()
     bar.close()
     if not acc.is_main_process:
         return 0
-    full = np.empty(len(data), dtype=np.float64)
-    for i, s in pairs:
-        full[i] = s
+    data = merge(parts, source)
+    full = data.scores
+    if data.skipped:
+        print(f"skipped {len(data.skipped)} unreadable image(s) of {source.slots}:", file=sys.stderr)
+        for rel, why in data.skipped[:10]:
+            print(f"  {rel}: {why}", file=sys.stderr)
     meta = {"model": str(a.model), "data": str(a.data), "settings": settings.to_dict(),
-            "schedule": model.schedule.name, "T": model.schedule.T, "num_images": len(data),
+            "schedule": model.schedule.name, "T": model.schedule.T, "num_images": len(data.names),
             "skipped": [list(s) for s in data.skipped], "processes": acc.num_processes,
             "class_names": data.class_names, "thresholds": None, "num_classes": None, "per_class": False,
-            "slice_band": list(_band(a.slice_band))}
+            "slice_band": list(_band(a.slice_band)), "source": source.kind}
     labels, percentile = None, None
-    cls_np = data.class_ids.numpy() if data.class_ids is not None else None
+    cls_np = data.class_ids
     if bundle is not None:  # new data under the bundle's thresholds, placed among its real data
         real_scores = np.sort(load_real(Path(a.bundle)).score.astype(np.float64))
         th = bundle["thresholds"]
@@ -170,8 +181,9 @@ def cmd_score(a) -> int:
     elif a.classes is not None:
         th, labels = fit_labels(full, a.classes, cls_np if a.per_class else None)
         meta.update(thresholds=_th_json(th), num_classes=a.classes, per_class=a.per_class)
-    write_scores(a.out, data.paths, full, labels, data.class_names, data.class_ids, meta, percentile)
-    print(f"scored {len(data)} images ({settings.distance}, t={settings.t}, {settings.draws} draws) -> {a.out}"
+    write_scores(a.out, data.names, full, labels, data.class_names, data.class_ids, meta, percentile)
+    shutil.rmtree(parts, ignore_errors=True)  # the table holds every part now
+    print(f"scored {len(data.names)} images ({settings.distance}, t={settings.t}, {settings.draws} draws) -> {a.out}"
           + (f"; skipped {len(data.skipped)}" if data.skipped else ""), file=sys.stderr)
     return 0
 

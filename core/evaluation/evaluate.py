@@ -326,4 +326,4 @@ def load_image_set(path: str | Path, size: Optional[int] = None, channels: Optio
     if not len(s.paths):
         raise DataError(f"{path}: no readable images")
     images = np.ascontiguousarray(s.images.permute(0, 2, 3, 1).numpy())
-    return images, {"kind": "folder", "skipped": len(s.skipped), "paths": list(s.paths)}
+    return images, {"kind": "folder", "skipped": len(s.skipped), "paths": list(s.paths), "rows": s.rows.numpy()}
