@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,7 +221,8 @@ def load_image(path: str | os.PathLike, size: int, channels: int, data: Optional
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InvalidImageError(f"{path}: refused as a decompression bomb ({e})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
-        raise InvalidImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+        why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))  # bytes in memory: no address
+        raise InvalidImageError(f"{path}: cannot decode image ({type(e).__name__}: {why})") from None
     if min(arr.shape[:2]) < 1:
         raise InvalidImageError(f"{path}: empty image")
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)

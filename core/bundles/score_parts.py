@@ -150,7 +150,7 @@ class Merged:
 
 def merge(parts: Path, source: Source) -> Merged:
     """Every chunk's part, in chunk order (a missing one is a DataError: a process did not finish)."""
-    names, scores, cls, skipped = [], [], [], list(source.listed_skips)
+    names, scores, cls, skipped = [], [], [], []
     missing = [c.index for c in source.chunks if not part_path(parts, c.index).is_file()]
     if missing:
         raise DataError(f"{len(missing)} chunk(s) of {len(source.chunks)} have no scores in {parts} (first: "

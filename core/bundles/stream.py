@@ -16,7 +16,6 @@ decompression bombs, truncation and odd modes apply to bytes from Parquet and ta
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import tarfile
@@ -75,7 +74,6 @@ class Source:
     channels: int
     band: tuple = DEFAULT_BAND
     columns: tuple = (None, None)  # (image column, label column) of a dataset or Parquet files
-    listed_skips: list = field(default_factory=list)  # [(name, reason)] found while listing (unreadable shards)
 
     def fingerprint(self) -> dict:
         """What a resumed run must find unchanged: the kind, the spec, the chunking and the image geometry."""
@@ -120,13 +118,13 @@ def open_source(spec: str, size: int, channels: int, band: tuple = DEFAULT_BAND,
     if p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()
                        or (p / "state.json").is_file()):
         return _list_dataset(spec, size, channels, image_column, label_column, chunk)
+    if p.is_dir():
+        return _list_folder(spec, size, channels, band, chunk)
     files = _expand(spec)
     if files and all(f.endswith(".tar") for f in files):
         return _list_tar(spec, files, size, channels)
     if files and all(f.endswith(".parquet") for f in files):
         return _list_parquet(spec, files, size, channels, image_column, label_column)
-    if p.is_dir():
-        return _list_folder(spec, size, channels, band, chunk)
     if files:
         raise DataError(f"--data {spec}: mixed or unsupported files (expected all .tar or all .parquet; got "
                         f"{', '.join(sorted({Path(f).suffix or Path(f).name for f in files})[:5])})")
@@ -260,11 +258,9 @@ def _parquet_features(meta, f):
 
 
 def _list_tar(spec, files, size, channels) -> Source:
-    chunks, start, skips, labelled = [], 0, [], None
+    chunks, start, labelled = [], 0, None
     for f in files:
-        keys, has_cls, problem = _tar_keys(f)
-        if problem is not None:
-            skips.append((Path(f).name, problem))
+        keys, has_cls = _tar_keys(f)  # a damaged shard lists what precedes the damage; reading names it
         labelled = has_cls if labelled is None else labelled and has_cls
         chunks.append(Chunk(len(chunks), Path(f).name, start, len(keys), (f, tuple(keys))))
         start += len(keys)
@@ -272,16 +268,15 @@ def _list_tar(spec, files, size, channels) -> Source:
         raise DataError(f"--data {spec}: no images in the tar shards (looked for members ending in "
                         f"{', '.join('.' + e for e in TAR_IMAGE_EXTS)})")
     names = []
-    return Source("webdataset", spec, chunks, start, names, size, channels, columns=(None, "cls" if labelled else None),
-                  listed_skips=skips)
+    return Source("webdataset", spec, chunks, start, names, size, channels, columns=(None, "cls" if labelled else None))
 
 
 def _tar_keys(path) -> tuple:
-    """(sample keys with an image member, in order; whether every such sample has a .cls member; the problem
-    that stopped the listing early or None). Member names only: nothing is decoded."""
+    """(sample keys with an image member, in order, up to any damage; whether every such sample has a .cls
+    member). Member names only: nothing is decoded."""
     from webdataset.tariterators import base_plus_ext
 
-    keys, with_cls, problem = [], set(), None
+    keys, with_cls = [], set()
     try:
         with tarfile.open(path, "r:*") as tf:
             for m in tf:
@@ -294,9 +289,9 @@ def _tar_keys(path) -> tuple:
                     keys.append(key)
                 elif ext == "cls":
                     with_cls.add(key)
-    except (tarfile.TarError, OSError, EOFError) as e:
-        problem = f"unreadable after {len(keys)} samples ({type(e).__name__}: {e})"
-    return keys, bool(keys) and all(k in with_cls for k in keys), problem
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return keys, bool(keys) and all(k in with_cls for k in keys)
 
 
 # ---- reading (on DataLoader workers) ---------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 from core.errors import DataError
 from core.maths.score import make_distance, resolve_t
@@ -84,11 +83,9 @@ def read_scores(path: str | Path) -> ScoreTable:
 
 
 def cmd_score(a) -> int:
-    from accelerate.utils import gather_object
-
     from core.maths.categorize import categorize, categorize_per_class, fit_labels
     from core.nets.models import load_diffusion
-    from core.maths.score import ScoreSettings, minority_scores
+    from core.maths.score import ScoreSettings
 
     bundle = None
     if (a.model is None) == (a.bundle is None):

@@ -1,0 +1,216 @@
+"""Issue 28: one streaming data layer. A folder, a saved ``datasets`` dataset, Parquet and WebDataset tar shards give
+the same scores for the same images; a run killed with SIGKILL and resumed equals an uninterrupted one; damaged
+shards and members are skipped and named; memory does not grow with the number of images."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.bundles.score_parts import done_chunks, merge, prepare, score_source
+from core.bundles.stream import iterate, open_source
+from core.cli import main
+from core.errors import DataError
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--size", "16", "--channels", "1", "--widths", "8,16", "--batch-size", "8", "--no-attention"]
+
+
+def _png(i: int, rng) -> bytes:
+    yy, xx = np.mgrid[:20, :20]
+    r = 3 if i % 8 == 0 else 7
+    img = ((xx - 10) ** 2 + (yy - 10) ** 2 < r * r) * 200.0 + rng.normal(0, 8, (20, 20))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def formats(tmp_path_factory):
+    """The same 40 images (two classes) as a folder, a datasets folder, a Parquet file and three tar shards,
+    plus a tiny untrained model (scores only need to be computed the same way)."""
+    import datasets
+    import webdataset as wds
+
+    base = tmp_path_factory.mktemp("formats")
+    rng = np.random.default_rng(0)
+    pngs = [_png(i, rng) for i in range(40)]
+    labels = [i % 2 for i in range(40)]
+    names = ["a", "b"]
+    folder = base / "folder"
+    for i, (b, c) in enumerate(zip(pngs, labels)):
+        (folder / names[c]).mkdir(parents=True, exist_ok=True)
+        (folder / names[c] / f"img{i:03d}.png").write_bytes(b)
+    # the folder lists by path: class a's 20 images, then b's; the other formats hold them in that order
+    order = sorted(range(40), key=lambda i: (labels[i], i))
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": pngs[i], "path": None} for i in order],
+                                     "label": [labels[i] for i in order]}, features=feats)
+    ds.save_to_disk(str(base / "saved"))
+    ds.to_parquet(str(base / "data.parquet"))
+    (base / "shards").mkdir()
+    for s, (lo, hi) in enumerate(((0, 16), (16, 32), (32, 40))):
+        with wds.TarWriter(str(base / "shards" / f"part-{s:03d}.tar")) as w:
+            for i in order[lo:hi]:
+                w.write({"__key__": f"img{i:03d}", "png": pngs[i], "cls": str(labels[i]).encode()})
+    run = base / "run"
+    assert main(["train-diffusion", "--data", str(folder), "--out", str(run), "--steps", "1", *TINY]) == 0
+    return base, run
+
+
+def _score(run, data, out, *extra):
+    assert main(["score", "--model", str(run), "--data", str(data), "--out", str(out), "--distance", "l2",
+                 "--draws", "2", "--batch-size", "8", "--chunk", "16", *extra]) == 0
+    rows = [r.split(",") for r in Path(out).read_text().splitlines()[1:]]
+    return [r[0] for r in rows], np.array([float(r[1]) for r in rows]), [r[3] if len(r) > 3 else None for r in rows]
+
+
+def test_every_input_kind_gives_the_same_scores(formats, tmp_path):
+    base, run = formats
+    names, want, classes = _score(run, base / "folder", tmp_path / "folder.csv")
+    assert len(want) == 40 and classes == ["a"] * 20 + ["b"] * 20
+    for spec, kind in ((base / "saved", "datasets"), (base / "data.parquet", "parquet"),
+                       (str(base / "shards" / "part-{000..002}.tar"), "webdataset")):
+        got_names, got, got_classes = _score(run, spec, tmp_path / f"{kind}.csv", "--workers", "2")
+        assert json.loads((tmp_path / f"{kind}.json").read_text())["source"] == kind
+        np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=kind)
+        named = classes if kind != "webdataset" else [str("ab".index(c)) for c in classes]  # .cls: numbers only
+        assert got_classes == named, kind
+        assert len(set(got_names)) == 40
+    assert not (tmp_path / "folder.csv.parts").exists()  # the parts are removed once the table is written
+
+
+def test_the_stream_decodes_what_the_folder_loader_does(formats):
+    from core.bundles.data import load_image_folder
+
+    base, _ = formats
+    whole = load_image_folder(base / "folder", 16, 1)
+    src = open_source(str(base / "shards" / "part-*.tar"), 16, 1)
+    pieces = list(iterate(src, src.chunks, workers=2))
+    by_slot = {int(s): im for p in pieces for s, im in zip(p.slots, p.images)}
+    assert sorted(by_slot) == list(range(40))
+    assert np.array_equal(np.stack([by_slot[i] for i in range(40)]), whole.images.numpy())
+
+
+def test_a_damaged_shard_and_a_bad_member_are_skipped_and_named(formats, tmp_path):
+    import webdataset as wds
+
+    base, run = formats
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    good = (base / "shards" / "part-000.tar").read_bytes()
+    (shards / "part-000.tar").write_bytes(good)
+    with wds.TarWriter(str(shards / "part-001.tar")) as w:  # one member that is no image
+        w.write({"__key__": "fine", "png": _png(3, np.random.default_rng(1))})
+        w.write({"__key__": "garbage", "png": b"\x89PNG\r\n\x1a\n" + b"\0" * 40})
+    (shards / "part-002.tar").write_bytes(good[: len(good) // 2])  # cut mid-member: a damaged shard
+    names, scores, _ = _score(run, str(shards / "part-*.tar"), tmp_path / "s.csv")
+    meta = json.loads((tmp_path / "s.json").read_text())
+    skipped = {name: why for name, why in meta["skipped"]}
+    assert "part-001.tar/garbage" in skipped and "cannot decode" in skipped["part-001.tar/garbage"]
+    assert any(n.startswith("part-002.tar") for n in skipped), skipped
+    assert "part-001.tar/fine" in names and len(names) >= 17 and np.isfinite(scores).all()
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_table(tmp_path):
+    """SIGKILL while the parts are being written, then --resume: the same scores.csv, byte for byte."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(384):
+        (folder / f"img{i:04d}.png").write_bytes(_png(i, rng))
+    run = tmp_path / "run"
+    assert main(["train-diffusion", "--data", str(folder), "--out", str(run), "--steps", "1", *TINY]) == 0
+    args = [sys.executable, "-m", "core", "score", "--model", str(run), "--data", str(folder), "--distance", "l2",
+            "--draws", "24", "--batch-size", "16", "--chunk", "16"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    subprocess.run([*args, "--out", str(tmp_path / "whole.csv")], env=env, cwd=ROOT, check=True, timeout=600,
+                   capture_output=True)
+    parts = Path(str(tmp_path / "cut.csv") + ".parts")
+    proc = subprocess.Popen([*args, "--out", str(tmp_path / "cut.csv")], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while len(done_chunks(parts)) < 3 if parts.exists() else True:
+        assert proc.poll() is None, "the run ended before it could be killed: give it more work"
+        assert time.time() - t0 < 300
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = done_chunks(parts)
+    assert 3 <= len(kept) < 24 and not (tmp_path / "cut.csv").exists()
+    r = subprocess.run([*args, "--out", str(tmp_path / "cut.csv"), "--resume"], env=env, cwd=ROOT, timeout=600,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming: {len(kept)} of 24 chunks" in r.stderr
+    assert (tmp_path / "cut.csv").read_text() == (tmp_path / "whole.csv").read_text()
+
+
+def test_resume_refuses_parts_of_another_run(formats, tmp_path):
+    base, run = formats
+    _score(run, base / "folder", tmp_path / "s.csv")
+    parts = Path(str(tmp_path / "s.csv") + ".parts")
+    src = open_source(str(base / "folder"), 16, 1)
+    prepare(parts, {"source": src.fingerprint(), "settings": {"draws": 2}}, resume=False)
+    with pytest.raises(DataError, match="other data or settings"):
+        prepare(parts, {"source": src.fingerprint(), "settings": {"draws": 3}}, resume=True)
+
+
+def test_a_process_that_did_not_finish_is_named_at_the_merge(formats, tmp_path):
+    from core.maths.score import ScoreSettings, make_distance
+    from core.nets.models import load_diffusion
+
+    base, run = formats
+    model = load_diffusion(run)
+    src = open_source(str(base / "folder"), 16, 1, chunk=16)
+    parts = tmp_path / "parts"
+    prepare(parts, {"x": 1}, resume=False)
+    settings = ScoreSettings("l2", 500, 1, 0)
+    score_source(model, src, settings, make_distance("l2"), parts, rank=0, world=2)  # process 1 never ran
+    with pytest.raises(DataError, match="1 chunk\\(s\\) of 3 have no scores"):
+        merge(parts, src)
+    score_source(model, src, settings, make_distance("l2"), parts, rank=1, world=2)
+    assert len(merge(parts, src).names) == 40
+
+
+def test_score_holds_a_bounded_number_of_images_whatever_the_size_of_the_data(formats, tmp_path, monkeypatch):
+    """Bounded memory, counted: images decoded but not yet scored never exceed one piece plus one batch (48
+    here), for 2000 images; a loader that holds the set (score before issue 28) reaches 2000. The RSS table for
+    10K..200K colour images is benchmarks/stream_memory.py's (docs/RESULTS.md)."""
+    import core.bundles.stream as stream
+    import core.maths.score as score_mod
+    from core.maths.score import ScoreSettings, make_distance
+    from core.nets.models import load_diffusion
+
+    _, run = formats
+    folder = tmp_path / "many"
+    folder.mkdir()
+    one = _png(1, np.random.default_rng(3))
+    for i in range(2000):
+        (folder / f"{i:05d}.png").write_bytes(one)
+    alive, peak = [0], [0]
+    decode, scores = stream.load_image, score_mod.minority_scores
+
+    def counted_decode(*a, **k):
+        alive[0] += 1
+        peak[0] = max(peak[0], alive[0])
+        return decode(*a, **k)
+
+    def counted_scores(model, images, *a, **k):
+        alive[0] -= len(images)
+        return scores(model, images, *a, **k)
+
+    monkeypatch.setattr(stream, "load_image", counted_decode)
+    monkeypatch.setattr(score_mod, "minority_scores", counted_scores)
+    src = open_source(str(folder), 16, 1, chunk=256)
+    parts = tmp_path / "parts"
+    prepare(parts, {"x": 1}, resume=False)
+    score_source(load_diffusion(run), src, ScoreSettings("l2", 500, 1, 0), make_distance("l2"), parts, batch_size=16)
+    assert len(merge(parts, src).names) == 2000 and alive[0] == 0
+    assert peak[0] <= stream.PIECE + 16, peak[0]
