@@ -33,8 +33,9 @@ DISTANCE_NAMES = {"l2": "L2 (mean squared error)", "l1": "L1 (mean absolute erro
 
 INTRO = """# Minority guidance studio
 Steer a diffusion model toward **rare** samples (Um, Lee & Ye, ICLR 2024). Pick the target rarity class
-**l** (0 = most common, L-1 = rarest) and the classifier scale **w**, then press **Generate**. The left
-grid is guided; the right grid is the standard sampler from the same seed."""
+**l** (0 = most common, L-1 = rarest) and the classifier scale **w**: releasing a slider starts a new grid
+and stops the one still running (**Generate** runs the other settings). The left grid is guided; the right
+grid is the standard sampler from the same seed."""
 
 
 def gpu(fn):

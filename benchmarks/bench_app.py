@@ -6,9 +6,10 @@ Usage: python benchmarks/bench_app.py [--runs 2] [--warm-wait 30] [--out benchma
 Each seed runs twice: first both grids are computed, then (same seed, as when only l or w changes) the
 standard grid comes from the cache.
 
-
-Session 11's ``benchmarks/results/app_live.json`` (slider releases timed per sampler) came from a ``--live`` mode of
-this script that drove the live sliders; the sliders were reverted (docs/RESULTS.md, issue 26) and the mode with them.
+``--live "DDIM:25,DPM-Solver++ 2M:10"`` (issue 26.3) then measures the live path for each sampler:steps setting
+in the same browser and server, side by side: one Generate caches the standard grid, then ``--live-runs`` releases
+of the w slider (each a new w), timed from the release to the status's first "Sampling" (the first preview) and
+to "Done" (the guided grid with its captions, the standard grid from the cache).
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def main():
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--warm-wait", type=float, default=30.0, help="seconds to wait after start-up before measuring")
     p.add_argument("--out", default="benchmarks/results/app.json")
+    p.add_argument("--live", default=None, help='sampler:steps settings compared on slider releases, e.g. '
+                                                '"DDIM:25,DPM-Solver++ 2M:10"')
+    p.add_argument("--live-runs", type=int, default=5)
     a = p.parse_args()
     import httpx
 
@@ -83,14 +87,57 @@ def main():
                     runs.append({"seed": seed, "standard_grid": grid, "first_preview_s": round(first, 2),
                                  "finished_s": round(total, 2), "status": page.inner_text("#status")})
                     print(runs[-1], file=sys.stderr)
+            live = _live(page, a.live, a.live_runs) if a.live else None
             browser.close()
-        out = {"machine": machine(), "startup_s": round(start, 1), "defaults": d, "runs": runs,
+        out = {"machine": machine(), "startup_s": round(start, 1), "defaults": d, "runs": runs, "live": live,
                "note": "measured in headless Chromium; first run per seed computes both grids, the second "
                        "(same seed) reuses the cached standard grid, as when only l or w changes"}
         write(Path(a.out), out)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _live(page, spec: str, runs: int) -> dict:
+    """Slider release -> first preview and Done, per sampler:steps setting, standard grid cached."""
+    import numpy as np
+
+    def status():
+        return page.inner_text("#status")
+
+    out = {}
+    for item in spec.split(","):
+        label, steps = item.rsplit(":", 1)
+        page.locator("#sampler input").click()
+        page.get_by_role("option", name=label, exact=True).click()
+        box = page.locator("#steps input[type=number]")
+        box.fill(steps)
+        box.press("Enter")
+        page.click("#generate")  # caches the standard grid for this seed, steps and sampler
+        page.wait_for_function("document.querySelector('#status').innerText.startsWith('Done') && "
+                               f"document.querySelector('#status').innerText.includes('{steps} {label}')",
+                               timeout=300_000, polling=20)
+        page.locator("#scale input[type=range]").scroll_into_view_if_needed()  # the box is in viewport coordinates
+        track = page.locator("#scale input[type=range]").bounding_box()
+        first, done = [], []
+        for k in range(runs):
+            before = status()
+            t1 = time.perf_counter()
+            page.mouse.click(track["x"] + (0.12 + 0.03 * k) * track["width"], track["y"] + track["height"] / 2)
+            page.wait_for_function("document.querySelector('#status').innerText.startsWith('Sampling')",
+                                   timeout=120_000, polling=10)
+            first.append(time.perf_counter() - t1)
+            page.wait_for_function("(b) => { const s = document.querySelector('#status').innerText; "
+                                   "return s.startsWith('Done') && s !== b; }", arg=before, timeout=300_000, polling=10)
+            done.append(time.perf_counter() - t1)
+            print(f"live {label} {steps}: first {first[-1]:.2f} s, done {done[-1]:.2f} s | {status()[:90]}",
+                  file=sys.stderr)
+        out[item] = {"first_preview_s": [round(v, 3) for v in first], "finished_s": [round(v, 3) for v in done],
+                     "median_first_s": round(float(np.median(first)), 3), "median_finished_s": round(float(np.median(done)), 3)}
+    keys = list(out)
+    if len(keys) >= 2:
+        out["ratio_finished"] = round(out[keys[0]]["median_finished_s"] / out[keys[-1]]["median_finished_s"], 2)
+    return out
 
 
 if __name__ == "__main__":

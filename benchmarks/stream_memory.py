@@ -2,7 +2,7 @@
 
 For each N: N generated colour images at 64x64 (smooth random ellipses on a gradient, PNG), written once as a
 flat folder and as WebDataset shards of 1000; then `python -m core score` with a tiny untrained 64x64 model, l2,
-one draw, in a subprocess whose RSS (its own plus its DataLoader workers') is sampled every 0.1 s. The
+one draw, in a subprocess whose memory (PSS, its own plus its DataLoader workers') is sampled every 0.1 s. The
 reference row is `load_image_folder`, which holds every image at once (what `score` did before issue 28).
 
     python benchmarks/stream_memory.py --sizes 10000,50000,200000 --work /tmp/stream_mem \

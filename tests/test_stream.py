@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from core.bundles.score_parts import done_chunks, merge, prepare, score_source
@@ -214,3 +215,48 @@ def test_score_holds_a_bounded_number_of_images_whatever_the_size_of_the_data(fo
     score_source(load_diffusion(run), src, ScoreSettings("l2", 500, 1, 0), make_distance("l2"), parts, batch_size=16)
     assert len(merge(parts, src).names) == 2000 and alive[0] == 0
     assert peak[0] <= stream.PIECE + 16, peak[0]
+
+
+def test_train_classifier_streams_and_trains_as_the_in_memory_set_does(formats, tmp_path):
+    """train-classifier reads images by index through a bounded cache (core.bundles.random_access): the same
+    minibatches as the whole set in memory, so the same weights, from a folder or from tar shards."""
+    from safetensors.torch import load_file
+
+    from core.bundles.data import load_image_folder
+    from core.cli.scores import read_scores
+    from core.maths.categorize import fit_labels
+    from core.nets.models import ClassifierConfig, load_diffusion
+    from core.nets.train import ClassifierTrainConfig, train_classifier
+
+    base, run = formats
+    common = ["--model", str(run), "--classes", "3", "--steps", "6", "--batch-size", "8", "--base-channels", "4",
+              "--channel-mult", "1,2", "--eval-every", "3", "--cache-mb", "0"]
+    weights = {}
+    for kind, spec in (("folder", str(base / "folder")), ("tar", str(base / "shards" / "part-*.tar"))):
+        _score(run, spec, tmp_path / f"{kind}.csv")
+        assert main(["train-classifier", "--data", spec, "--scores", str(tmp_path / f"{kind}.csv"), *common,
+                     "--out", str(tmp_path / f"clf_{kind}")]) == 0
+        weights[kind] = load_file(str(tmp_path / f"clf_{kind}" / "classifier.safetensors"))
+    data = load_image_folder(base / "folder", 16, 1)
+    table = read_scores(tmp_path / "folder.csv")
+    _, labels = fit_labels(table.scores, 3)
+    cfg = ClassifierTrainConfig(steps=6, batch_size=8, eval_every=3, net=ClassifierConfig(
+        image_size=16, channels=1, num_outputs=3, base_channels=4, channel_mult=(1, 2)))
+    train_classifier(data, labels, load_diffusion(run).schedule, tmp_path / "clf_memory", cfg, [0.0, 1.0], {})
+    memory = load_file(str(tmp_path / "clf_memory" / "classifier.safetensors"))
+    for kind in ("folder", "tar"):
+        assert weights[kind].keys() == memory.keys()
+        assert all(torch.equal(weights[kind][k], memory[k]) for k in memory), kind
+
+
+def test_lazy_images_keep_at_most_their_cache(formats):
+    from core.bundles.random_access import LazyImages, RandomAccess
+
+    base, _ = formats
+    src = open_source(str(base / "folder"), 16, 1)
+    images = LazyImages(RandomAccess(src), np.arange(40), cache_bytes=10 * 256)  # room for 10 of 16x16x1
+    for _ in range(3):
+        first = images[torch.arange(20)]
+        images[torch.arange(20, 40)]
+    assert len(images._cache) == 10 and images.decoded >= 100  # evicted and decoded again
+    assert torch.equal(first, images[torch.arange(20)])

@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("train-classifier", help="train the noise-conditioned minority classifier")
     k.add_argument("--model", required=True)
-    k.add_argument("--data", required=True)
+    k.add_argument("--data", required=True, help="what score read: a folder, a datasets folder, Parquet files or tar "
+                                                 "shards")
     k.add_argument("--slice-band", default="0.4,0.6", help="NIfTI volumes: axial slices from this z fraction LO,HI")
     k.add_argument("--scores", required=True)
     k.add_argument("--classes", type=int, default=50, help="L, the number of ordinal minority classes")
@@ -179,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--eval-every", type=int, default=200)
     k.add_argument("--seed", type=seed_int, default=0)
     k.add_argument("--out", required=True)
+    add_stream_flags(k)
+    k.add_argument("--cache-mb", type=int, default=1024, help="decoded images kept in memory (MiB, least recently "
+                                                              "used dropped first; the data itself is never loaded "
+                                                              "whole)")
     k.set_defaults(func=cmd_train_classifier)
 
     m = sub.add_parser("sample", help="draw images, optionally with minority guidance")

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from core.errors import DataError
-from core.cli.common import _bar, _ints, _load_data, _positive, _widths
+from core.cli.common import _band, _bar, _ints, _load_data, _positive, _widths
 from core.cli.scores import _th_json, read_scores, write_scores
 
 
@@ -90,18 +90,32 @@ def cmd_train_classifier(a) -> int:
     model = load_diffusion(a.model, "cpu")
     table, labels, th = _categorize_file(a.scores, a.classes, a.per_class)
     paths, meta = table.paths, table.meta
-    data = _load_data(a.data, model.image_size, model.channels, band=a.slice_band)
-    row = {p: i for i, p in enumerate(paths)}
-    keep = [i for i, p in enumerate(data.paths) if p in row]
-    if not keep:
-        raise DataError(f"no image of --data {a.data} appears in --scores {a.scores} (paths are relative to the data folder)")
-    if len(keep) < len(data):
-        print(f"{len(data) - len(keep)} image(s) of --data are not in --scores and are left out", file=sys.stderr)
-    from dataclasses import replace
+    from core.bundles.data import ImageSet
+    from core.bundles.random_access import LazyImages, RandomAccess
+    from core.bundles.stream import open_source
 
-    sel = torch.tensor(keep, dtype=torch.long)
-    data = replace(data, paths=[data.paths[i] for i in keep], images=data.images[sel],
-                   class_ids=data.class_ids[sel] if data.class_ids is not None else None)
+    _positive("workers", a.workers, 0)
+    _positive("chunk", a.chunk)
+    _positive("cache-mb", a.cache_mb, 0)
+    source = open_source(a.data, model.image_size, model.channels, _band(a.slice_band), a.image_column,
+                         a.label_column, chunk=a.chunk)
+    access = RandomAccess(source)
+    names = access.names()  # the images are decoded when a minibatch draws them, not before (issue 28)
+    row = {p: i for i, p in enumerate(paths)}
+    keep = np.array([s for s, name in enumerate(names) if name in row], dtype=np.int64)
+    if not len(keep):
+        raise DataError(f"no image of --data {a.data} appears in --scores {a.scores} (paths are relative to the data "
+                        f"folder)")
+    if len(keep) < len(names):
+        print(f"{len(names) - len(keep)} image(s) of --data are not in --scores (unreadable when scored, or not "
+              f"scored) and are left out", file=sys.stderr)
+    classes = access.class_ids()
+    class_ids = torch.from_numpy(classes[keep]) if classes is not None else None
+    class_names = list(source.class_names) or ([str(i) for i in range(int(classes.max()) + 1)]
+                                               if classes is not None else [])
+    images = LazyImages(access, keep, cache_bytes=a.cache_mb << 20, threads=max(1, a.workers))
+    data = ImageSet(str(a.data), [names[s] for s in keep], images, class_ids, class_names, [],
+                    torch.from_numpy(keep))
     y = np.array([labels[row[p]] for p in data.paths])
     net_cfg = ClassifierConfig(image_size=model.image_size, channels=model.channels, num_outputs=a.classes,
                                base_channels=a.base_channels, channel_mult=_ints("channel-mult", a.channel_mult),

@@ -240,6 +240,9 @@ def evaluate_classifier(net, schedule: NoiseSchedule, images: torch.Tensor, labe
     return out
 
 
+MAX_EVAL = 4096  # held-out images the classifier's metrics are computed on (a fixed subset beyond that)
+
+
 def split_holdout(n: int, frac: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     k = int(round(n * frac)) if n >= 20 else 0
@@ -261,6 +264,9 @@ def train_classifier(data: ImageSet, labels: np.ndarray, schedule: NoiseSchedule
     cfg.net.num_classes = len(data.class_names) if class_cond else 0
     cfg.net.T = schedule.T
     train_idx, val_idx = split_holdout(len(data), cfg.holdout, cfg.seed)
+    # evaluated: at most MAX_EVAL held-out images, a fixed subset (a streamed set decodes them at each evaluation)
+    eval_idx = val_idx if len(val_idx) <= MAX_EVAL else val_idx[torch.randperm(
+        len(val_idx), generator=torch.Generator().manual_seed(cfg.seed + 1))[:MAX_EVAL].sort().values]
     cls = data.class_ids if class_cond else None
     torch.manual_seed(cfg.seed)
     net = NoiseConditionedClassifier(cfg.net)
@@ -297,8 +303,8 @@ def train_classifier(data: ImageSet, labels: np.ndarray, schedule: NoiseSchedule
         metrics = {"step": step, "loss": float(loss.detach())}
         if acc.is_main_process and (step % cfg.eval_every == 0 or step == cfg.steps):
             raw = acc.unwrap_model(net).eval()
-            metrics.update(evaluate_classifier(raw, schedule, data.images[val_idx], labels_t[val_idx],
-                                               cls[val_idx] if cls is not None else None, cfg.seed))
+            metrics.update(evaluate_classifier(raw, schedule, data.images[eval_idx], labels_t[eval_idx],
+                                               cls[eval_idx] if cls is not None else None, cfg.seed))
             raw.train()
             log_lines.append(json.dumps(metrics))
         if progress is not None and acc.is_main_process:
@@ -309,6 +315,7 @@ def train_classifier(data: ImageSet, labels: np.ndarray, schedule: NoiseSchedule
         raw = acc.unwrap_model(net).eval()
         final = {k: v for k, v in metrics.items() if k.startswith("val_")}
         info = {**extra, "steps": step, "num_train": len(train_idx), "num_val": len(val_idx),
+                "num_val_evaluated": len(eval_idx),
                 "class_cond": class_cond, "class_names": data.class_names, "metrics": final,
                 "train": {k: v for k, v in asdict(cfg).items() if k != "net"},
                 "chance_acc": 1.0 / cfg.net.num_outputs}
