@@ -260,3 +260,55 @@ def test_lazy_images_keep_at_most_their_cache(formats):
         images[torch.arange(20, 40)]
     assert len(images._cache) == 10 and images.decoded >= 100  # evicted and decoded again
     assert torch.equal(first, images[torch.arange(20)])
+
+
+def _npz(path, images):
+    np.savez(path, images=images)
+    return path
+
+
+def test_neighbours_and_evaluate_stream_the_real_set(formats, tmp_path):
+    """--real as tar shards (streamed: only features kept) gives the folder's neighbours and report numbers; the
+    sheets fetch their real images back by index."""
+    from core.bundles.data import load_image_folder
+
+    base, _ = formats
+    real = load_image_folder(base / "folder", 16, 1).images.permute(0, 2, 3, 1).numpy()
+    gen = _npz(tmp_path / "gen.npz", np.ascontiguousarray(real[::5][:, :, ::-1]))  # mirrored real images
+    rows = {}
+    for kind, spec in (("folder", str(base / "folder")), ("tar", str(base / "shards" / "part-*.tar"))):
+        out = tmp_path / f"nb_{kind}"
+        assert main(["neighbours", "--real", spec, "--generated", str(gen), "--out", str(out), "--features",
+                     "pixels", "--k", "3"]) == 0
+        rows[kind] = [r.split(",") for r in (out / "neighbours.csv").read_text().splitlines()[1:]]
+        assert (out / "neighbours.png").stat().st_size > 1000
+        assert main(["evaluate", "--real", spec, "--generated", str(gen), "--out", str(tmp_path / f"ev_{kind}"),
+                     "--features", "pixels", "--baseline-top", "0.5"]) == 0
+    assert [r[4:] for r in rows["folder"]] == [r[4:] for r in rows["tar"]]  # distances and near-copy flags
+    reports = [json.loads((tmp_path / f"ev_{k}" / "report.json").read_text()) for k in ("folder", "tar")]
+    assert reports[0]["real"]["n"] == reports[1]["real"]["n"] == 40
+    assert reports[0]["real"] == reports[1]["real"] and reports[0]["sets"] == reports[1]["sets"]
+    assert reports[0]["sets"][0]["n"] == 8 and reports[0]["sets"][0]["fid"] > 0
+
+
+def test_the_hnsw_index_finds_the_exact_neighbours_on_a_small_set():
+    """--index hnsw (faiss): on 3000 clustered 64-d points its 5 nearest agree with the exact search for at least
+    98 % of the pairs, and the near-copy threshold is the exact one within 1 %. The recall at 50K is measured in
+    benchmarks/ann_recall.py."""
+    from core.evaluation.ann import knn, loo_radii
+    from core.evaluation.neighbours import near_copy_threshold
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 4, (30, 64))
+    base = centres[rng.integers(0, 30, 3000)] + rng.normal(0, 1, (3000, 64))
+    queries = centres[rng.integers(0, 30, 200)] + rng.normal(0, 1, (200, 64))
+    exact, d_exact = knn(base, queries, 5, "exact")
+    approx, d_approx = knn(base, queries, 5, "hnsw")
+    recall = np.mean([len(set(a) & set(e)) / 5 for a, e in zip(approx, exact)])
+    assert recall >= 0.98, recall
+    np.testing.assert_allclose(d_approx[:, 0], d_exact[:, 0], rtol=1e-4)
+    assert np.allclose(loo_radii(base[:500], 1, "hnsw"), loo_radii(base[:500], 1, "exact"), rtol=1e-4)
+    th_e, th_a = near_copy_threshold(base, index="exact"), near_copy_threshold(base, index="hnsw")
+    assert abs(th_a - th_e) <= 0.01 * th_e
+    with pytest.raises(ValueError, match="allowed: exact, hnsw"):
+        knn(base, queries, 5, "annoy")

@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("evaluate", help="AvgkNN, LOF, Rarity, FID, sFID, precision/recall: report.json/.md, density.png")
-    e.add_argument("--real", required=True, help="a bundle, an image/NIfTI folder, or a .npz of real images")
+    e.add_argument("--real", required=True, help="a bundle, a .npz of real images, or data to stream: an image/NIfTI "
+                                                 "folder, a datasets folder, Parquet files or tar shards")
     e.add_argument("--generated", required=True, nargs="+", help="one or more .npz written by sample")
     e.add_argument("--out", required=True, help="report folder")
     e.add_argument("--protocol", default="single", help="single: every metric in --features (default); paper: "
@@ -256,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image-size", type=int, default=None, help="network input size (default 224 ResNet, 299 Inception)")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--seed", type=seed_int, default=0, help="seed of the random feature network")
+    e.add_argument("--slice-band", default="0.4,0.6", help="NIfTI volumes: axial slices from this z fraction LO,HI")
+    add_stream_flags(e)
     e.set_defaults(func=cmd_evaluate)
 
     ia = sub.add_parser("import-adm", help="an OpenAI ADM diffusion checkpoint (.pt) as a run folder")
@@ -282,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     ic.set_defaults(func=cmd_import_adm_classifier)
 
     nb = sub.add_parser("neighbours", help="nearest real images of generated ones, near-copies (Figure 24)")
-    nb.add_argument("--real", required=True, help="a bundle, an image/NIfTI folder, or a .npz of real images")
+    nb.add_argument("--real", required=True, help="a bundle, a .npz of real images, or data to stream: an image/NIfTI "
+                                                  "folder, a datasets folder, Parquet files or tar shards")
     nb.add_argument("--generated", required=True, nargs="+", help="one or more .npz written by sample")
     nb.add_argument("--k", type=int, default=5, help="nearest real images per generated image")
     nb.add_argument("--out", required=True, help="folder: neighbours.csv, neighbours.png, summary.json")
@@ -292,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--sheets", type=int, default=1, help="sheets per generated set")
     nb.add_argument("--image-size", type=int, default=None, help="resnet50-random input size (default 224)")
     nb.add_argument("--seed", type=seed_int, default=0, help="seed of the random feature network")
+    nb.add_argument("--index", default="exact", help="exact (block search) or hnsw (faiss's approximate graph, for "
+                                                     "hundreds of thousands of real images; recall in docs/RESULTS.md)")
+    nb.add_argument("--slice-band", default="0.4,0.6", help="NIfTI volumes: axial slices from this z fraction LO,HI")
+    add_stream_flags(nb)
     nb.set_defaults(func=cmd_neighbours)
     return p
 

@@ -16,8 +16,8 @@ from core.cli.common import _bar, _positive
 # evaluate
 # ----------------------------------------------------------------------------------------------
 def cmd_evaluate(a) -> int:
-    from core.evaluation.evaluate import (PROTOCOLS, EvalSettings, check_sets, evaluate_features, load_image_set, paper_spaces,
-                           write_report)
+    from core.evaluation.evaluate import (PROTOCOLS, EvalSettings, check_sets, evaluate_features, is_streamed,
+                                          load_image_set, paper_spaces, write_report)
     from core.evaluation.metrics import FEATURES, extract_features, make_extractor
 
     _positive("batch-size", a.batch_size)
@@ -43,23 +43,13 @@ def cmd_evaluate(a) -> int:
         density_name, quality_name = a.features or "resnet50-random", None
     settings = EvalSettings(features=density_name, quality_features=quality_name, baseline_top=a.baseline_top,
                             seed=a.seed)
-    bars = []  # a bar only when a folder is decoded
-
-    def loading(i, n):
-        if not bars:
-            bars.append(_bar(n, "load real"))
-        bars[0].update(i - bars[0].n)
-
-    real, real_info = load_image_set(a.real, size=first.shape[1], channels=first.shape[3], progress=loading)
-    for b in bars:
-        b.close()
-    check_sets(real, generated)
     classifier = None
     if "classifier" in (density_name, quality_name):
         from core.bundles.bundle import resolve
         from core.nets.models import load_classifier
 
-        path = a.classifier or (resolve(a.real, None, None)[1] if real_info["kind"] == "bundle" else None)
+        bundle_real = not is_streamed(a.real) and Path(a.real).is_dir()
+        path = a.classifier or (resolve(a.real, None, None)[1] if bundle_real else None)
         classifier = load_classifier(path, "cpu") if path else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     extractors = [make_extractor(n, device=device, seed=a.seed, classifier=classifier, image_size=a.image_size)
@@ -71,11 +61,19 @@ def cmd_evaluate(a) -> int:
         bar.close()
         return out
 
-    spaces = [(feats(ex, "real", real), {name: feats(ex, name, images) for name, images in generated.items()})
-              for ex in extractors]
+    if is_streamed(a.real):  # decoded chunk by chunk, only the features kept (issue 28)
+        real_feats, real_info = _stream_real(a, _open_real(a, first), extractors, device)
+        check_sets(np.zeros((1,) + first.shape[1:], np.uint8), generated)
+    else:
+        real, real_info = load_image_set(a.real, size=first.shape[1], channels=first.shape[3])
+        check_sets(real, generated)
+        real_feats = [feats(ex, "real", real) for ex in extractors]
+    spaces = [(rf, {name: feats(ex, name, images) for name, images in generated.items()})
+              for rf, ex in zip(real_feats, extractors)]
     report = evaluate_features(*spaces[0], settings, progress=lambda s: print(s, file=sys.stderr),
                                quality=spaces[1] if len(spaces) > 1 else None)
-    real_info.pop("paths", None)
+    for key in ("paths", "source", "slots"):  # the report keeps what the real set was, not its rows
+        real_info.pop(key, None)
     extra = {"real": str(a.real), "generated": [str(g) for g in a.generated], "protocol": a.protocol,
              "extractor": extractors[0].info, "real_loaded_as": real_info}
     if len(extractors) > 1:
@@ -84,6 +82,31 @@ def cmd_evaluate(a) -> int:
     print(Path(out / "report.md").read_text(encoding="utf-8"), file=sys.stderr)
     print(f"report -> {out}/report.json, report.md, density.png", file=sys.stderr)
     return 0
+
+
+def _open_real(a, first):
+    """The --real data as a listed stream (core.bundles.stream) at the generated images' size and channels."""
+    from core.bundles.stream import open_source
+    from core.cli.common import _band
+
+    _positive("workers", a.workers, 0)
+    _positive("chunk", a.chunk)
+    return open_source(a.real, first.shape[1], first.shape[3], _band(a.slice_band), a.image_column, a.label_column,
+                       chunk=a.chunk)
+
+
+def _stream_real(a, source, extractors, device) -> tuple:
+    """The --real data streamed: (Features per extractor, info with each image's name, the source, the slots)."""
+    from core.evaluation.evaluate import stream_features
+
+    bar = _bar(source.slots, f"features real ({', '.join(ex.name for ex in extractors)})")
+    feats, names, slots, skipped = stream_features(extractors, source, a.batch_size, device, a.workers,
+                                                   progress=bar.update)
+    bar.close()
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable real image(s), first: {skipped[0][0]}: {skipped[0][1]}",
+              file=sys.stderr)
+    return feats, {"kind": source.kind, "skipped": len(skipped), "paths": names, "source": source, "slots": slots}
 
 
 def cmd_neighbours(a) -> int:
@@ -100,16 +123,29 @@ def cmd_neighbours(a) -> int:
         raise ValueError(f"--rows must be in [1, 32] (a sheet with more rows is unreadable), got {a.rows}")
     if len({Path(g).stem for g in a.generated}) != len(a.generated):
         raise ValueError("--generated: two sets have the same file name; their rows would collide")
+    from core.evaluation.ann import INDEXES
+    from core.evaluation.evaluate import StreamedImages, is_streamed
+
+    if a.index not in INDEXES:
+        raise ValueError(f"unknown --index {a.index!r}; allowed: {', '.join(INDEXES)}")
     generated = {Path(g).stem: load_image_set(g)[0] for g in a.generated}
     first = next(iter(generated.values()))
-    real, real_info = load_image_set(a.real, size=first.shape[1], channels=first.shape[3])
-    check_sets(real, generated)
-    if a.k > len(real) - 1:
-        raise ValueError(f"--k must be at most {len(real) - 1} for {len(real)} real images, got {a.k}")
-    features = a.features or ("classifier" if real_info["kind"] == "bundle" else "resnet50-random")
+    streamed = is_streamed(a.real)
+    real = real_info = None
+    if not streamed:
+        real, real_info = load_image_set(a.real, size=first.shape[1], channels=first.shape[3])
+        check_sets(real, generated)
+        n_real = len(real)
+    else:
+        check_sets(np.zeros((1,) + first.shape[1:], np.uint8), generated)
+        source = _open_real(a, first)  # listed only: the count is known before any image is decoded
+        n_real = source.slots
+    if a.k > n_real - 1:
+        raise ValueError(f"--k must be at most {n_real - 1} for {n_real} real images, got {a.k}")
+    features = a.features or ("classifier" if not streamed and real_info["kind"] == "bundle" else "resnet50-random")
     classifier = None
     if features == "classifier":
-        if real_info["kind"] != "bundle":
+        if streamed or real_info["kind"] != "bundle":
             raise ValueError("--features classifier needs a bundle as --real (its minority classifier)")
         from core.bundles.bundle import resolve
         from core.nets.models import load_classifier
@@ -124,19 +160,28 @@ def cmd_neighbours(a) -> int:
         bar.close()
         return out
 
-    real_f = feats("real", real)
+    if streamed:  # decoded chunk by chunk, only the features kept; the sheets fetch their few real images back
+        a.batch_size = 64
+        (real_f,), real_info = _stream_real(a, source, [ex], device)
+        real_f = real_f.pooled
+        real = StreamedImages(real_info["source"], real_info["slots"])
+    else:
+        real_f = feats("real", real)
+    if a.k > len(real_f) - 1:
+        raise ValueError(f"--k must be at most {len(real_f) - 1} for {len(real_f)} real images, got {a.k}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = io.StringIO()
     w = csv.writer(rows, lineterminator="\n")
     w.writerow(["set", "index", "rank", "real_path", "distance", "near_copy"])
-    summary = {"real": str(a.real), "real_n": len(real), "features": ex.info | {"name": ex.name}, "k": a.k,
+    summary = {"real": str(a.real), "real_n": len(real_f), "features": ex.info | {"name": ex.name}, "k": a.k,
+               "index": a.index,
                "rule": f"near-copy: distance to the nearest real image below the {NEAR_COPY_PERCENTILE:g}st percentile "
                        "of the real images' own leave-one-out nearest-neighbour distances", "sets": {}}
     threshold = None
     sheets = []
     for name, images in generated.items():
-        nb = find_neighbours(real_f, feats(name, images), a.k, threshold)
+        nb = find_neighbours(real_f, feats(name, images), a.k, threshold, index=a.index)
         threshold = nb.threshold  # computed once from the real set
         for i in range(len(images)):
             for r in range(a.k):

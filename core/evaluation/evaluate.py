@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import torch
 
 from core.errors import DataError
 from core.evaluation.metrics import (Features, avg_knn, check_images, fid, lof, precision_recall, rarity_score, top_unique)
@@ -327,3 +328,70 @@ def load_image_set(path: str | Path, size: Optional[int] = None, channels: Optio
         raise DataError(f"{path}: no readable images")
     images = np.ascontiguousarray(s.images.permute(0, 2, 3, 1).numpy())
     return images, {"kind": "folder", "skipped": len(s.skipped), "paths": list(s.paths), "rows": s.rows.numpy()}
+
+
+def is_streamed(path: str) -> bool:
+    """Whether ``--real`` names data to stream (a folder, datasets folder, Parquet or tar shards), not a .npz
+    or a bundle (both held in memory as they are)."""
+    p = Path(path)
+    return not (p.is_file() and p.suffix == ".npz") and not (p.is_dir() and (p / "manifest.json").is_file())
+
+
+@torch.no_grad()
+def stream_features(extractors: list, source, batch_size: int = 64, device: str = "cpu", workers: int = 0,
+                    progress: Optional[Callable[[int], None]] = None) -> tuple:
+    """Features of every readable image of a streamed source (core.bundles.stream) in each extractor's space,
+    the images decoded chunk by chunk and dropped once featurised (issue 28): (list of Features, names, slots
+    (N,), skips). Only the feature matrices stay: N x D floats per space."""
+    from core.bundles.stream import iterate
+    from core.evaluation.metrics import Features
+
+    pooled = [[] for _ in extractors]
+    spatial = [[] for _ in extractors]
+    names, slots, skipped, pending = [], [], [], []
+
+    def run(batch):
+        x = torch.from_numpy(np.concatenate([p.images for p in batch])).to(device).float() / 127.5 - 1
+        for e, ex in enumerate(extractors):
+            p, q = ex.fn(x)
+            pooled[e].append(p.float().cpu().numpy())
+            spatial[e].append(q.float().cpu().numpy())
+
+    for piece in iterate(source, source.chunks, workers):
+        skipped += piece.skipped
+        if len(piece.slots):
+            names += piece.names
+            slots.append(piece.slots)
+            pending.append(piece)
+        if sum(len(p.slots) for p in pending) >= batch_size or (piece.last and pending):
+            run(pending)
+            pending = []
+        if progress is not None:
+            progress(len(piece.slots) + len(piece.skipped))
+    if pending:
+        run(pending)
+    if not names:
+        raise DataError(f"{source.spec}: no readable images")
+    feats = [Features(np.concatenate(p), np.concatenate(q)) for p, q in zip(pooled, spatial)]
+    for f, ex in zip(feats, extractors):
+        if not (np.isfinite(f.pooled).all() and np.isfinite(f.spatial).all()):
+            raise DataError(f"features from {ex.name} are not finite")
+    return feats, names, np.concatenate(slots), skipped
+
+
+class StreamedImages:
+    """uint8 NHWC real images fetched by index from a streamed source (the few a neighbour sheet shows)."""
+
+    def __init__(self, source, slots: np.ndarray):
+        from core.bundles.random_access import LazyImages, RandomAccess
+
+        self._images = LazyImages(RandomAccess(source), slots, cache_bytes=64 << 20)
+        self.shape = (len(slots), source.size, source.size, source.channels)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i):
+        one = np.isscalar(i) or np.ndim(i) == 0
+        x = self._images[torch.as_tensor(np.atleast_1d(i))].permute(0, 2, 3, 1).numpy()
+        return x[0] if one else x

@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from core.evaluation.metrics import CHUNK, check_features, distance_chunks, knn_radii
+from core.evaluation.metrics import CHUNK, check_features, distance_chunks
 
 NEAR_COPY_PERCENTILE = 1.0  # percent of the real leave-one-out nearest-neighbour distances
 
@@ -51,22 +51,29 @@ def nearest(real: np.ndarray, generated: np.ndarray, k: int, chunk: int = CHUNK)
     return idx, dist
 
 
-def near_copy_threshold(real: np.ndarray, percentile: float = NEAR_COPY_PERCENTILE) -> float:
+def near_copy_threshold(real: np.ndarray, percentile: float = NEAR_COPY_PERCENTILE, index: str = "exact") -> float:
     """The ``percentile``-th percentile of the leave-one-out nearest-neighbour distances of the distinct real
-    rows (real (N, D) float; exact duplicate rows counted once); ValueError with fewer than 2 distinct rows."""
+    rows (real (N, D) float; exact duplicate rows counted once); ValueError with fewer than 2 distinct rows.
+    ``index`` 'hnsw' finds the neighbours approximately (core.evaluation.ann)."""
+    from core.evaluation.ann import loo_radii
+
     real = check_features(real, "near-copy real", min_n=2)
     distinct = np.unique(real, axis=0)
     if len(distinct) < 2:
         raise ValueError("the near-copy threshold needs at least 2 distinct real images")
-    return float(np.percentile(knn_radii(distinct, 1), percentile))
+    return float(np.percentile(loo_radii(distinct, 1, index), percentile))
 
 
-def find_neighbours(real: np.ndarray, generated: np.ndarray, k: int = 5, threshold: Optional[float] = None) -> Neighbours:
-    """Nearest real neighbours and the near-copy flag of each generated row (features (N, D), (M, D))."""
+def find_neighbours(real: np.ndarray, generated: np.ndarray, k: int = 5, threshold: Optional[float] = None,
+                    index: str = "exact") -> Neighbours:
+    """Nearest real neighbours and the near-copy flag of each generated row (features (N, D), (M, D)); ``index``
+    'exact' or 'hnsw' (core.evaluation.ann: approximate, for a million real images)."""
+    from core.evaluation.ann import knn
+
     if k < 1:
         raise ValueError(f"--k must be >= 1, got {k}")
-    th = near_copy_threshold(real) if threshold is None else threshold
-    idx, dist = nearest(real, generated, k)
+    th = near_copy_threshold(real, index=index) if threshold is None else threshold
+    idx, dist = knn(real, generated, k, index)
     return Neighbours(idx, dist, th, dist[:, 0] < th)
 
 
