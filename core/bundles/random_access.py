@@ -170,6 +170,8 @@ class LazyImages:
     def __getitem__(self, idx) -> torch.Tensor:
         idx = np.asarray(torch.as_tensor(idx).reshape(-1), dtype=np.int64)
         want = [int(self.slots[i]) for i in idx]
+        if not want:
+            return torch.zeros((0,) + self.shape[1:], dtype=torch.uint8)
         missing = list(dict.fromkeys(s for s in want if s not in self._cache))
         if missing:
             if self.threads > 1 and len(missing) > 1:

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=seed_int, default=0)
     d.add_argument("--save-every", type=int, default=500)
     d.add_argument("--resume", action="store_true", help="continue from OUT/train_state.safetensors")
+    add_stream_flags(d)
+    d.add_argument("--cache-mb", type=int, default=1024, help="decoded images kept in memory (MiB, least recently "
+                                                              "used dropped first)")
     d.set_defaults(func=cmd_train_diffusion)
 
     s = sub.add_parser("score", help="minority score (Eq. 7) of every image of a folder")

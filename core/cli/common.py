@@ -7,6 +7,9 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+
 EXIT_USER_ERROR = 2
 _OPEN_BARS: list = []  # progress bars of this command: closed before an error line is written
 
@@ -122,27 +125,6 @@ def _band(text: str) -> tuple:
     return lo, hi
 
 
-def _load_data(root: str, size: int, channels: int, quiet: bool = False, band: str = "0.4,0.6"):
-    from core.bundles.data import list_images, load_image_folder
-
-    slice_band = _band(band)
-    n = len(list_images(root)[0])
-    bar = _bar(n, "load images", enabled=not quiet)
-
-    def progress(i, total):
-        bar.n = i
-        if i == total or i % 64 == 0:
-            bar.refresh()
-
-    data = load_image_folder(root, size, channels, progress=progress, slice_band=slice_band)
-    bar.close()
-    if data.skipped and not quiet:
-        print(f"skipped {len(data.skipped)} unreadable image(s) of {n}:", file=sys.stderr)
-        for rel, why in data.skipped[:10]:
-            print(f"  {rel}: {why}", file=sys.stderr)
-    return data
-
-
 def add_stream_flags(p) -> None:
     """The flags of every command that streams --data (issue 28): workers, chunking and dataset columns."""
     from core.bundles.stream import CHUNK
@@ -156,3 +138,42 @@ def add_stream_flags(p) -> None:
                                                         "Image column, else 'image')")
     p.add_argument("--label-column", default=None, help="datasets / Parquet: the class column (default 'label' "
                                                         "when present)")
+
+
+def _stream_data(a, size: int, channels: int, cache_mb: int = 1024, quiet: bool = False):
+    """--data as an ImageSet whose images are decoded on demand (core.bundles.random_access.LazyImages) instead
+    of held (issue 28): one streaming pass finds the readable images (and lists the skips) keeping no pixels,
+    then training reads each minibatch from disk behind a ``cache_mb`` cache."""
+    from core.bundles.data import ImageSet
+    from core.bundles.random_access import LazyImages, RandomAccess
+    from core.bundles.stream import iterate, open_source
+    from core.errors import DataError
+
+    _positive("workers", a.workers, 0)
+    _positive("chunk", a.chunk)
+    source = open_source(a.data, size, channels, _band(a.slice_band), a.image_column, a.label_column, chunk=a.chunk)
+    bar = _bar(source.slots, "check images", enabled=not quiet)
+    names, slots, classes, skipped = [], [], [], []
+    for piece in iterate(source, source.chunks, a.workers):
+        names += piece.names
+        slots += piece.slots.tolist()
+        if piece.class_ids is not None:
+            classes += piece.class_ids.tolist()
+        skipped += piece.skipped
+        bar.update(len(piece.slots) + len(piece.skipped))
+    bar.close()
+    if not slots:
+        raise DataError(f"--data {a.data}: none of the {source.slots} images could be read (first problem: "
+                        f"{skipped[0][0]}: {skipped[0][1]})")
+    if skipped and not quiet:
+        print(f"skipped {len(skipped)} unreadable image(s) of {source.slots}:", file=sys.stderr)
+        for rel, why in skipped[:10]:
+            print(f"  {rel}: {why}", file=sys.stderr)
+    order = np.argsort(slots, kind="stable")  # workers interleave chunks: back to slot order
+    slots = np.asarray(slots, dtype=np.int64)[order]
+    names = [names[i] for i in order]
+    class_ids = torch.as_tensor(np.asarray(classes, dtype=np.int64)[order]) if len(classes) == len(order) else None
+    class_names = list(source.class_names) or ([str(i) for i in range(int(class_ids.max()) + 1)]
+                                               if class_ids is not None else [])
+    images = LazyImages(RandomAccess(source), slots, cache_bytes=int(cache_mb) << 20, threads=max(1, a.workers))
+    return ImageSet(str(a.data), names, images, class_ids, class_names, skipped, torch.from_numpy(slots))

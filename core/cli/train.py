@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from core.errors import DataError
-from core.cli.common import _band, _bar, _ints, _load_data, _positive, _widths
+from core.cli.common import _band, _bar, _ints, _positive, _stream_data, _widths
 from core.cli.scores import _th_json, read_scores, write_scores
 
 
@@ -28,7 +28,8 @@ def cmd_train_diffusion(a) -> int:
     unet = UNetConfig(image_size=a.size, channels=a.channels, block_out_channels=_widths(a.widths),
                       layers_per_block=a.layers_per_block, attention=not a.no_attention)
     unet.check_size()
-    data = _load_data(a.data, a.size, a.channels, band=a.slice_band)
+    _positive("cache-mb", a.cache_mb, 0)
+    data = _stream_data(a, a.size, a.channels, a.cache_mb)  # read from disk per minibatch (issue 28)
     cfg = DiffusionTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema_decay,
                                schedule=a.schedule, T=a.T, seed=a.seed, save_every=a.save_every,
                                class_cond=a.class_cond, unet=unet)
