@@ -5,11 +5,13 @@ no weights) and the per-process caches; per-visitor history lives in ``Visit`` o
 """
 from __future__ import annotations
 
+import functools
 import numbers
 import queue
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
@@ -38,6 +40,21 @@ CAPTION_DRAWS = 5  # noise draws of a generated image's caption score: same expe
 # run on it could wait forever after an earlier server's session; it was reverted.
 _LOAD_LOCK = threading.Lock()  # two bundles loading at once in Gradio's workers raced in diffusers' lazy import
 _SAMPLING_LOCK = threading.Lock()  # one grid samples at a time, whichever studio, button or slider started it
+# All of the app's torch work runs on this one long-lived thread (session 12, measured in docs/RESULTS.md): torch's
+# OpenMP pool belongs to the thread that starts a parallel region, and a fresh thread per run made one 30-step grid
+# take 3.27 s instead of 2.02 s on the main thread or 2.04 s on one worker, each in a fresh process. Session 11 tried
+# this worker and reverted it for a browser-test failure that turned out to be the test's (a click off-screen).
+TORCH_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-worker")
+
+
+def on_torch_worker(fn):
+    """Run ``fn`` on TORCH_WORKER and wait for it; called there already (a nested call), run it inline."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if threading.current_thread().name.startswith("torch-worker"):
+            return fn(*args, **kwargs)
+        return TORCH_WORKER.submit(fn, *args, **kwargs).result()
+    return call
 
 
 def caption_draws(score_settings: dict) -> int:
@@ -200,6 +217,7 @@ class Studio:
 
         return check_bundle(self.path)
 
+    @on_torch_worker
     def warm(self) -> "Studio":
         """Load weights and precompute the density detectors and the severity estimator (background thread)."""
         t0 = time.perf_counter()
@@ -231,6 +249,7 @@ class Studio:
 
         return BoostSkip(req.gamma, req.skip) if req.method == "Boost-and-Skip" else None
 
+    @on_torch_worker
     def _sample(self, req: GenerateRequest, guidance, on_step, stop: Optional[threading.Event],
                 init=None) -> np.ndarray:
         from core.maths.sampling import sample
@@ -247,6 +266,7 @@ class Studio:
                    generator=g, callback=callback, init=init)
         return _u8(x)
 
+    @on_torch_worker
     def score(self, images: np.ndarray, seed: int = 0, draws: Optional[int] = None) -> np.ndarray:
         """Minority score (Eq. 7) of uint8 images (N, H, W, C) with the bundle's distance and t; ``draws`` noise
         draws (default: at most CAPTION_DRAWS, the captions' cost): float32 (N,)."""
@@ -257,6 +277,7 @@ class Studio:
         idx = torch.arange(len(images)) + seed * 1000
         return minority_scores(self.bundle.model, x, idx, settings, self.distance())
 
+    @on_torch_worker
     def explain(self, images: np.ndarray, seed: int = 0, draws: Optional[int] = None,
                 rows: Optional[np.ndarray] = None):
         """Rarity maps (issue 27) of uint8 images (N, H, W, C) with the same draws as ``score`` (so the map's pixel
@@ -327,7 +348,10 @@ class Studio:
             except Exception as e:  # noqa: BLE001 - handed to the UI thread as a readable message
                 q.put(e)
 
-        threading.Thread(target=work, daemon=True).start()
+        if threading.current_thread().name.startswith("torch-worker"):
+            work()  # called on the worker already (warm-up): run here, then hand out its updates
+        else:
+            TORCH_WORKER.submit(work)
         try:
             while True:
                 item = q.get()
@@ -348,6 +372,7 @@ class Studio:
         raise MinorityError("generation stopped")
 
     # ---- density --------------------------------------------------------------------------------
+    @on_torch_worker
     def features(self, images: np.ndarray) -> np.ndarray:
         """The bundle's feature space: the minority classifier's attention-pooled trunk at t = 0, (N, D)."""
         from core.evaluation.metrics import extract_features, make_extractor
@@ -397,6 +422,7 @@ class Studio:
             self._real_severity = self._severity(self.bundle.real.images)
         return self._severity
 
+    @on_torch_worker
     def atrophy(self, images: np.ndarray) -> Optional[np.ndarray]:
         """Estimated atrophy of uint8 images (N, H, W, C), clipped to [0, 1] for display (the ridge estimator
         extrapolates), or None when the bundle has no ground truth."""
