@@ -46,7 +46,7 @@ class RunSlots:
                 stop.set()
                 return visitor, stop
             self._slots[visitor] = (issued, stop)
-        if old is not None:
+        if old is not None and old[1] is not None:  # None: the visitor's last run has ended
             old[1].set()
         return visitor, stop
 

@@ -42,6 +42,8 @@ def test_other_visitors_are_untouched_and_an_ended_run_keeps_its_clock():
     assert slots.running() == 1
     _, stale = slots.claim("b", 400.0)  # older than b's finished run: still ordered by b's clock
     assert stale.is_set()
+    key, again = slots.claim("b", 600.0)  # a newer run after b's ended (a second Generate): runs
+    assert not again.is_set() and not slots.superseded(key, again) and slots.running() == 2
 
 
 def test_the_slots_forget_idle_visitors_beyond_the_bound():
@@ -77,6 +79,8 @@ def test_the_older_of_two_runs_of_a_visitor_shows_nothing_and_the_newer_finishes
     assert rest[-1] == (h.UNCHANGED,) * 5, rest[-1]
     assert new[-1][2].startswith("Done") and "w = 1" in new[-1][2]
     assert studio.runs.running() == 0
+    after = list(h.on_generate(studio, *args, 300.0, "visitor"))  # a third run once both have ended
+    assert after[-1][2].startswith("Done"), after[-1][2]
 
 
 def test_a_nonsense_clock_from_the_api_is_ignored(studio):
