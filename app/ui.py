@@ -332,11 +332,11 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
                                        interactive=False, elem_id=eid("verdict-why"))
                 verdict_why_text = gr.Markdown(elem_id=eid("verdict-why-text"))
                 verdict_map = gr.Plot(label="Where it lies on the 2-D map")
-    with gr.Tab("Density", elem_id=eid("density-tab")):
+    with gr.Tab("Density", elem_id=eid("density-tab")) as density_tab:
         gr.Markdown("AvgkNN and LOF of the real data, and of every sample you generated in this visit "
                     "(higher = rarer), as in Figure 3 of the paper; updated after each run.")
         density_plot = gr.Plot(label="Density")
-    with gr.Tab("Browse real data", elem_id=eid("browse-tab")):
+    with gr.Tab("Browse real data", elem_id=eid("browse-tab")) as browse_tab:
         with gr.Row():
             order = gr.Dropdown(h.browse_orders(cols), value="most unique first", label="Order",
                                 elem_id=eid("order"))
@@ -376,10 +376,13 @@ def _page(demo: gr.Blocks, studio: h.Studio, sfx: str, first: bool) -> tuple:
                  js=STAMP_JS, api_visibility="private", trigger_mode="multiple", concurrency_limit=None,
                  concurrency_id="live", show_progress="hidden")
     density_fn = _readable(functools.partial(h.on_density, studio))
-    for run in (gen, live):
-        run.success(density_fn, visit, [density_plot, map_plot], api_name=api("density") if run is gen else None,
-                    api_visibility="public" if run is gen else "private", concurrency_limit=1,
-                    concurrency_id="sampling")
+    # The density plot and the map are drawn when their tab is opened, not after every run: their features run
+    # on the one torch worker, and after each run they made the next slider release wait behind them (session 12).
+    gen.success(density_fn, visit, [density_plot, map_plot], api_name=api("density"), concurrency_limit=1,
+                concurrency_id="sampling")
+    for tab in (density_tab, browse_tab):
+        tab.select(density_fn, visit, [density_plot, map_plot], api_visibility="private", concurrency_limit=1,
+                   concurrency_id="sampling")
     stop_btn.click(None, None, None, cancels=[gen, live], queue=False, api_visibility="private")
     sweep_btn.click(gpu(_readable(functools.partial(sw.on_sweep, studio))),
                     [sweep_kind, l_slider, w_slider, steps, seed, sampler], [sweep_grid, sweep_text],
