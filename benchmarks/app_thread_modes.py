@@ -2,9 +2,10 @@
 caption scores, timed (median of 4 after one warm-up) in a fresh process per mode, so no mode inherits another's
 OpenMP thread pools:
 
-- main: everything on the main thread;
-- worker: everything, warm-up included, on one long-lived thread (the app since session 12: handlers.TORCH_WORKER);
-- threads: ``Studio.generate_all`` with its work on a fresh thread per run (the app before session 12).
+- app: the app as built since session 12: warm-up and every run on handlers.TORCH_WORKER (``Studio.generate_all``);
+- threads: warm-up and every run on a fresh thread each (the app before session 12);
+- main / worker: the timed runs on the main thread / on a thread of their own, while the warm-up's sampling ran on
+  TORCH_WORKER: torch work from two threads in one process.
 
     python benchmarks/app_thread_modes.py --out benchmarks/results/app_thread_modes.json
 """
@@ -24,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-MODES = ("main", "worker", "threads")
+MODES = ("app", "threads", "main", "worker")
 
 
 def one(mode: str) -> dict:
@@ -36,7 +37,11 @@ def one(mode: str) -> dict:
     on = (lambda f: pool.submit(f).result()) if mode == "worker" else (lambda f: f())
     studio = h.Studio(h.DEFAULT_BUNDLE)
     req = h.GenerateRequest(49, 1.5, steps=30, n=16, seed=1, sampler="DPM-Solver++ 2M SDE")
-    if mode == "threads":  # the pre-session-12 app: each submission on a new thread (named so that nested calls
+    if mode == "app":
+        studio.warm()
+        studio.generate_all(req)
+        run = lambda: studio.generate_all(req)  # noqa: E731
+    elif mode == "threads":  # the pre-session-12 app: each submission on a new thread (named so that nested calls
         class Fresh:      # run inline on it, as on the worker)
             def submit(self, fn, *args, **kwargs):
                 box = {}
