@@ -29,9 +29,10 @@ from .request import (  # noqa: F401 - re-exported: the handlers' vocabulary
     DEFAULTS, ECHO_CHARS, FILTER_OPS, LIMITS, METHODS, OWN_SAMPLERS, SAMPLERS, GenerateRequest, browse_orders,
     clip_text, number, row_filter)
 from .export import KEEP_EXPORTS, export_run  # noqa: E402,F401 - re-exported
+from .words import (DISPLAY, app_defaults, captions, class_choices, display, method_summary,  # noqa: E402,F401
+                    rarity_label)
 from .live import RunSlots, acquire  # noqa: E402
 PREVIEW_SECONDS = 1.0  # at most one grid preview per this many seconds (the first comes after step 1)
-DISPLAY = 64  # gallery thumbnails are upscaled to this side (the browser scales them further)
 UNCHANGED = object()  # an output a handler leaves as it is (the UI turns it into gr.skip())
 CAPTION_DRAWS = 5  # noise draws of a generated image's caption score: same expectation as the bundle's
 # (20-draw) score, a quarter of its cost; 20 draws made a finished 4x4 pair 4 s slower (session 5)
@@ -514,25 +515,6 @@ class Studio:
         return out
 
 
-def display(image: np.ndarray) -> np.ndarray:
-    """uint8 (H, W, C) -> (DISPLAY, DISPLAY, 3) for the gallery (bicubic upscale, grey to RGB)."""
-    from PIL import Image
-
-    img = image[..., 0] if image.shape[-1] == 1 else image
-    out = np.asarray(Image.fromarray(img).resize((DISPLAY, DISPLAY), Image.Resampling.BICUBIC))
-    return np.repeat(out[..., None], 3, axis=2) if out.ndim == 2 else out
-
-
-def captions(images: np.ndarray, scores: Optional[np.ndarray], severity: Optional[np.ndarray] = None) -> list:
-    """Gallery items [(image, caption)]; caption = minority score when known, then the estimated atrophy
-    when the bundle has ground truth to fit the estimator on ("0.036 · 0.71": short enough for a 4x4 grid)."""
-    def caption(i):
-        if scores is None:
-            return ""
-        return f"{scores[i]:.3f}" + (f" · {severity[i]:.2f}" if severity is not None else "")
-    return [(display(im), caption(i)) for i, im in enumerate(images)]
-
-
 def on_class(studio: Studio, minority_class) -> tuple:
     """(markdown, uint8 strip (H, 3 W, 3)) describing class l in the real data, for the panel under the l slider:
     the text and its three real examples side by side."""
@@ -548,45 +530,6 @@ def on_class(studio: Studio, minority_class) -> tuple:
 
 # ----------------------------------------------------------------------------------------------
 # event handlers: plain values in, plain values out (gallery items, markdown, figures, file paths)
-
-
-def class_choices(num_classes: int) -> list:
-    """Slider-free class labels for the browse filter: 'all', then 0 .. L-1."""
-    return ["all"] + [str(i) for i in range(num_classes)]
-
-
-def rarity_label(minority_class: int, num_classes: int) -> str:
-    """Words for l: 0 = most common, L-1 = rarest."""
-    q = minority_class / max(num_classes - 1, 1)
-    words = "most common" if q == 0 else "rarest" if q == 1 else "common" if q < 0.34 else \
-        "intermediate" if q < 0.67 else "rare"
-    return f"l = {minority_class} of 0..{num_classes - 1}: {words}"
-
-
-def method_summary(req: GenerateRequest, num_classes: int) -> str:
-    """One phrase with the settings that matter for the request's method."""
-    if req.method == "minority guidance":
-        if req.spread:
-            return (f"minority guidance at l ~ U{{{req.minority_class - req.spread}..{req.minority_class}}} "
-                    f"(up to {rarity_label(req.minority_class, num_classes).split(': ')[1]}), w = {req.scale:g}")
-        return f"minority guidance at {rarity_label(req.minority_class, num_classes)}, w = {req.scale:g}"
-    if req.method == "self-guided":
-        return f"self-guided, w = {req.scale:g}, every {req.interval} steps"
-    if req.method == "Boost-and-Skip":
-        warn = " (meant for the ancestral sampler: with DDIM the boosted variance is never removed)" \
-            if req.sampler == "DDIM" and req.gamma != 1 else ""
-        return f"Boost-and-Skip, gamma = {req.gamma:g}, skip = {req.skip}{warn}"
-    return "standard sampler"
-
-
-def app_defaults(manifest: dict) -> tuple:
-    """(sampler label, steps) the page starts with: the manifest's app.sampler / app.steps when recorded (steps
-    clamped to the slider's range), else DEFAULTS."""
-    app = manifest.get("app") or {}
-    label = {v: k for k, v in SAMPLERS.items()}.get(app.get("sampler"), DEFAULTS["sampler"])
-    steps = app.get("steps") if app.get("sampler") in (None, SAMPLERS[label]) else None
-    lo, hi = LIMITS["steps"]
-    return label, min(max(int(steps), lo), hi) if steps is not None else DEFAULTS["steps"]
 
 
 def on_generate(studio: Studio, minority_class, scale, steps, n, seed, sampler, method, gamma, skip, interval,

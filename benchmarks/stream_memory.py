@@ -112,11 +112,11 @@ def main():
             rows.append(row)
             rows_path.write_text(json.dumps(rows, indent=1) + "\n")
             print(row, flush=True)
-        if not any(r["n"] == n and r["input"] == "load_image_folder (all in memory)" for r in rows) and n <= 50000:
+        if not any(r["n"] == n and r["input"] == "load_image_folder (all in memory, loading only)" for r in rows) and n <= 50000:
             code = (f"from core.bundles.data import load_image_folder; d = load_image_folder({str(folder)!r}, 64, 3); "
                     f"print(d.images.shape)")
             mib, sec, rc = peak_rss([sys.executable, "-c", code], env)
-            row = {"n": n, "input": "load_image_folder (all in memory)", "peak_pss_mib": round(mib, 1),
+            row = {"n": n, "input": "load_image_folder (all in memory, loading only)", "peak_pss_mib": round(mib, 1),
                    "seconds": round(sec, 1), "images_per_s": round(n / sec, 1), "rc": rc, "workers": 0}
             rows.append(row)
             rows_path.write_text(json.dumps(rows, indent=1) + "\n")
@@ -126,6 +126,7 @@ def main():
 
 def _report(out: Path, rows: list) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -145,6 +146,7 @@ def _report(out: Path, rows: list) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:g}K"))
     fig.tight_layout()
     fig.savefig(out / "memory.png", dpi=120)
     plt.close(fig)
