@@ -125,11 +125,24 @@ def load_nifti_slices(path: str | os.PathLike, size: int, band: tuple = DEFAULT_
     return out
 
 
+def nifti_class(head: bytes):
+    """nibabel's NIfTI-1 or NIfTI-2 image class from a header's first 4 bytes (its size, either byte order), or
+    None for anything else."""
+    import nibabel as nib
+
+    sizeof_hdr = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")}
+    return nib.Nifti1Image if 348 in sizeof_hdr else nib.Nifti2Image if 540 in sizeof_hdr else None
+
+
+def band_slices(depth: int, band: tuple) -> range:
+    """The axial slices z of a volume ``depth`` deep that the ``band`` (fractions LO, HI of z) takes, at least one."""
+    lo, hi = int(np.floor(band[0] * depth)), int(np.ceil(band[1] * depth))
+    return range(lo, min(max(hi, lo + 1), depth))
+
+
 def _nifti_band(stream, path: Path, compressed: bool, max_bytes: int, file_bytes: int, band: tuple):
     """Yield (z, float32 (X, Y)) for each axial slice of ``band`` of a NIfTI-1/2 stream, header checks first
     (type, ndim, size, truncation); NaN or infinite voxels in a band slice are refused. Memory: one slice."""
-    import nibabel as nib
-
     try:
         head = stream.read(4)
         stream.seek(0)
@@ -137,8 +150,7 @@ def _nifti_band(stream, path: Path, compressed: bool, max_bytes: int, file_bytes
         raise InvalidImageError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
     if len(head) < 4:
         raise InvalidImageError(f"{path}: not a NIfTI file (empty or too short)")
-    sizeof_hdr = {int.from_bytes(head, "little"), int.from_bytes(head, "big")}
-    cls = nib.Nifti1Image if 348 in sizeof_hdr else nib.Nifti2Image if 540 in sizeof_hdr else None
+    cls = nifti_class(head)
     if cls is None:
         raise InvalidImageError(f"{path}: not a NIfTI-1/2 file (its header does not start with a NIfTI header size)")
     try:
@@ -158,10 +170,8 @@ def _nifti_band(stream, path: Path, compressed: bool, max_bytes: int, file_bytes
     offset = int(img.header.get("vox_offset", 0))
     if not compressed and file_bytes < offset + nbytes:
         raise InvalidImageError(f"{path}: truncated ({file_bytes} bytes, header needs {offset + nbytes})")
-    depth = shape[2]
-    lo, hi = int(np.floor(band[0] * depth)), int(np.ceil(band[1] * depth))
     extra = (0,) * (len(img.shape) - 3)  # (X, Y, Z, 1) volumes
-    for z in range(lo, min(max(hi, lo + 1), depth)):
+    for z in band_slices(shape[2], band):
         try:
             sl = np.asarray(img.dataobj[(slice(None), slice(None), z) + extra], dtype=np.float32)
         except Exception as e:  # noqa: BLE001 - EOFError, zlib.error, OSError, ValueError from truncated data
@@ -233,29 +243,22 @@ def load_image_folder(root: str | os.PathLike, size: int, channels: int,
     """Load every readable image under ``root`` into memory; unreadable ones are skipped and listed, never fatal
     alone. The stream of core.bundles.stream read whole (for data that fits; the streaming commands read it
     chunk by chunk). NIfTI volumes contribute their axial slices in ``slice_band``, named ``FILE#zNNN``."""
-    from core.bundles.stream import iterate, open_source
+    from core.bundles.stream import class_names_for, collect, open_source
 
     src = open_source(str(root), size, channels, slice_band)
-    files = sum(len(c.ref) for c in src.chunks)
-    pieces, done = [], 0
-    for piece in iterate(src, src.chunks):
-        if len(piece.slots) or piece.skipped:
-            pieces.append(piece)
-        if progress is not None:  # slots handled of all slots (a NIfTI volume is its band's slices)
-            done += len(piece.slots) + len(piece.skipped)
-            progress(min(done, src.slots), src.slots)
+    done = [0]
+
+    def step(k):  # slots handled of all slots (a NIfTI volume is its band's slices)
+        done[0] += k
+        progress(min(done[0], src.slots), src.slots)
+
+    got = collect(src, keep_images=True, progress=step if progress is not None else None)
     if progress is not None:
         progress(src.slots, src.slots)
-    skipped = [s for p in pieces for s in p.skipped]
-    kept = [p for p in pieces if len(p.slots)]
-    if not kept:
-        raise DataError(f"--data {root}: none of the {files} images could be read (first problem: {skipped[0][0]}: "
-                        f"{skipped[0][1]})")
-    images = torch.from_numpy(np.concatenate([p.images for p in kept]))
-    class_ids = torch.from_numpy(np.concatenate([p.class_ids for p in kept])) if src.class_names else None
-    rows = torch.from_numpy(np.concatenate([p.slots for p in kept]))
-    return ImageSet(str(root), [n for p in kept for n in p.names], images, class_ids, list(src.class_names), skipped,
-                    rows)
+    class_ids = torch.from_numpy(got.class_ids) if got.class_ids is not None and src.class_names else None
+    return ImageSet(str(root), got.names, torch.from_numpy(got.images), class_ids,
+                    class_names_for(src, got.class_ids) if class_ids is not None else [], got.skipped,
+                    torch.from_numpy(got.slots))
 
 
 # ----------------------------------------------------------------------------------------------

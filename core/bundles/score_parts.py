@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from core.bundles.stream import Piece, Source, iterate
+from core.bundles.stream import Piece, Source, class_names_for, iterate
 from core.errors import DataError
 
 RUN_FILE = "run.json"
@@ -167,8 +167,4 @@ def merge(parts: Path, source: Source) -> Merged:
         raise DataError(f"--data {source.spec}: none of the {source.slots} images could be read (first problem: "
                         f"{first[0]}: {first[1]})")
     class_ids = np.array(cls, dtype=np.int64) if cls and len(cls) == len(names) else None
-    class_names = list(source.class_names)
-    if class_ids is not None and len(class_names) <= int(class_ids.max()):  # labels without names: their numbers
-        class_names = [str(i) for i in range(int(class_ids.max()) + 1)]
-    return Merged(names, np.array(scores, dtype=np.float64), class_ids, class_names if class_ids is not None else [],
-                  skipped)
+    return Merged(names, np.array(scores, dtype=np.float64), class_ids, class_names_for(source, class_ids), skipped)

@@ -26,8 +26,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from core.bundles.data import (DEFAULT_BAND, IMAGE_EXTS, InvalidImageError, is_nifti, list_images, load_image,
-                               load_nifti_slices)
+from core.bundles.data import (DEFAULT_BAND, IMAGE_EXTS, InvalidImageError, band_slices, is_nifti, list_images,
+                               load_image, load_nifti_slices, nifti_class)
 from core.errors import DataError
 
 CHUNK = 256  # slots per chunk of a folder or a dataset (a tar shard or a Parquet row group is one chunk)
@@ -144,7 +144,7 @@ def _expand(spec: str) -> list:
 
 def _list_folder(spec, size, channels, band, chunk) -> Source:
     paths, classes, names = list_images(spec)
-    bands = [_nifti_band(Path(spec) / rel, band) if is_nifti(rel) else (0, 1) for rel in paths]
+    bands = [_band_of(Path(spec) / rel, band) if is_nifti(rel) else (0, 1) for rel in paths]
     starts = np.concatenate([[0], np.cumsum([n for _, n in bands])]).astype(int)
     chunks = []
     for c, lo in enumerate(range(0, len(paths), chunk)):
@@ -155,12 +155,10 @@ def _list_folder(spec, size, channels, band, chunk) -> Source:
     return Source("folder", spec, chunks, int(starts[-1]), names, size, channels, band)
 
 
-def _nifti_band(path: Path, band: tuple) -> tuple:
+def _band_of(path: Path, band: tuple) -> tuple:
     """(first z, number of slices) of a NIfTI volume's band, from its header alone ((0, 1) for a header that
     cannot be read: the read then skips the file and names why)."""
     import gzip
-
-    import nibabel as nib
 
     try:
         with open(path, "rb") as raw:
@@ -168,13 +166,11 @@ def _nifti_band(path: Path, band: tuple) -> tuple:
             raw.seek(0)
             head = stream.read(4)
             stream.seek(0)
-            cls = nib.Nifti1Image if 348 in {int.from_bytes(head, "little"), int.from_bytes(head, "big")} \
-                else nib.Nifti2Image
-            depth = int(cls.from_stream(stream).shape[2])
+            cls = nifti_class(head)
+            zs = band_slices(int(cls.from_stream(stream).shape[2]), band)
     except Exception:  # noqa: BLE001 - any unreadable header: one slot, skipped with its reason when read
         return 0, 1
-    lo, hi = int(np.floor(band[0] * depth)), int(np.ceil(band[1] * depth))  # data._nifti_band's rule
-    return lo, max(1, min(max(hi, lo + 1), depth) - lo)
+    return zs.start, max(1, len(zs))
 
 
 def _list_dataset(spec, size, channels, image_column, label_column, chunk) -> Source:
@@ -428,3 +424,48 @@ def iterate(source: Source, chunks: list, workers: int = 0) -> Iterator[Piece]:
 
 def _keep(piece):
     return piece
+
+
+@dataclass
+class Collected:
+    """Every readable row of a source in slot order: names, slots int64 (N,), class ids int64 (N,) or None, images
+    uint8 (N, C, H, W) or None (when not kept), skips [(name, reason)]."""
+
+    names: list
+    slots: np.ndarray
+    class_ids: Optional[np.ndarray]
+    images: Optional[np.ndarray]
+    skipped: list
+
+
+def collect(source: Source, workers: int = 0, keep_images: bool = False, progress=None) -> Collected:
+    """Read the whole source once: what is readable (and, with ``keep_images``, the pixels), in slot order (workers
+    interleave chunks); ``progress(k)``: k more slots handled. A DataError when nothing can be read."""
+    pieces = []
+    for piece in iterate(source, source.chunks, workers):
+        pieces.append(piece if keep_images else Piece(piece.chunk, piece.slots, piece.names, None, piece.class_ids,
+                                                      piece.skipped, piece.last))
+        if progress is not None:
+            progress(len(piece.slots) + len(piece.skipped))
+    skipped = [s for p in pieces for s in p.skipped]
+    kept = [p for p in pieces if len(p.slots)]
+    if not kept:
+        first = skipped[0] if skipped else ("?", "nothing listed")
+        raise DataError(f"--data {source.spec}: none of the {source.slots} images could be read (first problem: "
+                        f"{first[0]}: {first[1]})")
+    slots = np.concatenate([p.slots for p in kept])
+    order = np.argsort(slots, kind="stable")
+    names = [n for p in kept for n in p.names]
+    labelled = all(p.class_ids is not None for p in kept)
+    return Collected([names[i] for i in order], slots[order],
+                     np.concatenate([p.class_ids for p in kept])[order] if labelled else None,
+                     np.concatenate([p.images for p in kept])[order] if keep_images else None, skipped)
+
+
+def class_names_for(source: Source, class_ids: Optional[np.ndarray]) -> list:
+    """The source's class names, or for labels without names (tar .cls, plain integer columns) their numbers."""
+    if class_ids is None or not len(class_ids):
+        return []
+    if len(source.class_names) > int(class_ids.max()):
+        return list(source.class_names)
+    return [str(i) for i in range(int(class_ids.max()) + 1)]

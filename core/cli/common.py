@@ -7,7 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 EXIT_USER_ERROR = 2
@@ -146,34 +145,26 @@ def _stream_data(a, size: int, channels: int, cache_mb: int = 1024, quiet: bool 
     then training reads each minibatch from disk behind a ``cache_mb`` cache."""
     from core.bundles.data import ImageSet
     from core.bundles.random_access import LazyImages, RandomAccess
-    from core.bundles.stream import iterate, open_source
-    from core.errors import DataError
+    from core.bundles.stream import class_names_for, collect, open_source
 
     _positive("workers", a.workers, 0)
     _positive("chunk", a.chunk)
     source = open_source(a.data, size, channels, _band(a.slice_band), a.image_column, a.label_column, chunk=a.chunk)
     bar = _bar(source.slots, "check images", enabled=not quiet)
-    names, slots, classes, skipped = [], [], [], []
-    for piece in iterate(source, source.chunks, a.workers):
-        names += piece.names
-        slots += piece.slots.tolist()
-        if piece.class_ids is not None:
-            classes += piece.class_ids.tolist()
-        skipped += piece.skipped
-        bar.update(len(piece.slots) + len(piece.skipped))
+    got = collect(source, a.workers, progress=bar.update)
     bar.close()
-    if not slots:
-        raise DataError(f"--data {a.data}: none of the {source.slots} images could be read (first problem: "
-                        f"{skipped[0][0]}: {skipped[0][1]})")
-    if skipped and not quiet:
-        print(f"skipped {len(skipped)} unreadable image(s) of {source.slots}:", file=sys.stderr)
-        for rel, why in skipped[:10]:
-            print(f"  {rel}: {why}", file=sys.stderr)
-    order = np.argsort(slots, kind="stable")  # workers interleave chunks: back to slot order
-    slots = np.asarray(slots, dtype=np.int64)[order]
-    names = [names[i] for i in order]
-    class_ids = torch.as_tensor(np.asarray(classes, dtype=np.int64)[order]) if len(classes) == len(order) else None
-    class_names = list(source.class_names) or ([str(i) for i in range(int(class_ids.max()) + 1)]
-                                               if class_ids is not None else [])
-    images = LazyImages(RandomAccess(source), slots, cache_bytes=int(cache_mb) << 20, threads=max(1, a.workers))
-    return ImageSet(str(a.data), names, images, class_ids, class_names, skipped, torch.from_numpy(slots))
+    if not quiet:
+        report_skipped(got.skipped, source.slots)
+    class_ids = torch.from_numpy(got.class_ids) if got.class_ids is not None else None
+    images = LazyImages(RandomAccess(source), got.slots, cache_bytes=int(cache_mb) << 20, threads=max(1, a.workers))
+    return ImageSet(str(a.data), got.names, images, class_ids, class_names_for(source, got.class_ids), got.skipped,
+                    torch.from_numpy(got.slots))
+
+
+def report_skipped(skipped: list, total: int, what: str = "image") -> None:
+    """The CLI's one account of unreadable inputs: how many of how many, then the first ten with their reasons."""
+    if not skipped:
+        return
+    print(f"skipped {len(skipped)} unreadable {what}(s) of {total}:", file=sys.stderr)
+    for rel, why in skipped[:10]:
+        print(f"  {rel}: {why}", file=sys.stderr)

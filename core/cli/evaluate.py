@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.cli.common import _bar, _positive
+from core.cli.common import _bar, _positive, report_skipped
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,9 +103,7 @@ def _stream_real(a, source, extractors, device) -> tuple:
     feats, names, slots, skipped = stream_features(extractors, source, a.batch_size, device, a.workers,
                                                    progress=bar.update)
     bar.close()
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable real image(s), first: {skipped[0][0]}: {skipped[0][1]}",
-              file=sys.stderr)
+    report_skipped(skipped, source.slots, "real image")
     return feats, {"kind": source.kind, "skipped": len(skipped), "paths": names, "source": source, "slots": slots}
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from core.errors import DataError
 from core.maths.score import make_distance, resolve_t
-from core.cli.common import _accelerator, _band, _bar, _positive
+from core.cli.common import _accelerator, _band, _bar, _positive, report_skipped
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,10 +148,7 @@ def cmd_score(a) -> int:
         return 0
     data = merge(parts, source)
     full = data.scores
-    if data.skipped:
-        print(f"skipped {len(data.skipped)} unreadable image(s) of {source.slots}:", file=sys.stderr)
-        for rel, why in data.skipped[:10]:
-            print(f"  {rel}: {why}", file=sys.stderr)
+    report_skipped(data.skipped, source.slots)
     meta = {"model": str(a.model), "data": str(a.data), "settings": settings.to_dict(),
             "schedule": model.schedule.name, "T": model.schedule.T, "num_images": len(data.names),
             "skipped": [list(s) for s in data.skipped], "processes": acc.num_processes,

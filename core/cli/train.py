@@ -93,7 +93,7 @@ def cmd_train_classifier(a) -> int:
     paths, meta = table.paths, table.meta
     from core.bundles.data import ImageSet
     from core.bundles.random_access import LazyImages, RandomAccess
-    from core.bundles.stream import open_source
+    from core.bundles.stream import class_names_for, open_source
 
     _positive("workers", a.workers, 0)
     _positive("chunk", a.chunk)
@@ -112,8 +112,7 @@ def cmd_train_classifier(a) -> int:
               f"scored) and are left out", file=sys.stderr)
     classes = access.class_ids()
     class_ids = torch.from_numpy(classes[keep]) if classes is not None else None
-    class_names = list(source.class_names) or ([str(i) for i in range(int(classes.max()) + 1)]
-                                               if classes is not None else [])
+    class_names = class_names_for(source, classes)
     images = LazyImages(access, keep, cache_bytes=a.cache_mb << 20, threads=max(1, a.workers))
     data = ImageSet(str(a.data), [names[s] for s in keep], images, class_ids, class_names, [],
                     torch.from_numpy(keep))
