@@ -62,8 +62,12 @@ def peak_rss(cmd: list, env: dict) -> tuple:
     PSS (proportional set size: pages a forked DataLoader worker shares with its parent are counted once)."""
     import psutil
 
+    import tempfile
+
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # stderr (progress bars) goes to a file: a pipe read only at the end fills up on a long run and blocks the child
+    err_file = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err_file, text=True)
     ps, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -72,7 +76,9 @@ def peak_rss(cmd: list, env: dict) -> tuple:
         except psutil.Error:
             pass
         time.sleep(0.1)
-    err = proc.stderr.read()
+    err_file.seek(0)
+    err = err_file.read()
+    err_file.close()
     if proc.returncode != 0:
         print(err[-2000:], file=sys.stderr)
     return peak / 2**20, time.perf_counter() - t0, proc.returncode

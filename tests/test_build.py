@@ -274,17 +274,17 @@ def test_a_build_killed_while_writing_the_bundle_keeps_the_old_one_and_resumes(f
     args = ["build", "--data", str(faces), "--out", str(out), "--channels", "3", *TINY]
     assert main(args) == 0
     before = {f.name: f.read_bytes() for f in out.iterdir()}
-    real = build.save_tensors
+    real = build.save_tensors_streamed
 
-    def killed(path, tensors):
+    def killed(path, tensors, streamed):
         raise KeyboardInterrupt  # the process dies between the model files and real.safetensors
 
-    monkeypatch.setattr(build, "save_tensors", killed)
+    monkeypatch.setattr(build, "save_tensors_streamed", killed)
     assert main([*args, "--force"]) == 2 and "interrupted" in _err(capsys)
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # the new bundle is made beside it
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # and its temp folder removed
     check_bundle(out)
-    monkeypatch.setattr(build, "save_tensors", real)
+    monkeypatch.setattr(build, "save_tensors_streamed", real)
     assert main([*args, "--diffusion-steps", "4"]) == 0  # the rerun finishes from the work folder
     assert check_bundle(out)["training"]["diffusion_steps"] == 4
 

@@ -210,6 +210,25 @@ def test_real_data_of_the_wrong_shape_or_range_is_refused(bundle):
         assert message in str(e.value), (change.keys(), str(e.value))
 
 
+def test_score_bundle_reads_the_scores_alone_and_checks_them(bundle):
+    """``score --bundle`` reads the real scores without the images (bundle.real_scores), with load_real's checks."""
+    from core.bundles.bundle import real_scores
+
+    t = load_tensors(bundle / "real.safetensors")
+    n = t["score"].shape[0]
+    assert np.array_equal(real_scores(bundle), load_real(bundle).score.astype(np.float64))
+    for i, (change, message) in enumerate([({"score": torch.zeros(n + 1)}, "one finite float per image"),
+                                           ({"score": torch.full((n,), float("inf"))}, "one finite float per image"),
+                                           ({"score": torch.zeros(n, dtype=torch.int64)}, "one finite float per image"),
+                                           ({"score": None}, "missing key 'score'")]):
+        b = bundle.parent / f"s{i}"
+        shutil.copytree(bundle, b)
+        _retensor(b, **change)
+        with pytest.raises(CheckpointError) as e:
+            real_scores(b)
+        assert message in str(e.value) and "not a valid" not in str(e.value), str(e.value)
+
+
 def test_real_csv_text_is_checked_before_the_app_shows_it(bundle):
     lines = (bundle / "real.csv").read_text().splitlines()
     for i, (header, row, message) in enumerate([

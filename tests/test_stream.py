@@ -337,3 +337,66 @@ def test_train_diffusion_streams_and_trains_as_the_in_memory_set_does(formats, t
     want = load_file(str(tmp_path / "memory" / "model.safetensors"))
     for kind in got:
         assert got[kind].keys() == want.keys() and all(torch.equal(got[kind][k], want[k]) for k in want), kind
+
+
+def test_a_hub_dataset_id_loads_through_datasets_and_says_so_offline(formats, tmp_path, monkeypatch, capsys):
+    """``--data OWNER/NAME`` (no such local path) is a Hub id: offline, one line naming what to do; where datasets
+    can load it (here its loader answers with the saved copy), the same scores as the saved dataset."""
+    import datasets
+
+    base, run = formats  # HF_HUB_OFFLINE=1 is set for the whole suite (conftest.py), as the CI sets it
+    monkeypatch.chdir(tmp_path)
+    assert main(["score", "--model", str(run), "--data", "someone/faces", "--out", str(tmp_path / "x.csv"),
+                 "--distance", "l2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Hugging Face Hub dataset id" in err[0] and "HF_HUB_OFFLINE=1" in err[0], err
+    (tmp_path / "data").mkdir()  # a mistyped local path is not a Hub id
+    assert main(["score", "--model", str(run), "--data", "data/mri", "--out", str(tmp_path / "x.csv"),
+                 "--distance", "l2"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    asked = []
+
+    def load_dataset(repo, split):
+        asked.append((repo, split))
+        return datasets.load_from_disk(str(base / "saved"))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    hub = _score(run, "hf://datasets/someone/faces", tmp_path / "hub.csv")
+    saved = _score(run, base / "saved", tmp_path / "saved.csv")
+    assert asked == [("someone/faces", "train")]  # opened once, not once per chunk or per worker
+    assert np.array_equal(hub[1], saved[1]) and hub[0] == saved[0]
+
+
+class _Fails(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        raise DataError("--data x: the message the user needs")
+
+
+def test_an_error_in_a_dataloader_worker_is_still_one_line_naming_it():
+    """torch re-raises a worker's error as "Caught DataError in DataLoader worker process 0." plus a traceback; the
+    CLI's one line is the worker's own message."""
+    from core.cli import _one_line
+
+    with pytest.raises(DataError) as e:
+        list(torch.utils.data.DataLoader(_Fails(), batch_size=None, num_workers=1))
+    assert str(e.value).startswith("Caught DataError")
+    assert _one_line(e.value) == "--data x: the message the user needs"
+
+
+@pytest.mark.parametrize("kind", ["folder", "shards"])
+def test_in_order_gives_every_row_once_in_slot_order_whatever_the_workers(formats, kind, monkeypatch):
+    import core.bundles.stream as stream
+    from core.bundles.stream import collect, in_order
+
+    monkeypatch.setattr(stream, "PIECE", 3)  # several pieces per chunk, so workers' pieces interleave
+    base, _ = formats
+    spec = str(base / "folder") if kind == "folder" else str(base / "shards" / "part-*.tar")
+    src = open_source(spec, 16, 1, chunk=8)
+    whole = collect(src)
+    for workers in (0, 2):
+        pieces = list(in_order(src, workers))
+        slots = np.concatenate([p.slots for p in pieces])
+        assert np.array_equal(slots, whole.slots) and [n for p in pieces for n in p.names] == whole.names
+        assert [p.chunk for p in pieces if p.last] == [c.index for c in src.chunks]
+    mixed = np.concatenate([p.slots for p in iterate(src, src.chunks, 2)])  # what a pass must not rely on
+    assert sorted(mixed.tolist()) == whole.slots.tolist() and not np.array_equal(mixed, whole.slots)

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,8 +25,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from core.bundles.bundle import BUNDLE_FILES, BUNDLE_SCHEMA, pack_images, sha256_file
-from core.nets.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text, commit_folder, save_tensors
+from core.bundles.bundle import BUNDLE_FILES, BUNDLE_SCHEMA, MAX_IMAGE_BYTES, sha256_file
+from core.bundles.real_set import counter, fit_pca, fit_subset, map_coords, score_streamed, write_pass
+from core.nets.checkpoint import (atomic_write_bytes, atomic_write_json, atomic_write_text, commit_folder,
+                                  save_tensors_streamed)
 from core.bundles.data import DEFAULT_BAND, is_nifti
 from core.errors import DataError
 
@@ -77,6 +80,8 @@ class BuildConfig:
     # one of sampling.SAMPLERS, recorded as the manifest's app.sampler; None records none (the app starts on DDIM,
     # ``sample`` on each method's own default, ancestral)
     app_steps: Optional[int] = None  # its steps (the manifest's app.steps; needs app_sampler)
+    workers: int = 0  # DataLoader processes decoding images in the streamed passes (0: this process)
+    cache_mb: int = 1024  # decoded images kept for training's random reads (least recently used go first)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -182,9 +187,12 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
                  progress: Optional[Progress] = None) -> dict:
     """The whole pipeline on ``data_dir``; writes the bundle to ``out`` and returns its manifest."""
     from core.maths.categorize import fit_labels
-    from core.bundles.data import load_image_folder
+    from core.bundles.data import ImageSet
+    from core.bundles.random_access import LazyImages, RandomAccess
+    from core.bundles.real_set import scan
+    from core.bundles.stream import class_names_for, open_source
     from core.nets.models import ClassifierConfig, UNetConfig, load_classifier, load_diffusion, save_model_run
-    from core.maths.score import ScoreSettings, make_distance, minority_scores, resolve_t
+    from core.maths.score import ScoreSettings, make_distance, resolve_t
     from core.nets.train import ClassifierTrainConfig, DiffusionTrainConfig, train_classifier, train_diffusion
 
     data_dir, out, work = Path(data_dir), Path(out), Path(work)
@@ -227,9 +235,22 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
     if cfg.score_t is not None:  # an out-of-range --score-t fails now, not after the training and the sweep
         resolve_t(cfg.score_t, given.schedule.T if given is not None else DiffusionTrainConfig().T, "--score-t")
     log(f"1/6 data: {data_dir} at {size}x{size}, {channels} channel{'s' if channels > 1 else ''}")
-    data = load_image_folder(data_dir, size, channels, progress=report("load"), slice_band=tuple(cfg.slice_band))
+    # Streamed (issue 28): one pass lists the readable images and fingerprints their pixels, keeping none; the
+    # training stages read minibatches on demand behind a cache, the score and the bundle's images stream again.
+    src = open_source(str(data_dir), size, channels, tuple(cfg.slice_band))
+    scanned = scan(src, cfg.workers, progress=counter(report("load"), src.slots))
+    class_ids = torch.from_numpy(scanned.class_ids) if scanned.class_ids is not None and src.class_names else None
+    images = LazyImages(RandomAccess(src), scanned.slots, cache_bytes=int(cfg.cache_mb) << 20,
+                        threads=max(1, cfg.workers))
+    data = ImageSet(str(data_dir), scanned.names, images, class_ids,
+                    class_names_for(src, scanned.class_ids) if class_ids is not None else [], scanned.skipped,
+                    torch.from_numpy(scanned.slots))
     if data.skipped:
         log(f"   skipped {len(data.skipped)} unreadable file(s), first: {data.skipped[0][0]}: {data.skipped[0][1]}")
+    if len(data) * size * size * channels > MAX_IMAGE_BYTES:  # the bundle's loader refuses more; say so now
+        raise DataError(f"--data {data_dir}: {len(data)} images at {size}x{size}x{channels} are "
+                        f"{len(data) * size * size * channels / 2**30:.1f} GiB, more than a bundle holds "
+                        f"({MAX_IMAGE_BYTES / 2**30:.0f} GiB); build from a subset or at a smaller --size")
     if len(data) < MIN_PER_CLASS * cfg.classes:
         raise DataError(f"--data {data_dir}: {len(data)} image(s) is too few for --classes {cfg.classes} "
                         f"(at least {MIN_PER_CLASS} per class, {MIN_PER_CLASS * cfg.classes} in all); "
@@ -252,7 +273,7 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
             raise DataError(f"--truth {cfg.truth}: only {int(np.isfinite(truth).sum())} image(s) have a value (need 10)")
         if np.unique(truth[np.isfinite(truth)]).size < 2:
             raise DataError(f"--truth {cfg.truth}: every image has the same value, so no setting can rank by it")
-    data_id = fingerprint(data.images, "\n".join(data.paths))
+    data_id = scanned.fingerprint  # = fingerprint(all images stacked, "\n".join(paths)), without stacking them
     source = {"fingerprint": data_id, "name": data_dir.name}
     _check_out(out, cfg, source)
     stage_done("data")
@@ -330,13 +351,15 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
         est = ESTIMATES["score"] * len(data) * settings.draws * (size / 32) ** 2 / 60
         log(f"4/6 minority score of {len(data)} images: {settings.distance}, t={settings.t}, {settings.draws} draws; "
             f"about {est:.0f} min on 2 CPU cores")
-        scores = minority_scores(model, data.images, data.rows, settings,
-                                 make_distance(settings.distance, seed=cfg.seed, model=model), batch_size=128,
-                                 progress=report("score"))
+        scores = score_streamed(model, src, data, settings, make_distance(settings.distance, seed=cfg.seed,
+                                                                                model=model),
+                                 work / "scores.parts", {**score_made_from, "source": src.fingerprint()},
+                                 cfg.workers, report("score"), log)
         buf = io.BytesIO()
         np.save(buf, scores, allow_pickle=False)
         atomic_write_bytes(scores_path, buf.getvalue())
         atomic_write_json(scores_meta, score_made_from)
+        shutil.rmtree(work / "scores.parts", ignore_errors=True)  # only once the scores are saved
     scores = np.load(scores_path, allow_pickle=False)
     if len(scores) != len(data):
         raise DataError(f"--work {work}: scores.npy has {len(scores)} rows for {len(data)} images; delete it to rescore")
@@ -367,8 +390,15 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
     stage_done("classifier")
 
     log("6/6 2-D map and bundle")
-    images_nhwc = data.images.permute(0, 2, 3, 1).numpy()
-    coords, pca_mean, pca_comps, map_method = two_d_map(images_nhwc, cfg.seed, log, cfg.map_method)
+    fit = fit_subset(len(data), size * size * channels, cfg.seed)
+    pca_mean, pca_comps = fit_pca(data.images[torch.from_numpy(fit)].permute(0, 2, 3, 1).numpy())
+    if len(fit) < len(data):
+        log(f"   2-D map: PCA basis fitted on a seeded {len(fit)} of the {len(data)} images")
+    deflated = work / "real_images.deflate"  # the bundle's images, compressed as they stream past
+    z = write_pass(src, scanned, pca_mean, pca_comps, deflated, cfg.workers,
+                   progress=counter(report("bundle"), src.slots))
+    coords, map_method = map_coords(z, cfg.seed, log, cfg.map_method)
+    del z
     _check_out(out, cfg, source)
     truth_values = truth if truth is not None else np.full(len(data), np.nan)
     columns = list(metadata)
@@ -394,11 +424,13 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
                 atomic_write_bytes(folder / name, (run / name).read_bytes())
         for name in ("classifier.json", "classifier.safetensors"):
             atomic_write_bytes(folder / name, (clf_dir / name).read_bytes())
-        save_tensors(folder / "real.safetensors", {
-            **pack_images(images_nhwc), "score": torch.from_numpy(scores.astype(np.float32)),
+        save_tensors_streamed(folder / "real.safetensors", {
+            "images_shape": torch.tensor([len(data), size, size, channels], dtype=torch.int64),
+            "score": torch.from_numpy(scores.astype(np.float32)),
             "label": torch.from_numpy(labels), "severity": torch.from_numpy(truth_values.astype(np.float32)),
             "coords": torch.from_numpy(coords), "pca_mean": torch.from_numpy(pca_mean),
-            "pca_components": torch.from_numpy(pca_comps), "row": data.rows.clone()})
+            "pca_components": torch.from_numpy(pca_comps), "row": data.rows.clone()},
+            {"images_deflate": deflated})  # as pack_images writes them, never held whole
         atomic_write_text(folder / "real.csv", table.getvalue())
         stage_done("map and bundle")
         manifest.update({
@@ -416,7 +448,7 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
             "map": map_method, "seeds": {"data": cfg.seed, "training": cfg.seed, "score": cfg.seed},
             "config": {k: list(v) if isinstance(v, tuple) else v
                        for k, v in {**asdict(cfg), "sweep_t": sweep_t}.items()
-                       if k not in ("dataset", "force", "app_sampler", "app_steps")},
+                       if k not in ("dataset", "force", "app_sampler", "app_steps", "workers", "cache_mb")},
             **({"app": {"sampler": cfg.app_sampler, **({"steps": cfg.app_steps} if cfg.app_steps else {})}}
                if cfg.app_sampler else {}),
             "stage_seconds": timings, "versions": _versions(),
@@ -425,6 +457,7 @@ def build_bundle(data_dir: str | Path, out: str | Path, work: str | Path, cfg: B
         atomic_write_json(folder / "manifest.json", manifest)
 
     commit_folder(out, write, last="manifest.json")
+    deflated.unlink(missing_ok=True)
     return manifest  # in stage order (the file's keys are sorted)
 
 
@@ -506,26 +539,6 @@ ESTIMATES = {"diffusion": 52 * 60 / 8000, "score": 14.5 * 60 / (6000 * 20), "cla
 def _estimate_minutes(steps: int, size: int, channels: int) -> float:
     """Diffusion training time on 2 CPU cores, scaled from the MRI build by steps and pixels."""
     return ESTIMATES["diffusion"] * steps * (size / 32) ** 2 / 60
-
-
-def two_d_map(images: np.ndarray, seed: int, log: Log, method: str = "umap") -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """PCA(50) of the pixels of uint8 (N, H, W, C), then UMAP to 2-D (PCA's first two components without umap-learn)."""
-    x = images.reshape(len(images), -1).astype(np.float32) / 255.0
-    mean = x.mean(0)
-    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
-    comps = vt[:50].astype(np.float32)
-    z = (x - mean) @ comps.T
-    if method == "pca":
-        return z[:, :2].astype(np.float32), mean.astype(np.float32), comps, "pca2"
-    try:
-        import umap
-
-        coords = umap.UMAP(n_components=2, n_neighbors=30, min_dist=0.1, random_state=seed).fit_transform(z)
-        method = "umap(pca50)"
-    except ImportError:
-        log("umap-learn is not installed: the 2-D map is the first two PCA components")
-        coords, method = z[:, :2], "pca2"
-    return coords.astype(np.float32), mean.astype(np.float32), comps, method
 
 
 def sweep_rows(model, images: torch.Tensor, truth: np.ndarray, distances, t_fracs, n: int, seed: int,

@@ -239,6 +239,32 @@ def load_real(root: Path, manifest: Optional[dict] = None) -> RealData:
                     truth_name, metadata, row)
 
 
+def real_scores(root: Path) -> np.ndarray:
+    """The scores float64 (N,) of a checked bundle's real images, read alone through safetensors' lazy reader (the
+    images are neither read nor inflated: ``score --bundle`` against a 200K-image bundle); checked as load_real
+    checks them: 1-D finite floats, one per image that ``images_shape`` (or ``images``) holds."""
+    from safetensors import SafetensorError, safe_open
+
+    path = member(Path(root), "real.safetensors")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            score = f.get_tensor("score") if "score" in keys else None
+            if "images_shape" in keys:
+                shape = f.get_tensor("images_shape")
+                n = int(shape[0]) if shape.dtype == torch.int64 and tuple(shape.shape) == (4,) else -1
+            else:
+                n = f.get_slice("images").get_shape()[0] if "images" in keys else -1
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from None
+    if score is None:
+        raise CheckpointError(f"{path}: missing key 'score'")
+    if not score.is_floating_point() or tuple(score.shape) != (n,) or not torch.isfinite(score).all():
+        raise CheckpointError(f"{path}: 'score' must hold one finite float per image (shape {tuple(score.shape)}, "
+                              f"{n} images)")
+    return score.double().numpy()
+
+
 def load_bundle(root: str | os.PathLike, device: str | torch.device = "cpu", load_models: bool = True) -> Bundle:
     """One call: validate and load a bundle (never unpickles)."""
     from core.nets.models import load_classifier, load_diffusion

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from core.bundles.build import SWEEP_VERSION, BuildConfig, Log, Progress, build_bundle, spearman, sweep_rows, two_d_map  # noqa: F401
+from core.bundles.build import SWEEP_VERSION, BuildConfig, Log, Progress, build_bundle, spearman, sweep_rows  # noqa: F401
 
 
 @dataclass

@@ -99,12 +99,14 @@ class RandomAccess:
         if src.kind == "datasets":
             value = self._dataset()[int(slot)][src.columns[0]]
         elif src.kind == "parquet":
-            if self._group[0] != c.index:
+            group = self._group  # one read of the attribute: threads of LazyImages may replace it meanwhile
+            if group[0] != c.index:
                 import pyarrow.parquet as pq
 
                 f, g = c.ref
-                self._group = (c.index, pq.ParquetFile(f).read_row_group(g, columns=[src.columns[0]]).to_pydict())
-            value, name = self._group[1][src.columns[0]][slot - c.start], f"{Path(c.ref[0]).name} row {slot}"
+                group = (c.index, pq.ParquetFile(f).read_row_group(g, columns=[src.columns[0]]).to_pydict())
+                self._group = group
+            value, name = group[1][src.columns[0]][slot - c.start], f"{Path(c.ref[0]).name} row {slot}"
         else:
             key = c.ref[1][slot - c.start]
             index = self._index(c.ref[0])

@@ -74,12 +74,14 @@ class Source:
     channels: int
     band: tuple = DEFAULT_BAND
     columns: tuple = (None, None)  # (image column, label column) of a dataset or Parquet files
+    version: str = ""  # what the spec held when listed (a dataset's own fingerprint): a resume must find it again
 
     def fingerprint(self) -> dict:
         """What a resumed run must find unchanged: the kind, the spec, the chunking and the image geometry."""
         return {"kind": self.kind, "spec": self.spec, "slots": self.slots, "chunks": len(self.chunks),
                 "chunk_sizes": [c.size for c in self.chunks][:4096], "size": self.size, "channels": self.channels,
-                "band": list(self.band), "columns": list(self.columns), "class_names": self.class_names}
+                "band": list(self.band), "columns": list(self.columns), "class_names": self.class_names,
+                **({"version": self.version} if self.version else {})}
 
     def read(self, chunk: Chunk) -> Iterator[Piece]:
         """The chunk's rows, decoded, in slot order, a Piece of at most PIECE rows at a time."""
@@ -128,7 +130,26 @@ def open_source(spec: str, size: int, channels: int, band: tuple = DEFAULT_BAND,
     if files:
         raise DataError(f"--data {spec}: mixed or unsupported files (expected all .tar or all .parquet; got "
                         f"{', '.join(sorted({Path(f).suffix or Path(f).name for f in files})[:5])})")
+    if hub_id(spec):
+        return _list_dataset(spec, size, channels, image_column, label_column, chunk)
     raise DataError(f"--data {spec}: no such folder, dataset, Parquet file or tar shard")
+
+
+def hub_id(spec: str) -> Optional[str]:
+    """The Hugging Face Hub dataset id ``spec`` names, else None: ``hf://datasets/OWNER/NAME``, or a bare
+    ``OWNER/NAME`` that cannot be a local path (no such path, no folder OWNER here, NAME without a file suffix),
+    so that a mistyped ``data/mri`` or ``shards/x.tar`` stays "no such folder"."""
+    import re
+
+    explicit = spec.startswith("hf://datasets/")
+    name = spec[len("hf://datasets/"):] if explicit else spec
+    if os.path.exists(spec) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name):
+        return None
+    owner, repo = name.split("/")
+    if not explicit and (os.path.exists(owner) or Path(repo).suffix.lower() in
+                         (".tar", ".parquet", ".arrow", ".png", ".jpg", ".jpeg", ".nii", ".gz", ".csv", ".npz")):
+        return None
+    return name
 
 
 def _expand(spec: str) -> list:
@@ -180,12 +201,45 @@ def _list_dataset(spec, size, channels, image_column, label_column, chunk) -> So
               for c, lo in enumerate(range(0, len(ds), chunk))]
     if not chunks:
         raise DataError(f"--data {spec}: the dataset has no rows")
-    return Source("datasets", spec, chunks, len(ds), names, size, channels, columns=(image_column, label_column))
+    return Source("datasets", spec, chunks, len(ds), names, size, channels, columns=(image_column, label_column),
+                  version=str(getattr(ds, "_fingerprint", "") or ""))
+
+
+_DATASETS: dict = {}  # (spec, its files' stamp) -> the dataset, opened once per process, not once per chunk (a
+# forked DataLoader worker inherits it); a folder saved again gets a new stamp and is opened again
 
 
 def _load_dataset(spec: str):
+    try:
+        stamp = tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in os.scandir(spec)))
+    except OSError:
+        stamp = ()  # a Hub id
+    key = (spec, stamp)
+    if key not in _DATASETS:
+        _DATASETS.clear()  # one source at a time
+        _DATASETS[key] = _open_dataset(spec)
+    return _DATASETS[key]
+
+
+def _open_dataset(spec: str):
     import datasets
 
+    repo = hub_id(spec)
+    if repo is not None:  # the Hub: datasets downloads (or reuses its cache); the train split
+        try:
+            return datasets.load_dataset(repo, split="train")
+        except (ConnectionError, OSError) as e:
+            offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes")
+                          for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+            why = ("this machine is offline (HF_HUB_OFFLINE=1) and the dataset is not in the local cache" if offline
+                   else f"it could not be fetched ({type(e).__name__}: {str(e)[:120]})")
+            raise DataError(f"--data {spec}: no such local folder or file, so it was read as a Hugging Face Hub "
+                            f"dataset id; {why}. Where the Hub can be reached, run "
+                            f"python -c \"import datasets; datasets.load_dataset('{repo}', split='train')"
+                            f".save_to_disk('DIR')\" and pass --data DIR") from None
+        except Exception as e:  # noqa: BLE001 - datasets raises several types for missing or private repos
+            raise DataError(f"--data {spec}: no such local folder or file, and as a Hugging Face Hub dataset id it "
+                            f"could not be loaded ({type(e).__name__}: {str(e)[:160]})") from None
     try:
         ds = datasets.load_from_disk(spec)
     except Exception as e:  # noqa: BLE001 - datasets raises several types for foreign folders
@@ -424,6 +478,37 @@ def iterate(source: Source, chunks: list, workers: int = 0) -> Iterator[Piece]:
 
 def _keep(piece):
     return piece
+
+
+class _WholeChunks(torch.utils.data.Dataset):
+    """Chunk i of a source as the list of its Pieces: a map-style dataset, so a DataLoader hands chunks back in
+    index order, holding at most workers x prefetch chunks."""
+
+    def __init__(self, source: Source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source.chunks)
+
+    def __getitem__(self, i: int) -> list:
+        return list(self.source.read(self.source.chunks[i]))
+
+
+def in_order(source: Source, workers: int = 0) -> Iterator[Piece]:
+    """Every Piece of the source in slot order, for passes that hash or write the rows in order: chunk by chunk,
+    each decoded whole by one of ``workers`` DataLoader processes (0: here, a piece at a time); at most about
+    2 x ``workers`` decoded chunks wait at once."""
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    if workers == 0 or len(source.chunks) < 2:
+        for c in source.chunks:
+            yield from source.read(c)
+        return
+    loader = torch.utils.data.DataLoader(_WholeChunks(source), batch_size=None, shuffle=False,
+                                         num_workers=min(workers, len(source.chunks)), collate_fn=_keep,
+                                         prefetch_factor=2)
+    for pieces in loader:
+        yield from pieces
 
 
 @dataclass

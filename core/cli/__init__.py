@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the sampler the app and sample --bundle start with for this bundle (default: none recorded; "
                         "the app starts on ddim, sample on each method's own; the faces model needs ddpm)")
     b.add_argument("--app-steps", type=int, default=None, help="the steps recorded with --app-sampler (app.steps)")
+    b.add_argument("--workers", type=int, default=0, help="DataLoader processes that decode images in the streamed "
+                                                          "passes (default 0: this process)")
+    b.add_argument("--cache-mb", type=int, default=1024, help="decoded images kept in memory for training (MiB, least "
+                                                              "recently used go first; the set is never held whole)")
     b.add_argument("--seed", type=seed_int, default=0)
     b.set_defaults(func=cmd_build)
 
@@ -307,6 +311,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    """An error's message in one line. An error raised in a DataLoader worker arrives re-raised by torch as
+    "Caught X in DataLoader worker process N." followed by the worker's traceback; its last line holds the message."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0] and len(lines) > 1:
+        last = lines[-1]
+        head, sep, rest = last.partition(": ")
+        return rest if sep and head.split(".")[-1] == type(e).__name__ else last
+    return lines[0]
+
+
 def main(argv: Optional[list] = None) -> int:
     import os
 
@@ -318,7 +335,7 @@ def main(argv: Optional[list] = None) -> int:
     except SystemExit as e:
         return int(e.code) if isinstance(e.code, int) else EXIT_USER_ERROR
     except (MinorityError, ValueError, OSError) as e:  # OSError: a full disk, a path that cannot be made, ...
-        return _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        return _fail(_one_line(e))
     except KeyboardInterrupt:
         return _fail("interrupted")
     finally:

@@ -90,6 +90,8 @@ def cmd_build(a) -> int:
     for name in ("diffusion_steps", "clf_steps", "draws", "sweep_n"):
         _positive(name.replace("_", "-"), getattr(a, name))
     _positive("classes", a.classes, 2)
+    _positive("workers", a.workers, 0)
+    _positive("cache-mb", a.cache_mb, 0)
     if a.size is not None and not 8 <= a.size <= 1024:
         raise ValueError(f"--size must be in [8, 1024], got {a.size}")
     cfg = BuildConfig(size=a.size, channels=a.channels, seed=a.seed, model=a.model, diffusion_steps=a.diffusion_steps,
@@ -97,7 +99,7 @@ def cmd_build(a) -> int:
                       score_distance=a.score_distance, score_t=a.score_t, clf_steps=a.clf_steps,
                       clf_base_channels=a.clf_base_channels, map_method=a.map, name=a.name,
                       slice_band=_band(a.slice_band), force=a.force, app_sampler=a.app_sampler,
-                      app_steps=a.app_steps)
+                      app_steps=a.app_steps, workers=a.workers, cache_mb=a.cache_mb)
     if a.app_steps is not None and (a.app_sampler is None or a.app_steps < 1):
         raise ValueError("--app-steps needs --app-sampler and must be >= 1")
     if a.model is None:

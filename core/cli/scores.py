@@ -96,7 +96,8 @@ def cmd_score(a) -> int:
         if given or a.no_clip or a.per_class:
             raise ValueError(f"--bundle scores with the bundle's own settings and thresholds; drop "
                              f"{', '.join(given) or '--no-clip/--per-class'}")
-        from core.bundles.bundle import check_bundle, load_real
+        from core.bundles.bundle import check_bundle
+        from core.bundles.bundle import real_scores as bundle_real_scores
 
         bundle = check_bundle(a.bundle)
         sc = bundle["score"]
@@ -157,7 +158,7 @@ def cmd_score(a) -> int:
     labels, percentile = None, None
     cls_np = data.class_ids
     if bundle is not None:  # new data under the bundle's thresholds, placed among its real data
-        real_scores = np.sort(load_real(Path(a.bundle)).score.astype(np.float64))
+        real_scores = np.sort(bundle_real_scores(Path(a.bundle)))  # the scores alone, not the images
         th = bundle["thresholds"]
         labels = categorize(full, np.array(th))
         percentile = 100.0 * np.searchsorted(real_scores, full, side="left") / len(real_scores)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,68 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     data = st_save(flat, metadata=metadata)
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def save_tensors_streamed(path: str | os.PathLike, tensors: dict[str, torch.Tensor], streamed: dict[str, Path]) -> str:
+    """``save_tensors`` for a file too large to assemble in memory: ``tensors`` as usual plus, for each name in
+    ``streamed``, a uint8 (n,) tensor whose n bytes are a file's contents, copied into place in blocks (the
+    safetensors layout: 8-byte header length, JSON header of dtypes, shapes and offsets, then the data). Atomic;
+    returns the file's sha256."""
+    import json as _json
+
+    path = Path(path)
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    if sys.byteorder != "little":
+        raise RuntimeError("save_tensors_streamed writes native bytes; safetensors is little-endian")
+    order = sorted(flat, key=lambda k: (-flat[k].element_size(), k))  # widest first, as safetensors lays them out,
+    # so every tensor starts aligned to its element size (the header ends 8-byte aligned)
+    header, offset = {}, 0
+    for k in order:
+        t = flat[k]
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"{k}: dtype {t.dtype} is not one of {sorted(str(d) for d in _ST_DTYPES)}")
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    for k in sorted(streamed):
+        if k in flat:
+            raise ValueError(f"{k}: given both as a tensor and as a streamed file")
+        n = os.path.getsize(streamed[k])
+        header[k] = {"dtype": "U8", "shape": [n], "data_offsets": [offset, offset + n]}
+        offset += n
+    head = _json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    digest = hashlib.sha256()
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            def put(b: bytes) -> None:
+                f.write(b)
+                digest.update(b)
+
+            put(len(head).to_bytes(8, "little"))
+            put(head)
+            for k in order:
+                if flat[k].numel():
+                    put(flat[k].reshape(-1).view(torch.uint8).numpy().tobytes())
+            for k in sorted(streamed):
+                with open(streamed[k], "rb") as src:
+                    while block := src.read(1 << 24):
+                        put(block)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return digest.hexdigest()
 
 
 def save_weights_and_config(folder: str | os.PathLike, stem: str, tensors: dict[str, torch.Tensor], config: dict) -> None:
