@@ -26,10 +26,10 @@ class RandomAccess:
         self._ds = None
         self._group = (None, None)
         self._tar_index: dict = {}
-        if source.kind == "folder":
-            refs = [r for c in source.chunks for r in c.ref]
-            self._files = refs
-            self._file_starts = np.array([r[1] for r in refs], dtype=np.int64)
+        if source.kind == "folder":  # every file's path, first slot and first band slice, as arrays
+            self._rels = [rel for c in source.chunks for rel in c.ref.rels]
+            self._file_starts = np.concatenate([c.ref.starts for c in source.chunks]).astype(np.int64)
+            self._los = np.concatenate([c.ref.los for c in source.chunks]).astype(np.int64)
 
     def _chunk(self, slot: int) -> Chunk:
         return self.source.chunks[int(np.searchsorted(self._starts, slot, side="right")) - 1]
@@ -88,7 +88,7 @@ class RandomAccess:
         src = self.source
         if src.kind == "folder":
             i = int(np.searchsorted(self._file_starts, slot, side="right")) - 1
-            rel, start, _, lo = self._files[i]
+            rel, start, lo = self._rels[i], int(self._file_starts[i]), int(self._los[i])
             path = Path(src.spec) / rel
             if not is_nifti(rel):
                 return {slot: load_image(path, src.size, src.channels)}
