@@ -1,5 +1,5 @@
-"""Issue 28: `train-diffusion` and `train-classifier` on streamed data under `accelerate launch --num_processes 2`
-(CPU, gloo). Each process draws its own minibatches by index and decodes only those images (LazyImages); the
+"""Issue 28: `train-diffusion` and `train-classifier` on streamed data under `accelerate launch --multi_gpu
+--num_processes 2` on CPUs (gloo). Each process draws its own minibatches by index and decodes only those images (LazyImages); the
 same images as a folder and as WebDataset tar shards must give the same weights in two processes, as they do in
 one (tests/test_stream.py).
 
@@ -50,7 +50,9 @@ def make_data(work: Path, n: int = 240) -> tuple[Path, str]:
 
 
 def launch(args: list, processes: int, env: dict) -> tuple[float, str]:
-    cmd = ([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+    # --multi_gpu is accelerate's torchrun launcher; on a machine without GPUs our Accelerator(cpu=True) then joins
+    # a gloo group (`--cpu --num_processes 2` starts one process: "rank 0 of 1", tried)
+    cmd = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
             "29561", "-m", "core", *args] if processes > 1 else [sys.executable, "-m", "core", *args])
     t0 = time.perf_counter()
@@ -99,6 +101,8 @@ def main():
     same = {f"{c}, {n} process(es): folder == tar shards":
             len({r["weights_sha256"] for r in rows if r["command"] == c and r["processes"] == n}) == 1
             for c in ("train-diffusion", "train-classifier") for n in (1, 2)}
+    for c in ("train-diffusion", "train-classifier"):  # two ranks draw other minibatches than one: proof that two ran
+        same[f"{c}: 2 processes differ from 1"] = len({r["weights_sha256"] for r in rows if r["command"] == c}) == 2
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"rows": rows, "identical_weights": same}, indent=1) + "\n")
     print(json.dumps(same, indent=1))
