@@ -1,6 +1,7 @@
 """Atomic writes and safetensors + JSON checkpoints. Nothing here ever unpickles."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,15 +27,17 @@ def _umask() -> int:
     return umask
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, then rename."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike):
+    """A binary file to write ``path`` through: a temp file in the same folder, fsynced and renamed onto ``path``
+    when the block ends, removed if it raises (``path`` is then untouched)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -42,6 +45,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, then rename."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 STALE_SECONDS = 120  # a temp file untouched this long is no write in progress (a write takes well under a second)
@@ -260,31 +269,21 @@ def save_tensors_streamed(path: str | os.PathLike, tensors: dict[str, torch.Tens
         offset += n
     head = _json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     digest = hashlib.sha256()
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            def put(b: bytes) -> None:
-                f.write(b)
-                digest.update(b)
+    with atomic_open(path) as f:
+        def put(b: bytes) -> None:
+            f.write(b)
+            digest.update(b)
 
-            put(len(head).to_bytes(8, "little"))
-            put(head)
-            for k in order:
-                if flat[k].numel():
-                    put(flat[k].reshape(-1).view(torch.uint8).numpy().tobytes())
-            for k in sorted(streamed):
-                with open(streamed[k], "rb") as src:
-                    while block := src.read(1 << 24):
-                        put(block)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        put(len(head).to_bytes(8, "little"))
+        put(head)
+        for k in order:
+            if flat[k].numel():
+                put(flat[k].reshape(-1).view(torch.uint8).numpy().tobytes())
+        for k in sorted(streamed):
+            with open(streamed[k], "rb") as src:
+                while block := src.read(1 << 24):
+                    put(block)
     return digest.hexdigest()
 
 
